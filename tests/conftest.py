@@ -1,0 +1,34 @@
+"""Shared test helpers.
+
+Tests that need root (namespaces, tc, cgroups, sshd) call ``require_root()``. Outside CI they
+skip when not root; in CI (``CI`` set, where CI runs as root) a missing prerequisite FAILS the
+test instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip outside CI, fail in CI, when a prerequisite is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"prerequisite missing in CI: {why}")
+    pytest.skip(why)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root")
+
+
+def require_tools(*names: str) -> None:
+    for name in names:
+        require(shutil.which(name) is not None or os.path.exists(f"/usr/sbin/{name}"),
+                f"needs {name} on PATH")
