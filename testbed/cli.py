@@ -21,7 +21,7 @@ from . import __version__
 from .errors import InputError, TestbedError
 
 # Order is the order shown in --help.
-COMMANDS = ["demo", "inventory", "lab", "check", "up", "down", "models", "spec", "plan", "profile", "run",
+COMMANDS = ["demo", "inventory", "experiment", "lab", "check", "up", "down", "models", "spec", "plan", "profile", "run",
             "report"]
 
 

@@ -52,6 +52,14 @@ class ExperimentError(InputError):
     """An experiment file is malformed or inconsistent."""
 
 
+class PromptsError(InputError):
+    """A prompt-set file is malformed."""
+
+
+class RecordsError(InputError):
+    """A run folder (manifest, events, summary) is missing, of another schema, or garbled."""
+
+
 class ProblemError(InputError):
     """A problem or profile file given to the controller is malformed or inconsistent."""
 

@@ -1,0 +1,388 @@
+"""Experiment specs: what a live run compares, on which lab, with which workloads and events.
+
+An experiment file (YAML, schema ``testbed.experiment/1``) names an inventory, the profile to
+start from (or ``auto``: profile first with ``--quick``), the policies to run back to back with
+one seed, the budget per policy, channel overrides, the workload (prompt set and sampling) of
+every device, the re-planning settings and scheduled events (SNR change, workload switch, a
+device leaving or rejoining). Paths inside are relative to the experiment file. The format is
+documented in docs/experiments.md; ``experiments/quickstart.yaml`` and
+``experiments/adaptation.yaml`` are worked examples.
+
+Main types: ``Experiment``, ``Workload``, ``Replan``, ``Event``; entry point
+``load_experiment(path)``. Every validation failure raises ``ExperimentError`` naming file, line
+and field path (the inventory and prompt files raise their own errors, located in those files).
+``Experiment.to_dict()`` is the resolved form that run manifests record.
+
+Limits: all events of one experiment use one clock (``at_s`` or ``at_round``) and are listed in
+time order; the same schedule applies to every policy, relative to that policy's start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ExperimentError
+from .inventory import Channel, Inventory, load_inventory
+from .prompts import PromptSet, load_prompts
+from .yamlio import Section, load_yaml
+
+SCHEMA = "testbed.experiment/1"
+# The policy names of the CLI contract (docs: goodput-model.md, "Policies").
+POLICIES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed",
+            "agnostic-tuned", "server-only")
+EVENT_KINDS = ("snr_change", "workload_switch", "leave", "rejoin")
+# Event key in the file -> event kind in the records.
+_EVENT_KEYS = {"snr_db": "snr_change", "workload": "workload_switch", "leave": "leave",
+               "rejoin": "rejoin"}
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+WORKLOAD_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+DEFAULT_WORKLOAD = "default"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a device generates: prompts from a prompt set, and how it samples."""
+
+    name: str
+    prompts_path: Path
+    max_tokens: int = 128
+    temperature: float = 0.0       # 0: greedy
+    top_k: int = 0                 # 0: off
+    top_p: float = 1.0             # 1: off
+    prompt_set: PromptSet | None = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "prompts": str(self.prompts_path),
+                "prompts_sha256": self.prompt_set.digest if self.prompt_set else None,
+                "task": self.prompt_set.task if self.prompt_set else None,
+                "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p}
+
+
+@dataclass(frozen=True)
+class Replan:
+    """When the controller re-plans during a run.
+
+    Every ``interval_rounds`` rounds the online estimator's view (an EWMA with weight ``ewma``
+    on the newest round) is re-planned; the new plan is applied only if its predicted goodput
+    beats the plan in force by more than ``hysteresis`` (relative) and the plan in force has
+    been in place for at least ``min_dwell_rounds`` rounds.
+    """
+
+    interval_rounds: int = 10
+    hysteresis: float = 0.05
+    min_dwell_rounds: int = 0
+    ewma: float = 0.2
+
+
+@dataclass(frozen=True)
+class Event:
+    """A scheduled change, at ``at_s`` seconds or at round ``at_round`` of each policy."""
+
+    device: str
+    kind: str                      # one of EVENT_KINDS
+    at_s: float | None = None
+    at_round: int | None = None
+    snr_db: float | None = None    # snr_change
+    workload: str | None = None    # workload_switch
+
+    @property
+    def at(self) -> float:
+        return self.at_s if self.at_s is not None else float(self.at_round)
+
+    def to_dict(self) -> dict:
+        out: dict = {"device": self.device, "kind": self.kind}
+        out["at_s" if self.at_s is not None else "at_round"] = (
+            self.at_s if self.at_s is not None else self.at_round)
+        if self.kind == "snr_change":
+            out["snr_db"] = self.snr_db
+        elif self.kind == "workload_switch":
+            out["workload"] = self.workload
+        return out
+
+
+@dataclass(frozen=True)
+class Experiment:
+    path: Path
+    name: str
+    inventory_path: Path
+    inventory: Inventory
+    profile_path: Path | None      # None with profile_auto
+    profile_auto: bool             # profile first (--quick) and use that profile
+    seed: int
+    policies: tuple[str, ...]
+    duration_s: float | None       # exactly one of duration_s and rounds per policy
+    rounds: int | None
+    warmup_rounds: int
+    channel: Channel               # the inventory's channel with the overrides merged in
+    workloads: dict[str, Workload]
+    device_workloads: dict[str, str]  # every inventory device -> its initial workload name
+    replan: Replan
+    events: tuple[Event, ...]
+    description: str | None = None
+    digest: str = ""               # sha256 of the file's bytes
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def workload_of(self, device: str) -> Workload:
+        """The workload a device starts each policy with."""
+        return self.workloads[self.device_workloads[device]]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA, "name": self.name, "path": str(self.path),
+            "description": self.description, "digest": self.digest,
+            "inventory": str(self.inventory_path), "inventory_digest": self.inventory.digest,
+            "profile": "auto" if self.profile_auto else str(self.profile_path),
+            "seed": self.seed, "policies": list(self.policies),
+            "per_policy": ({"duration_s": self.duration_s} if self.duration_s is not None
+                           else {"rounds": self.rounds}),
+            "warmup_rounds": self.warmup_rounds,
+            "channel": dataclasses.asdict(self.channel),
+            "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
+            "devices": {d: {"workload": w} for d, w in self.device_workloads.items()},
+            "replan": dataclasses.asdict(self.replan),
+            "events": [e.to_dict() for e in self.events],
+        }
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else Path(os.path.normpath(base / p))
+
+
+def _existing_file(sec: Section, key: str, base: Path) -> Path:
+    path = _resolve(base, sec.str(key))
+    if not path.exists():
+        raise sec.error(key, f"file not found: {path}")
+    if not path.is_file():
+        raise sec.error(key, f"not a file: {path}")
+    return path
+
+
+def _policies(root: Section) -> tuple[str, ...]:
+    raw = root.raw("policies")
+    if not isinstance(raw, list):
+        raise root.error("policies", "expected a list of policy names")
+    if not raw:
+        raise root.error("policies", "at least one policy is needed")
+    out: list[str] = []
+    for i, name in enumerate(raw):
+        where = f"policies[{i}]"
+        line = root.lines.get(where)
+        if name not in POLICIES:
+            got = f'"{name}"' if isinstance(name, str) else repr(name)
+            raise ExperimentError(f"expected one of {', '.join(POLICIES)}, got {got}",
+                                  source=root.source, line=line, field=where)
+        if name in out:
+            raise ExperimentError(f'duplicate policy "{name}" (also policies[{out.index(name)}])',
+                                  source=root.source, line=line, field=where)
+        out.append(name)
+    return tuple(out)
+
+
+def _channel(root: Section, inv: Inventory) -> Channel:
+    sec = root.section("channel", None)
+    if sec is None:
+        return inv.channel
+    over: dict = {}
+    if sec.has("bandwidth_hz"):
+        over["bandwidth_hz"] = sec.number("bandwidth_hz", min=0, min_exclusive=True)
+    if sec.has("payload"):
+        over["payload"] = sec.str("payload", choices=("ids", "topk"))
+    if sec.has("top_k"):
+        over["top_k"] = sec.integer("top_k", min=1, max=256)
+    if sec.has("header_bits"):
+        over["header_bits"] = sec.integer("header_bits", min=0)
+    if sec.has("max_draft_len"):
+        over["max_draft_len"] = sec.integer("max_draft_len", min=1, max=64)
+    if sec.has("baseline_draft_len"):
+        over["baseline_draft_len"] = sec.integer("baseline_draft_len", min=1, max=64)
+    sec.done()
+    channel = dataclasses.replace(inv.channel, **over)
+    if channel.baseline_draft_len > channel.max_draft_len:
+        key = "baseline_draft_len" if "baseline_draft_len" in over else "max_draft_len"
+        raise sec.error(key, f"baseline_draft_len {channel.baseline_draft_len} exceeds "
+                        f"max_draft_len {channel.max_draft_len}")
+    return channel
+
+
+def _workloads(root: Section, base: Path, channel: Channel) -> dict[str, Workload]:
+    sec = root.section("workloads")
+    if not sec.data:
+        raise root.error("workloads", "at least one workload is needed")
+    out: dict[str, Workload] = {}
+    for name in list(sec.data):
+        if not isinstance(name, str) or not WORKLOAD_RE.match(name):
+            raise sec.error(str(name), f'"{name}" is not a valid workload name (lower-case '
+                            'letters, digits, "-" or "_", starting with a letter)')
+        w = sec.section(name)
+        path = _existing_file(w, "prompts", base)
+        temperature = w.number("temperature", 0.0, min=0, max=10)
+        wl = Workload(name=name, prompts_path=path,
+                      max_tokens=w.integer("max_tokens", 128, min=1, max=32768),
+                      temperature=temperature,
+                      top_k=w.integer("top_k", 0, min=0),
+                      top_p=w.number("top_p", 1.0, min=0, min_exclusive=True, max=1),
+                      prompt_set=load_prompts(path))
+        if temperature > 0 and channel.payload != "topk":
+            raise w.error("temperature", "sampling (temperature > 0) needs channel payload "
+                          "topk, so that the draft probabilities reach the server; the channel's "
+                          f'payload is "{channel.payload}"')
+        w.done()
+        out[name] = wl
+    return out
+
+
+def _device_workloads(root: Section, inv: Inventory, workloads: dict) -> dict[str, str]:
+    names = [d.name for d in inv.devices]
+    chosen: dict[str, str] = {}
+    sec = root.section("devices", None)
+    if sec is not None:
+        for dev in list(sec.data):
+            if dev not in names:
+                raise sec.error(str(dev), f'no device "{dev}" in the inventory '
+                                f"({', '.join(names)})")
+            d = sec.section(dev)
+            wl = d.str("workload")
+            if wl not in workloads:
+                raise d.error("workload", f'no workload "{wl}" (workloads: '
+                              f"{', '.join(workloads)})")
+            d.done()
+            chosen[dev] = wl
+        sec.done()
+    missing = [n for n in names if n not in chosen]
+    if missing and DEFAULT_WORKLOAD not in workloads:
+        where = "devices" if sec is not None else "workloads"
+        raise root.error(where, f"{', '.join(missing)} have no workload: give them one under "
+                         f'devices, or define a workload named "{DEFAULT_WORKLOAD}"')
+    return {n: chosen.get(n, DEFAULT_WORKLOAD) for n in names}
+
+
+def _replan(root: Section) -> Replan:
+    sec = root.section("replan", None)
+    if sec is None:
+        return Replan()
+    d = Replan()
+    hysteresis = sec.number("hysteresis", d.hysteresis, min=0)
+    if hysteresis >= 1:
+        raise sec.error("hysteresis", f"must be below 1 (a relative gain), got {hysteresis:g}")
+    out = Replan(interval_rounds=sec.integer("interval_rounds", d.interval_rounds, min=1),
+                 hysteresis=hysteresis,
+                 min_dwell_rounds=sec.integer("min_dwell_rounds", d.min_dwell_rounds, min=0),
+                 ewma=sec.number("ewma", d.ewma, min=0, min_exclusive=True, max=1))
+    sec.done()
+    return out
+
+
+def _event(sec: Section, devices: list[str], workloads: dict) -> Event:
+    device = sec.str("device")
+    if device not in devices:
+        raise sec.error("device", f'no device "{device}" in the inventory ({", ".join(devices)})')
+    has_s, has_round = sec.has("at_s"), sec.has("at_round")
+    if has_s == has_round:
+        raise sec.error(None, "give exactly one of at_s or at_round")
+    at_s = sec.number("at_s", min=0) if has_s else None
+    at_round = sec.integer("at_round", min=0) if has_round else None
+    given = [k for k in _EVENT_KEYS if k in sec.data]
+    if len(given) != 1:
+        raise sec.error(None, "give exactly one of snr_db, workload, leave: true, rejoin: true")
+    key = given[0]
+    snr_db = workload = None
+    if key == "snr_db":
+        snr_db = sec.number("snr_db", min=-30, max=60)
+    elif key == "workload":
+        workload = sec.str("workload")
+        if workload not in workloads:
+            raise sec.error("workload", f'no workload "{workload}" (workloads: '
+                            f"{', '.join(workloads)})")
+    elif not sec.boolean(key):
+        raise sec.error(key, f"must be true (remove the event to not {key})")
+    sec.done()
+    return Event(device=device, kind=_EVENT_KEYS[key], at_s=at_s, at_round=at_round,
+                 snr_db=snr_db, workload=workload)
+
+
+def _events(root: Section, inv: Inventory, workloads: dict, duration_s, rounds) -> tuple:
+    secs = root.sections("events", [])
+    devices = [d.name for d in inv.devices]
+    events: list[Event] = []
+    away: dict[str, int] = {}      # device -> index of the event that made it leave
+    for i, sec in enumerate(secs):
+        ev = _event(sec, devices, workloads)
+        key = "at_s" if ev.at_s is not None else "at_round"
+        if events:
+            prev = events[-1]
+            if (prev.at_s is None) != (ev.at_s is None):
+                raise sec.error(key, "mixes at_s and at_round: use one clock for all events")
+            if ev.at < prev.at:
+                raise sec.error(key, f"events must be listed in time order: {ev.at:g} comes "
+                                f"after {prev.at:g} (events[{i - 1}])")
+        if duration_s is not None and ev.at_s is not None and ev.at_s >= duration_s:
+            raise sec.error("at_s", f"{ev.at_s:g} s is not within each policy's "
+                            f"duration_s {duration_s:g}")
+        if rounds is not None and ev.at_round is not None and ev.at_round >= rounds:
+            raise sec.error("at_round", f"round {ev.at_round} is not within each policy's "
+                            f"{rounds} rounds")
+        if ev.kind == "rejoin":
+            if ev.device not in away:
+                raise sec.error("rejoin", f"{ev.device} has not left before: a rejoin needs an "
+                                "earlier leave of that device")
+            del away[ev.device]
+        elif ev.device in away:
+            raise sec.error(None, f"{ev.device} has left (events[{away[ev.device]}]) and not "
+                            "rejoined yet")
+        elif ev.kind == "leave":
+            away[ev.device] = i
+            if len(away) == len(devices):
+                raise sec.error("leave", "every device would have left: at least one must stay")
+        events.append(ev)
+    return tuple(events)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Load and validate an experiment file; raises ExperimentError (file:line: field: what)."""
+    root = load_yaml(path, ExperimentError)
+    base = Path(path).parent
+    schema = root.str("schema")
+    if schema != SCHEMA:
+        raise root.error("schema", f'expected "{SCHEMA}", got "{schema}"')
+    name = root.str("name", check=lambda v: None if NAME_RE.match(v) else (
+        f'"{v}" is not a valid name (lower-case letters, digits and "-", starting with a '
+        "letter, at most 32 characters)"))
+    description = root.str("description", None)
+    inventory_path = _existing_file(root, "inventory", base)
+    inv = load_inventory(inventory_path)
+
+    profile_raw = root.str("profile")
+    profile_auto = profile_raw == "auto"
+    profile_path = None if profile_auto else _existing_file(root, "profile", base)
+
+    seed = root.integer("seed", min=0, max=2**32 - 1)
+    policies = _policies(root)
+    budget = root.section("per_policy")
+    if budget.has("duration_s") == budget.has("rounds"):
+        raise budget.error(None, "give exactly one of duration_s or rounds")
+    duration_s = budget.number("duration_s", None, min=0, min_exclusive=True)
+    rounds = budget.integer("rounds", None, min=1)
+    budget.done()
+    warmup_rounds = root.integer("warmup_rounds", 2, min=0, max=1000)
+
+    channel = _channel(root, inv)
+    workloads = _workloads(root, base, channel)
+    device_workloads = _device_workloads(root, inv, workloads)
+    replan = _replan(root)
+    events = _events(root, inv, workloads, duration_s, rounds)
+    root.done()
+    return Experiment(path=Path(path), name=name, description=description,
+                      inventory_path=inventory_path, inventory=inv, profile_path=profile_path,
+                      profile_auto=profile_auto, seed=seed, policies=policies,
+                      duration_s=duration_s, rounds=rounds, warmup_rounds=warmup_rounds,
+                      channel=channel, workloads=workloads, device_workloads=device_workloads,
+                      replan=replan, events=events,
+                      digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                      lines=dict(root.lines))

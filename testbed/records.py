@@ -1,0 +1,533 @@
+"""Run records: the run folder ``runs/<id>/`` with its manifest, event log and summary.
+
+A live run leaves three files (format in docs/records.md):
+
+- ``manifest.json`` (schema ``testbed.manifest/1``): what ran, on what, from which code: the
+  resolved experiment and inventory, profile, model hashes, versions, git commit, seeds, host.
+  Written atomically at the start.
+- ``events.jsonl``: one JSON object per line (``type`` and ``t``, seconds since the run start),
+  appended and flushed line by line, so a crash loses at most the line being written.
+- ``summary.json`` (schema ``testbed.summary/1``): per policy and device, computed from the
+  events by the pure function ``summarize`` (so a crashed run's summary can be recomputed).
+
+Main entry points: ``create_run_dir``, ``make_manifest``/``write_manifest``, ``EventWriter``,
+``read_events`` (tolerates a truncated last line), ``summarize``, ``write_summary``, and the
+generic ``atomic_write_text``/``atomic_write_json``/``atomic_write_bytes`` used project-wide.
+Reading a folder that is missing or garbled raises ``RecordsError`` (one line, exit 2).
+
+Limits: one writer per events file; ``summarize`` keeps every round in memory (fine for runs of
+up to millions of rounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import ipaddress
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import RecordsError
+
+MANIFEST_SCHEMA = "testbed.manifest/1"
+SUMMARY_SCHEMA = "testbed.summary/1"
+MANIFEST = "manifest.json"
+EVENTS = "events.jsonl"
+SUMMARY = "summary.json"
+BASELINES = ("agnostic-fixed", "server-only")   # the policies gains are measured against
+RUN_STATUSES = ("ok", "lost_devices", "interrupted", "failed")
+
+
+# -- atomic files ----------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace.
+
+    A reader sees the old file or the new one, never a half-written one; an interrupted write
+    leaves no temp file behind.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777      # keep a replaced file's permissions
+    except FileNotFoundError:
+        mode = 0o644                            # mkstemp's 0600 would hide records from others
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable; not every filesystem allows fsync on a folder
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, dumps(obj, indent=2) + "\n")
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON data from dataclasses, paths, addresses, tuples, sets and numpy scalars.
+
+    Non-finite floats become None (JSON has no NaN); dataclass fields declared with
+    ``repr=False`` (caches, line tables) are left out.
+    """
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.repr}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (Path, ipaddress.IPv4Network, ipaddress.IPv4Address)):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):      # numpy scalar
+        return jsonable(obj.item())
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy array
+        return jsonable(obj.tolist())
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    try:
+        return json.dumps(obj, indent=indent, allow_nan=False,
+                          separators=None if indent else (",", ":"))
+    except (TypeError, ValueError):
+        return json.dumps(jsonable(obj), indent=indent, allow_nan=False,
+                          separators=None if indent else (",", ":"))
+
+
+def read_json(path: str | Path, schema: str | None = None) -> dict:
+    """A JSON object from a run folder; RecordsError when missing, garbled or of another schema."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecordsError("file not found", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordsError(f"cannot read: {exc}", source=str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise RecordsError(f"not valid JSON: {exc.msg}", source=str(path),
+                           line=exc.lineno) from None
+    if not isinstance(data, dict):
+        raise RecordsError("expected a JSON object", source=str(path))
+    if schema is not None and data.get("schema") != schema:
+        raise RecordsError(f'expected schema "{schema}", got {json.dumps(data.get("schema"))}',
+                           source=str(path), field="schema")
+    return data
+
+
+# -- the run folder --------------------------------------------------------------------------
+
+def new_run_id(name: str, now: _dt.datetime | None = None) -> str:
+    """``20261122T101500Z-quickstart``: UTC start time, then the experiment name."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return f"{now.astimezone(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{name}"
+
+
+def create_run_dir(root: str | Path, name: str,
+                   now: _dt.datetime | None = None) -> tuple[str, Path]:
+    """Create ``root/<id>/`` (never reusing a folder: ``-2``, ``-3``... on a clash)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = new_run_id(name, now)
+    for n in range(1, 1000):
+        run_id = base if n == 1 else f"{base}-{n}"
+        try:
+            (root / run_id).mkdir()
+        except FileExistsError:
+            continue
+        return run_id, root / run_id
+    raise RecordsError(f"too many runs named {base}", source=str(root))
+
+
+# -- facts for the manifest ------------------------------------------------------------------
+
+def _run(cmd: list[str], cwd: str | Path | None = None) -> str | None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_info(path: str | Path | None = None) -> dict:
+    """Commit and dirty flag of the git checkout holding ``path`` (default: this package).
+
+    Both None when git is missing or ``path`` is not inside a repository (an installed wheel).
+    """
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=where)
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where)
+    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+
+
+def _dist_version(dist: str, module: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        pass
+    try:  # not installed as a distribution: ask the module itself (imports it)
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return getattr(mod, "__version__", None)
+
+
+def tc_version() -> str | None:
+    """``tc -V``'s line (``tc utility, iproute2-6.1.0, libbpf 1.1.0``), None without tc."""
+    tc = shutil.which("tc") or next((p for p in ("/usr/sbin/tc", "/sbin/tc") if os.path.exists(p)),
+                                    None)
+    if tc is None:
+        return None
+    out = _run([tc, "-V"])
+    return out.strip().splitlines()[0] if out and out.strip() else None
+
+
+def versions() -> dict:
+    from . import __version__
+    return {"python": platform.python_version(),
+            "ray": _dist_version("ray", "ray"),
+            "llama_cpp": _dist_version("llama_cpp_python", "llama_cpp"),
+            "kernel": platform.release(),
+            "tc": tc_version(),
+            "testbed": __version__}
+
+
+def host_facts() -> dict:
+    import psutil
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"hostname": socket.gethostname(), "os": platform.platform(),
+            "machine": platform.machine(), "cpu_count": psutil.cpu_count(logical=True),
+            "cpu_count_physical": psutil.cpu_count(logical=False),
+            "memory_bytes": psutil.virtual_memory().total, "loadavg": load,
+            "python_executable": sys.executable}
+
+
+def make_manifest(*, run_id: str, experiment: dict, experiment_path: str | Path,
+                  inventory: Any, inventory_digest: str, profile: dict | None,
+                  models: dict, seeds: dict, argv: list[str] | None = None,
+                  created_utc: str | None = None) -> dict:
+    """The manifest of the contract. ``inventory`` may be the ``Inventory`` (made plain here)."""
+    return {"schema": MANIFEST_SCHEMA, "run": run_id,
+            "created_utc": created_utc or _dt.datetime.now(_dt.timezone.utc).isoformat(
+                timespec="seconds"),
+            "experiment": jsonable(experiment), "experiment_path": str(experiment_path),
+            "inventory": jsonable(inventory), "inventory_digest": inventory_digest,
+            "profile": jsonable(profile), "models": jsonable(models),
+            "versions": versions(), "git": git_info(), "seeds": jsonable(seeds),
+            "host": host_facts(), "argv": list(sys.argv if argv is None else argv)}
+
+
+def write_manifest(run_dir: str | Path, manifest: dict) -> Path:
+    return atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    return read_json(Path(run_dir) / MANIFEST, MANIFEST_SCHEMA)
+
+
+# -- events ----------------------------------------------------------------------------------
+
+class EventWriter:
+    """Appends events to ``events.jsonl``, one flushed line each; thread-safe.
+
+    ``emit(type, **fields)`` stamps ``t`` (seconds since ``t0`` on ``clock``, injectable for
+    tests) unless given. Listeners (the live view) get every event after it is on disk, in file
+    order, under the writer's lock, so they must be quick and must not write events themselves.
+    """
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.monotonic,
+                 t0: float | None = None, listeners: Iterable[Callable[[dict], None]] = ()):
+        self.path = Path(path)
+        self._clock = clock
+        self.t0 = clock() if t0 is None else t0
+        self._lock = threading.Lock()
+        self._listeners = list(listeners)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.count = 0
+
+    def now(self) -> float:
+        return self._clock() - self.t0
+
+    def subscribe(self, listener: Callable[[dict], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def emit(self, type_: str, **fields: Any) -> dict:
+        event = {"type": type_, "t": round(self.now(), 6)}
+        event.update(fields)
+        self.write(event)
+        return event
+
+    def write(self, event: dict) -> None:
+        if not isinstance(event.get("type"), str):
+            raise ValueError("an event needs a type")
+        if "t" not in event:
+            event = {"type": event["type"], "t": round(self.now(), 6), **event}
+        line = dumps(event)
+        with self._lock:
+            if self._file is None:
+                raise ValueError(f"{self.path}: event writer is closed")
+            self._file.write(line + "\n")
+            self._file.flush()
+            self.count += 1
+            for listener in self._listeners:
+                listener(event)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+
+    def __enter__(self) -> "EventWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scan_events(path: str | Path) -> tuple[list[dict], bool]:
+    """Events of a log and whether its last line was cut off (dropped: a crash mid-write).
+
+    A bad line anywhere but at the end is damage, not a crash: RecordsError names its line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise RecordsError("file not found", source=str(path)) from None
+    except OSError as exc:
+        raise RecordsError(f"cannot read: {exc}", source=str(path)) from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    events: list[dict] = []
+    truncated = False
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if last:
+                truncated = True
+                break
+            raise RecordsError(f"not a JSON event ({exc.msg}); only the last line may be cut off",
+                               source=str(path), line=i + 1) from None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str) or \
+                not isinstance(event.get("t"), (int, float)):
+            raise RecordsError('expected an object with "type" and "t"', source=str(path),
+                               line=i + 1)
+        events.append(event)
+    return events, truncated
+
+
+def read_events(path: str | Path) -> list[dict]:
+    return scan_events(path)[0]
+
+
+# -- summary ---------------------------------------------------------------------------------
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else default
+
+
+def round_parts(ev: dict) -> dict:
+    """The time parts of one round event: slowest draft+upload, verify, downlink, overhead.
+
+    Verification counts the emulated duration when there is one (what the round waited for in
+    the emulated lab), else the real one. ``overhead_s`` is the runner's when recorded.
+    """
+    devices = ev.get("devices") or []
+    draft_upload = max((_num(d.get("draft_s")) + _num(d.get("upload_s")) for d in devices),
+                       default=0.0)
+    verify = ev.get("verify_emulated_s")
+    verify = _num(verify) if verify is not None else _num(ev.get("verify_real_s"))
+    downlink = _num(ev.get("downlink_s"))
+    round_s = _num(ev.get("round_s"))
+    overhead = ev.get("overhead_s")
+    overhead = _num(overhead) if overhead is not None else \
+        max(0.0, round_s - (draft_upload + verify + downlink))
+    return {"round_s": round_s, "draft_upload_s": draft_upload, "verify_s": verify,
+            "downlink_s": downlink, "overhead_s": overhead}
+
+
+def round_tokens(ev: dict) -> float:
+    if isinstance(ev.get("tokens"), (int, float)):
+        return float(ev["tokens"])
+    return sum(_num(d.get("tokens")) for d in ev.get("devices") or [])
+
+
+class _Policy:
+    """Accumulates one policy's rounds."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started = self.complete = False
+        self.rounds: list[dict] = []
+        self.replans = self.events = 0
+        self.devices: dict[str, dict] = {}
+
+    def add(self, ev: dict) -> None:
+        self.rounds.append(ev)
+        for d in ev.get("devices") or []:
+            acc = self.devices.setdefault(str(d.get("name")), {
+                "rounds": 0, "tokens": 0.0, "drafted": 0.0, "accepted": 0.0, "draft_len": 0.0,
+                "share": 0.0, "rate_bps": 0.0, "draft_s": 0.0, "upload_s": 0.0})
+            acc["rounds"] += 1
+            acc["tokens"] += _num(d.get("tokens"))
+            acc["drafted"] += _num(d.get("n_drafted"))
+            acc["accepted"] += _num(d.get("n_accepted"))
+            acc["draft_len"] += _num(d.get("draft_len"))
+            acc["share"] += _num(d.get("share"))
+            acc["rate_bps"] += _num(d.get("rate_bps"))
+            acc["draft_s"] += _num(d.get("draft_s"))
+            acc["upload_s"] += _num(d.get("upload_s"))
+
+    def result(self) -> dict:
+        n = len(self.rounds)
+        parts = [round_parts(ev) for ev in self.rounds]
+        duration = sum(p["round_s"] for p in parts)
+        tokens = sum(round_tokens(ev) for ev in self.rounds)
+        per_round = [round_tokens(ev) / p["round_s"] for ev, p in zip(self.rounds, parts)
+                     if p["round_s"] > 0]
+        predicted = [_num(ev["predicted_goodput_tps"]) for ev in self.rounds
+                     if isinstance(ev.get("predicted_goodput_tps"), (int, float))]
+        predicted_round = [_num(ev["predicted_round_s"]) for ev in self.rounds
+                           if isinstance(ev.get("predicted_round_s"), (int, float))]
+        goodput = tokens / duration if duration > 0 else None
+        pred = _mean(predicted)
+        devices = []
+        for name, acc in self.devices.items():
+            k = acc["rounds"]
+            devices.append({
+                "name": name, "rounds": k, "tokens": acc["tokens"],
+                "tokens_per_s": acc["tokens"] / duration if duration > 0 else None,
+                "acceptance": acc["accepted"] / acc["drafted"] if acc["drafted"] > 0 else None,
+                "mean_draft_len": acc["draft_len"] / k, "mean_share": acc["share"] / k,
+                "mean_rate_bps": acc["rate_bps"] / k, "mean_draft_s": acc["draft_s"] / k,
+                "mean_upload_s": acc["upload_s"] / k})
+        return {
+            "policy": self.name, "rounds": n, "complete": self.complete,
+            "duration_s": duration, "tokens": tokens, "goodput_tps": goodput,
+            "goodput_std": _std(per_round), "predicted_goodput_tps": pred,
+            "predicted_round_s": _mean(predicted_round),
+            "prediction_error": (goodput - pred) / pred if goodput is not None and pred else None,
+            "overhead_frac": (sum(p["overhead_s"] for p in parts) / duration
+                              if duration > 0 else None),
+            "breakdown": {key: _mean([p[key] for p in parts]) for key in
+                          ("round_s", "draft_upload_s", "verify_s", "downlink_s", "overhead_s")},
+            "gain_vs": {}, "replans": self.replans, "events": self.events, "devices": devices}
+
+
+def summarize(events: Iterable[dict]) -> dict:
+    """The run's summary.json from its events (pure; works on a crashed run's events).
+
+    Rounds marked ``"warmup": true`` are not counted. A run without ``run_end`` gets status
+    ``incomplete``. Policies named at ``run_start`` that never started are listed in ``not_run``.
+    """
+    run_id = None
+    status, message = "incomplete", None
+    declared: list[str] = []
+    policies: dict[str, _Policy] = {}
+
+    def acc(name: Any) -> _Policy:
+        name = str(name)
+        if name not in policies:
+            policies[name] = _Policy(name)
+        return policies[name]
+
+    for ev in events:
+        typ = ev.get("type")
+        if typ == "run_start":
+            run_id = ev.get("run", run_id)
+            declared = [str(p) for p in ev.get("policies") or []]
+        elif typ == "policy_start":
+            acc(ev.get("policy")).started = True
+        elif typ == "round" and not ev.get("warmup"):
+            acc(ev.get("policy")).add(ev)
+        elif typ == "replan":
+            acc(ev.get("policy")).replans += 1
+        elif typ == "event":
+            acc(ev.get("policy")).events += 1
+        elif typ == "policy_end":
+            acc(ev.get("policy")).complete = True
+        elif typ == "run_end":
+            status, message = ev.get("status", "incomplete"), ev.get("message")
+    order = [p for p in declared if p in policies] + [p for p in policies if p not in declared]
+    results = [policies[p].result() for p in order]
+    by_name = {r["policy"]: r for r in results}
+    for r in results:
+        for base in BASELINES:
+            b = by_name.get(base)
+            if b and b["goodput_tps"] and r["goodput_tps"] is not None:
+                r["gain_vs"][base] = r["goodput_tps"] / b["goodput_tps"]
+    return {"schema": SUMMARY_SCHEMA, "run": run_id, "status": status, "message": message,
+            "policies": results, "not_run": [p for p in declared if p not in policies]}
+
+
+def write_summary(run_dir: str | Path) -> dict:
+    """Recompute summary.json from the folder's events.jsonl, atomically; returns it."""
+    run_dir = Path(run_dir)
+    events, truncated = scan_events(run_dir / EVENTS)
+    summary = summarize(events)
+    summary["truncated_last_line"] = truncated
+    atomic_write_json(run_dir / SUMMARY, summary)
+    return summary

@@ -1,0 +1,312 @@
+"""Reports from run folders: tables comparing policies, JSON for scripts, and PNG plots.
+
+``load_run(path)`` reads a run folder (docs/records.md): ``summary.json`` when present, else
+the summary recomputed from ``events.jsonl`` (a crashed run still reports); the events feed the
+time-series plot. Tables: ``comparison_table`` (goodput with spread, gain over
+``agnostic-fixed`` and ``server-only``, predicted vs measured), ``breakdown_table`` (round-time
+parts, overhead) and ``device_table``. ``report_json`` gives the stable JSON shape.
+``plot_goodput`` (goodput over time per policy, events and re-plans marked) and
+``plot_devices`` (per-device tokens/s and share per policy) write PNGs atomically with
+matplotlib's Agg canvas (no pyplot, no display).
+
+Limits: the goodput plot needs events.jsonl (a folder with only summary.json gets the device
+plot only); policies are overlaid on time since each policy started measuring.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich import box
+from rich.table import Table
+
+from .errors import RecordsError
+from .records import (BASELINES, EVENTS, MANIFEST, MANIFEST_SCHEMA, SUMMARY, SUMMARY_SCHEMA,
+                      atomic_write_bytes, read_json, round_tokens, scan_events, summarize)
+
+
+@dataclass
+class RunData:
+    path: Path
+    run_id: str
+    summary: dict
+    events: list[dict] | None      # None: the folder has no events.jsonl
+    manifest: dict | None
+    truncated: bool = False        # the events' last line was cut off (a crash mid-write)
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a run folder; RecordsError (one line, exit 2) when it is missing or garbled."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordsError("no such run folder", source=str(path))
+    if not path.is_dir():
+        raise RecordsError("not a run folder (expected a directory)", source=str(path))
+    has_events, has_summary = (path / EVENTS).is_file(), (path / SUMMARY).is_file()
+    if not has_events and not has_summary:
+        raise RecordsError(f"not a run folder: neither {EVENTS} nor {SUMMARY} is there",
+                           source=str(path))
+    events, truncated = scan_events(path / EVENTS) if has_events else (None, False)
+    if has_summary:
+        summary = read_json(path / SUMMARY, SUMMARY_SCHEMA)
+    else:
+        summary = summarize(events)
+    policies = summary.get("policies")
+    if not isinstance(policies, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("policy"), str) for p in policies):
+        raise RecordsError('"policies" must be a list of objects with a "policy" name',
+                           source=str(path / SUMMARY) if has_summary else str(path / EVENTS),
+                           field="policies")
+    manifest = read_json(path / MANIFEST, MANIFEST_SCHEMA) if (path / MANIFEST).is_file() else None
+    run_id = summary.get("run") or (manifest or {}).get("run") or path.name
+    return RunData(path=path, run_id=str(run_id), summary=summary, events=events,
+                   manifest=manifest, truncated=truncated)
+
+
+# -- numbers ---------------------------------------------------------------------------------
+
+def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) -> dict:
+    out = []
+    for run in runs:
+        entry = {"run": run.run_id, "policies": [
+            {"policy": p["policy"], "goodput_tps": p.get("goodput_tps"),
+             "predicted_goodput_tps": p.get("predicted_goodput_tps"),
+             "overhead_frac": p.get("overhead_frac"), "rounds": p.get("rounds", 0)}
+            for p in run.summary["policies"]]}
+        if plots is not None:
+            entry["plots"] = plots.get(run.run_id, [])
+        out.append(entry)
+    return {"runs": out}
+
+
+def _fmt(value, fmt: str, scale: float = 1.0) -> str:
+    if value is None:
+        return "—"
+    text = format(value * scale, fmt)
+    return text.replace("-", "+", 1) if text.lstrip("-+").strip("0.%x") == "" else text
+
+
+def _table(title: str, columns: list[str], caption: str | None = None) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption=caption, caption_justify="left")
+    for c in columns:
+        left = c in ("run", "policy", "device")
+        table.add_column(c, justify="left" if left else "right", no_wrap=left)
+    return table
+
+
+def comparison_table(runs: list[RunData]) -> Table:
+    """One row per policy (and run): goodput with spread, gains, predicted vs measured."""
+    several = len(runs) > 1
+    title = (f"run {runs[0].run_id} ({runs[0].summary.get('status')}): goodput" if not several
+             else f"{len(runs)} runs: goodput")
+    table = _table(title, (["run"] if several else []) + [
+        "policy", "rounds", "tok/s", "± std", "x fixed", "x server", "pred.", "error"],
+        caption="x fixed, x server: goodput over agnostic-fixed and server-only of the same run; "
+                "pred.: the model's goodput for the plans in force; error: (measured - pred.) / "
+                "pred.")
+    for run in runs:
+        for p in run.summary["policies"]:
+            gains = p.get("gain_vs") or {}
+            fixed, server = (_fmt(gains.get(b), ".2f") + ("x" if b in gains else "")
+                             for b in BASELINES)
+            table.add_row(*([run.run_id] if several else []), p["policy"],
+                          str(p.get("rounds", 0)), _fmt(p.get("goodput_tps"), ".1f"),
+                          _fmt(p.get("goodput_std"), ".1f"),
+                          fixed, server,
+                          _fmt(p.get("predicted_goodput_tps"), ".1f"),
+                          _fmt(p.get("prediction_error"), "+.1%"))
+    return table
+
+
+def breakdown_table(runs: list[RunData]) -> Table:
+    """One row per policy (and run): mean round time and its parts, orchestration overhead."""
+    several = len(runs) > 1
+    table = _table("round time (means per round, ms)", (["run"] if several else []) + [
+        "policy", "round", "draft+up", "verify", "down", "overhead", "ovh %"],
+        caption="draft+up: slowest device's draft + upload; overhead: the rest of the round "
+                "(orchestration)")
+    for run in runs:
+        for p in run.summary["policies"]:
+            b = p.get("breakdown") or {}
+            table.add_row(*([run.run_id] if several else []), p["policy"],
+                          _fmt(b.get("round_s"), ".0f", 1000),
+                          _fmt(b.get("draft_upload_s"), ".0f", 1000),
+                          _fmt(b.get("verify_s"), ".0f", 1000),
+                          _fmt(b.get("downlink_s"), ".0f", 1000),
+                          _fmt(b.get("overhead_s"), ".1f", 1000),
+                          _fmt(p.get("overhead_frac"), ".1%"))
+    return table
+
+
+def device_table(run: RunData) -> Table:
+    table = _table(f"devices — run {run.run_id}", [
+        "policy", "device", "tok/s", "accept", "mean L", "share", "kbit/s"])
+    for p in run.summary["policies"]:
+        for d in p.get("devices") or []:
+            table.add_row(p["policy"], str(d.get("name")), _fmt(d.get("tokens_per_s"), ".1f"),
+                          _fmt(d.get("acceptance"), ".2f"), _fmt(d.get("mean_draft_len"), ".2f"),
+                          _fmt(d.get("mean_share"), ".1%"),
+                          _fmt(d.get("mean_rate_bps"), ".1f", 1e-3))
+    return table
+
+
+def policy_starts(events: list[dict]) -> dict[str, float]:
+    """Run time at which each policy started measuring: the start of its first counted round
+    (after warm-up), else its ``policy_start``. Event times (``at_s``) count from here."""
+    starts: dict[str, float] = {}
+    announced: dict[str, float] = {}
+    for ev in events:
+        pol = ev.get("policy")
+        if ev.get("type") == "policy_start":
+            announced.setdefault(pol, float(ev["t"]))
+        elif ev.get("type") == "round" and not ev.get("warmup") and pol not in starts:
+            starts[pol] = float(ev["t"]) - float(ev.get("round_s") or 0.0)
+    return {**announced, **starts}
+
+
+def goodput_series(events: list[dict], window_rounds: int = 5) -> dict[str, dict]:
+    """Per policy: time since it started measuring (end of each round), rolling goodput over
+    the last ``window_rounds`` rounds, and the model's predicted goodput."""
+    out: dict[str, dict] = {}
+    start = policy_starts(events)
+    for ev in events:
+        if ev.get("type") != "round" or ev.get("warmup"):
+            continue
+        pol = ev.get("policy")
+        s = out.setdefault(pol, {"t": [], "goodput": [], "predicted": [], "_win": []})
+        s["_win"].append((round_tokens(ev), float(ev.get("round_s") or 0)))
+        s["_win"] = s["_win"][-window_rounds:]
+        secs = sum(w[1] for w in s["_win"])
+        s["t"].append(float(ev["t"]) - start[pol])
+        s["goodput"].append(sum(w[0] for w in s["_win"]) / secs if secs > 0 else 0.0)
+        s["predicted"].append(ev.get("predicted_goodput_tps"))
+    for s in out.values():
+        del s["_win"]
+    return out
+
+
+def _marks(events: list[dict], kind: str) -> list[dict]:
+    """Events (``event``) or re-plans (``replan``) with their time since the policy's start."""
+    start = policy_starts(events)
+    return [{**ev, "x": float(ev["t"]) - start.get(ev.get("policy"), 0.0)}
+            for ev in events if ev.get("type") == kind]
+
+
+def _event_label(ev: dict) -> str:
+    detail = ev.get("detail") or {}
+    if ev.get("kind") == "snr_change" and "snr_db" in detail:
+        return f"{ev.get('device')} SNR {detail['snr_db']:g} dB"
+    if ev.get("kind") == "workload_switch" and "workload" in detail:
+        return f"{ev.get('device')} -> {detail['workload']}"
+    return f"{ev.get('device')} {ev.get('kind')}"
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    unique = list(dict.fromkeys(names))
+    return {n: palette[i % len(palette)] for i, n in enumerate(unique)}
+
+
+def plot_goodput(run: RunData, path: Path, window_rounds: int = 5) -> Path:
+    """Goodput over time per policy (rolling, solid; predicted, dotted), events and re-plans."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    series = goodput_series(run.events or [], window_rounds)
+    colors = _colors([p["policy"] for p in run.summary["policies"]] + list(series))
+    fig = Figure(figsize=(10, 5.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for pol, s in series.items():
+        ax.plot(s["t"], s["goodput"], color=colors[pol], lw=1.6, label=pol)
+        pts = [(t, p) for t, p in zip(s["t"], s["predicted"]) if p is not None]
+        if pts:
+            ax.plot([t for t, _ in pts], [p for _, p in pts], color=colors[pol], lw=1.0,
+                    ls=":", drawstyle="steps-post")
+    replans = _marks(run.events or [], "replan")
+    for rp in replans:
+        color = colors.get(rp.get("policy"), "grey")
+        ax.axvline(rp["x"], color=color, ls="--", lw=0.7, alpha=0.6)
+        if len(replans) <= 24:        # beyond that the labels would only overprint each other
+            gain = rp.get("predicted_gain")
+            ax.text(rp["x"], 0.02, " re-plan" + (f" {gain:+.0%}" if gain is not None else ""),
+                    rotation=90, va="bottom", ha="right", fontsize=6, color=color,
+                    transform=ax.get_xaxis_transform())
+    labelled: set[tuple] = set()
+    for ev in _marks(run.events or [], "event"):
+        ax.axvline(ev["x"], color="black", lw=1.0, alpha=0.8)
+        key = (ev.get("kind"), ev.get("device"), round(ev["x"]))
+        if key not in labelled:
+            labelled.add(key)
+            ax.text(ev["x"], 0.98, " " + _event_label(ev), rotation=90, va="top", ha="left",
+                    fontsize=8, transform=ax.get_xaxis_transform())
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="grey", ls=":"), Line2D([], [], color="grey", ls="--"),
+                Line2D([], [], color="black")]
+    labels += ["predicted (model)", "re-plan", "scheduled event"]
+    ax.legend(handles, labels, loc="lower right", fontsize=8)
+    ax.set_xlabel("time since the policy started measuring (s)")
+    ax.set_ylabel(f"goodput (tokens/s, last {window_rounds} rounds)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"goodput over time — run {run.run_id}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_devices(run: RunData, path: Path) -> Path:
+    """Per-device bars: tokens/s and mean band share, one bar per policy."""
+    from matplotlib.figure import Figure
+
+    policies = run.summary["policies"]
+    devices: list[str] = []
+    for p in policies:
+        for d in p.get("devices") or []:
+            if d.get("name") not in devices:
+                devices.append(d.get("name"))
+    colors = _colors([p["policy"] for p in policies])
+    fig = Figure(figsize=(10, 4.5))
+    axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
+    width = 0.8 / max(1, len(policies))
+    for i, p in enumerate(policies):
+        by = {d.get("name"): d for d in p.get("devices") or []}
+        xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(devices))]
+        tps = [(by.get(n) or {}).get("tokens_per_s") or 0.0 for n in devices]
+        share = [(by.get(n) or {}).get("mean_share") or 0.0 for n in devices]
+        axes[0].bar(xs, tps, width, color=colors[p["policy"]], label=p["policy"])
+        axes[1].bar(xs, share, width, color=colors[p["policy"]], label=p["policy"])
+    for ax, label in zip(axes, ("tokens/s", "mean band share")):
+        ax.set_xticks(range(len(devices)), devices)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"per device — run {run.run_id}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_plots(run: RunData, out_dir: Path | None = None) -> list[Path]:
+    """Both plots of a run: into ``out_dir`` as ``<run>-*.png``, else into the run folder."""
+    if out_dir is None:
+        target, prefix = run.path, ""
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target, prefix = out_dir, f"{run.run_id}-"
+    paths = []
+    if run.events is not None:
+        paths.append(plot_goodput(run, target / f"{prefix}goodput.png"))
+    paths.append(plot_devices(run, target / f"{prefix}devices.png"))
+    return paths
