@@ -1,0 +1,405 @@
+"""Precheck of every node of an inventory, each failure with its fix (``testbed check``).
+
+For each node, through the same runner the lab and the cluster use (``remote.runner_for``):
+SSH reachable, host key known (or trusted on request), ``sudo -n tc`` allowed on the uplink
+interface, then one run of ``testbed/probe.py`` on the node (its source fed to
+``VENV/bin/python -``, so it works before testbed is installed there) for the Python, Ray,
+llama-cpp-python and testbed versions, free memory and disk, the CPU quota of emulated devices
+and the size and sha256 of the node's model file.
+
+Versions must be the same everywhere: devices are compared with the server, the server with this
+machine (which drives the cluster). Ray refuses a node whose Ray version or Python version (to the
+patch level, by default) differs, so a difference is a failure that names the node and the
+command that fixes it.
+
+Main types: ``Check`` (one row: node, check, status, detail, fix), ``Report``;
+entry point ``check_inventory(inventory, trust_new=False)``. ``gather`` (I/O, per node) and
+``evaluate`` (pure: facts -> checks) are separate so the rules are testable without nodes.
+
+Limits: a model given by registry name is resolved on this machine (``testbed.models``) and
+expected at the same path on the node (true for the emulated lab; a real lab copies it there).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from .errors import HostKeyError, RemoteError, TestbedError
+from .inventory import Inventory, Node
+from .remote import Runner, SSHRunner, runner_for, stderr_tail
+from .sshd import known_hosts_name
+
+OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
+MEMORY_MARGIN_BYTES = 256 * 2**20     # on top of the model file: context, Ray worker, Python
+DISK_MIN_BYTES = 1 * 2**30            # free space in the venv's file system (logs, Ray spill)
+QUOTA_TOLERANCE = 0.02                # relative
+
+
+@dataclass(frozen=True)
+class Check:
+    node: str
+    name: str
+    status: str        # ok | FAIL | warn | skip
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    checks: list[Check]
+    trusted: list[str] = field(default_factory=list)  # host keys trusted during the check
+
+    @property
+    def passed(self) -> bool:
+        """True when nothing failed or was left unchecked."""
+        return all(c.status in (OK, WARN) for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.status == FAIL]
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """Where a node's model file should be and its expected sha256 (or why it is unknown)."""
+
+    path: str | None
+    sha256: str | None
+    error: str | None = None
+    fix: str = ""
+
+
+@dataclass
+class NodeFacts:
+    """What ``gather`` learned about one node."""
+
+    node: Node
+    checks: list[Check]              # ssh, host key, tc: known before the probe
+    probe: dict | None = None
+    probe_error: str | None = None
+    reachable: bool = True
+
+
+def local_versions() -> dict:
+    """The versions of this machine's testbed environment, the reference for the server."""
+    def v(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+    return {"python": platform.python_version(), "ray": v("ray"),
+            "llama_cpp": v("llama_cpp_python"), "testbed": v("testbed"), "where": "this machine"}
+
+
+def probe_source() -> bytes:
+    return (Path(__file__).with_name("probe.py")).read_bytes()
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_target(node: Node) -> ModelTarget:
+    """The file a node's model must be, and its expected sha256."""
+    ref = node.model
+    if ref.path:
+        return ModelTarget(ref.path, ref.sha256)
+    try:
+        from . import models
+        resolve = models.resolve
+    except (ImportError, AttributeError):
+        return ModelTarget(None, None, f"model {ref.name!r}: registry not available",
+                           "give the model as a path with sha256 in the inventory")
+    try:
+        path = resolve(ref)
+    except TestbedError as exc:
+        return ModelTarget(None, None, f"model {ref.name!r}: {exc}",
+                           "testbed models prepare (then check again)")
+    expected = ref.sha256
+    if expected is None:
+        for entry in models.list_models():
+            if entry.name == ref.name:
+                expected = entry.sha256
+    return ModelTarget(str(path), expected)
+
+
+# ---------------------------------------------------------------- gathering (I/O)
+
+
+def gather(node: Node, runner: Runner, target: ModelTarget, inventory: Inventory, *,
+           probe_timeout_s: float = 600.0) -> NodeFacts:
+    """Connect, check tc, run the probe. Never raises for a node problem: it becomes a Check."""
+    facts = NodeFacts(node, [])
+    add = facts.checks.append
+    if isinstance(runner, SSHRunner):       # SSH: reachability and host key are checks
+        where = f"{runner.user}@{runner.host}:{runner.port}"
+        try:
+            runner.connect()
+        except HostKeyError as exc:
+            facts.reachable = False
+            add(Check(node.name, "ssh", OK, f"{where} answers"))
+            add(Check(node.name, "host key", FAIL, str(exc),
+                      _host_key_fix(runner, inventory, changed="CHANGED" in str(exc))))
+            return facts
+        except RemoteError as exc:
+            facts.reachable = False
+            add(Check(node.name, "ssh", FAIL, str(exc), _ssh_fix(node, runner, inventory)))
+            return facts
+        add(Check(node.name, "ssh", OK, f"{where}, key {runner.key_path}"))
+        trusted = [m for m in getattr(runner, "trusted", [])]
+        add(Check(node.name, "host key", OK,
+                  trusted[0] if trusted else f"known in {runner.known_hosts_path}"))
+    else:
+        add(Check(node.name, "ssh", OK, "local node (no SSH)"))
+    add(_check_tc(node, runner, inventory))
+    argv = [node.python_bin, "-"] + (["--model", target.path] if target.path else [])
+    try:
+        res = runner.run(argv, stdin=probe_source(), timeout_s=probe_timeout_s, check=False)
+    except RemoteError as exc:
+        facts.probe_error = str(exc)
+        return facts
+    if res.rc != 0:
+        facts.probe_error = (f"{node.python_bin} failed (exit {res.rc}): "
+                             f"{stderr_tail(res.stderr) or '(no stderr)'}")
+        return facts
+    try:
+        facts.probe = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        facts.probe_error = f"the probe printed no JSON: {res.stdout[-300:]!r}"
+    return facts
+
+
+def _check_tc(node: Node, runner: Runner, inventory: Inventory) -> Check:
+    """``sudo -n tc qdisc show dev IFACE``: sudo without password, tc present, interface there."""
+    argv = ["tc", "qdisc", "show", "dev", node.interface]
+    try:
+        res = runner.run(argv, sudo=True, check=False, timeout_s=30)
+    except RemoteError as exc:
+        return Check(node.name, "sudo tc", FAIL, str(exc), "")
+    user = node.ssh.user if node.ssh else "the local user"
+    if res.rc == 0:
+        how = "as root" if res.argv.startswith("tc ") else "with sudo -n"
+        return Check(node.name, "sudo tc", OK, f"{how} on {node.interface}")
+    err = stderr_tail(res.stderr)
+    if "sudo" in err and ("password" in err or "not allowed" in err or "may not run" in err):
+        fix = (f"allow tc without a password for {user} on node {node.name}: echo "
+               f"'{user} ALL=(root) NOPASSWD: /usr/sbin/tc' | sudo tee /etc/sudoers.d/testbed")
+    elif res.rc == 127 or "not found" in err:
+        what = "sudo" if "sudo" in err else "tc"
+        pkg = "sudo" if what == "sudo" else "iproute2"
+        fix = f"install {pkg} on node {node.name}: sudo apt-get install -y {pkg}"
+    elif "Cannot find device" in err:
+        if inventory.kind == "emulated":
+            fix = f"bring the lab up: testbed lab up {inventory.path}"
+        else:
+            fix = (f"set the interface of node {node.name} in {inventory.path} to its uplink "
+                   "(see `ip -br link` on the node)")
+    else:
+        fix = f"run `sudo -n tc qdisc show dev {node.interface}` on node {node.name} and fix what it says"
+    return Check(node.name, "sudo tc", FAIL, f"{res.argv}: exit {res.rc}: {err}", fix)
+
+
+def _host_key_fix(runner: SSHRunner, inventory: Inventory, *, changed: bool) -> str:
+    name = known_hosts_name(runner.host, runner.port)
+    if changed:
+        return (f"only if node {runner.node} was reinstalled (else: someone may be in the "
+                f"middle): ssh-keygen -R '{name}' -f {runner.known_hosts_path}, then check again")
+    if inventory.kind == "emulated":
+        return (f"the lab writes its known_hosts at `testbed lab up {inventory.path}`; or check "
+                f"the key and run `testbed check {inventory.path} --trust-new-hosts`")
+    return (f"verify the key's fingerprint on the node (ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_ed25519_key.pub), then `testbed check {inventory.path} "
+            "--trust-new-hosts`")
+
+
+def _ssh_fix(node: Node, runner: SSHRunner, inventory: Inventory) -> str:
+    if inventory.kind == "emulated":
+        return f"bring the lab up: testbed lab up {inventory.path}"
+    return (f"make `ssh -i {runner.key_path} -p {runner.port} {runner.user}@{runner.host} true` "
+            f"work (node on, sshd running, public key in ~{runner.user}/.ssh/authorized_keys)")
+
+
+# ---------------------------------------------------------------- evaluation (pure)
+
+
+def reference_versions(server: NodeFacts | None, local: dict) -> dict:
+    """Versions devices must match: the server's when its probe ran, else this machine's."""
+    if server is not None and server.probe:
+        p = server.probe
+        return {"python": p.get("python"), "ray": p.get("ray"), "llama_cpp": p.get("llama_cpp"),
+                "testbed": p.get("testbed"), "where": f"server {server.node.name}"}
+    return local
+
+
+def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
+             inventory: Inventory) -> list[Check]:
+    """All checks of one node from its gathered facts."""
+    node = facts.node
+    checks = list(facts.checks)
+    names = ["python", "ray", "llama-cpp", "testbed", "memory", "disk", "model"]
+    if node.cpu_quota is not None:
+        names.append("cpu quota")
+    if not facts.reachable:
+        return checks + [Check(node.name, n, SKIP, "node not reachable") for n in names]
+    p = facts.probe
+    if p is None:
+        fix = (f"create the venv on node {node.name}: python{node.python} -m venv {node.venv} "
+               f"&& {node.venv}/bin/pip install <this project>")
+        checks.append(Check(node.name, "python", FAIL, facts.probe_error or "probe failed", fix))
+        return checks + [Check(node.name, n, SKIP, "needs the probe") for n in names[1:]]
+    pip = f"{node.venv}/bin/pip"
+    ref_where = reference.get("where", "the reference")
+
+    # Python: the inventory's MAJOR.MINOR, and the reference's exact version (Ray's default).
+    py = p.get("python") or "?"
+    ref_py = reference.get("python")
+    if ".".join(py.split(".")[:2]) != node.python:
+        checks.append(Check(node.name, "python", FAIL,
+                            f"{py} in {node.venv}, inventory says {node.python}",
+                            f"recreate {node.venv} with python{node.python} on node {node.name}, "
+                            f"or set python: \"{'.'.join(py.split('.')[:2])}\" in {inventory.path}"))
+    elif ref_py and py != ref_py:
+        checks.append(Check(node.name, "python", FAIL,
+                            f"{py}, {ref_where} has {ref_py} (Ray requires the same version)",
+                            f"install Python {ref_py} on node {node.name} and recreate "
+                            f"{node.venv} with it"))
+    else:
+        checks.append(Check(node.name, "python", OK, f"{py} ({p.get('python_executable')})"))
+
+    for name, key, dist in (("ray", "ray", "ray"), ("llama-cpp", "llama_cpp", "llama-cpp-python"),
+                            ("testbed", "testbed", "testbed")):
+        have, want = p.get(key), reference.get(key)
+        pin = f"{dist}=={want}" if want else dist
+        source = "<a copy of this project>" if dist == "testbed" else pin
+        if have is None:
+            checks.append(Check(node.name, name, FAIL, p.get(f"{key}_error") or "not installed",
+                                f"install {pin} in {node.venv} on node {node.name}: "
+                                f"{pip} install {source}"))
+        elif want and have != want:
+            checks.append(Check(node.name, name, FAIL, f"{have}, {ref_where} has {want}",
+                                f"install {pin} in {node.venv} on node {node.name}: "
+                                f"{pip} install {source}"))
+        else:
+            checks.append(Check(node.name, name, OK, have))
+
+    checks.append(_memory_check(node, p))
+    checks.append(_disk_check(node, p))
+    checks.append(_model_check(node, p, target, inventory, facts))
+    if node.cpu_quota is not None:
+        checks.append(_quota_check(node, p, inventory))
+    return checks
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def _memory_check(node: Node, p: dict) -> Check:
+    model_bytes = next((m.get("size_bytes") or 0 for m in p.get("models", [])), 0)
+    need = model_bytes + MEMORY_MARGIN_BYTES
+    avail = p.get("memory_available_bytes")
+    detail = (f"{_gib(avail)} available of {_gib(p.get('memory_total_bytes'))} "
+              f"(need {_gib(need)}: model + {MEMORY_MARGIN_BYTES >> 20} MiB)")
+    if avail is None or avail < need:
+        return Check(node.name, "memory", FAIL, detail,
+                     f"free memory on node {node.name} (stop other programs) or use a smaller model")
+    return Check(node.name, "memory", OK, detail)
+
+
+def _disk_check(node: Node, p: dict) -> Check:
+    free = p.get("disk_free_venv_bytes")
+    detail = f"{_gib(free)} free for {node.venv}, {_gib(p.get('disk_free_home_bytes'))} in home"
+    if free is None or free < DISK_MIN_BYTES:
+        return Check(node.name, "disk", FAIL, detail + f" (need {_gib(DISK_MIN_BYTES)})",
+                     f"free disk space on node {node.name} (Ray logs: /tmp/ray)")
+    return Check(node.name, "disk", OK, detail)
+
+
+def _model_check(node: Node, p: dict, target: ModelTarget, inventory: Inventory,
+                 facts: NodeFacts) -> Check:
+    label = node.model.label
+    if target.error:
+        return Check(node.name, "model", FAIL, target.error, target.fix)
+    info = next((m for m in p.get("models", []) if m.get("path") == target.path), None)
+    if info is None:
+        return Check(node.name, "model", FAIL, f"{target.path} was not probed", "")
+    if info.get("error"):
+        host = f"{node.ssh.user}@{node.host}" if node.ssh else "this machine"
+        return Check(node.name, "model", FAIL, f"{target.path}: {info['error']}",
+                     f"copy the model to {target.path} on node {node.name} "
+                     f"(for example: scp MODEL.gguf {host}:{target.path})")
+    got = info.get("sha256")
+    size = f"{info.get('size_bytes', 0) / 2**20:.1f} MiB"
+    if target.sha256 and got != target.sha256:
+        where = ("the model's sha256 in " + str(inventory.path)) if node.model.sha256 \
+            else "the model registry (testbed models prepare)"
+        return Check(node.name, "model", FAIL,
+                     f"{target.path}: sha256 {got}, expected {target.sha256}",
+                     f"replace {target.path} on node {node.name} with the right file, or "
+                     f"correct {where}")
+    if target.sha256:
+        return Check(node.name, "model", OK, f"{label}: {size}, sha256 {got[:12]}... matches")
+    return Check(node.name, "model", OK,
+                 f"{label}: {size}, sha256 {got[:12]}... (no expected sha256 to compare)")
+
+
+def _quota_check(node: Node, p: dict, inventory: Inventory) -> Check:
+    want = node.cpu_quota
+    have = p.get("cpu_quota_cores")
+    group = p.get("cgroup_path")
+    if have is None and not p.get("cgroup_visible"):
+        return Check(node.name, "cpu quota", WARN,
+                     f"cgroup {group} (v{p.get('cgroup_version')}) not visible from the node; "
+                     f"expected {want:g} cores", "")
+    if have is None or abs(have - want) > QUOTA_TOLERANCE * want:
+        shown = "none" if have is None else f"{have:g} cores"
+        return Check(node.name, "cpu quota", FAIL,
+                     f"{shown} in cgroup {group}, expected {want:g} cores",
+                     f"bring the lab up again: testbed lab up {inventory.path}")
+    return Check(node.name, "cpu quota", OK, f"{have:g} cores (cgroup {group})")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def check_inventory(inventory: Inventory, *, trust_new: bool = False,
+                    runner_factory: Callable[[Node], Runner] | None = None,
+                    on_node: Callable[[str], None] | None = None,
+                    probe_timeout_s: float = 600.0) -> Report:
+    """Check every node (in parallel); the Report's checks are in inventory order."""
+    trusted: list[str] = []
+    if runner_factory is None:
+        def runner_factory(node: Node) -> Runner:
+            return runner_for(node, inventory, trust_new=trust_new, on_new_host=trusted.append)
+
+    targets: dict[str, ModelTarget] = {}
+    by_model: dict[tuple, ModelTarget] = {}
+    for node in inventory.nodes:
+        key = (node.model.name, node.model.path, node.model.sha256)
+        if key not in by_model:
+            by_model[key] = model_target(node)
+        targets[node.name] = by_model[key]
+
+    def one(node: Node) -> NodeFacts:
+        runner = runner_factory(node)
+        try:
+            return gather(node, runner, targets[node.name], inventory,
+                          probe_timeout_s=probe_timeout_s)
+        finally:
+            runner.close()
+            if on_node:
+                on_node(node.name)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(inventory.nodes))) as pool:
+        facts = list(pool.map(one, inventory.nodes))
+    local = local_versions()
+    server_ref = reference_versions(facts[0], local)
+    checks: list[Check] = []
+    for f in facts:
+        ref = local if f.node.role == "server" else server_ref
+        checks += evaluate(f, ref, targets[f.node.name], inventory)
+    return Report(checks, trusted)

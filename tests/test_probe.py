@@ -1,0 +1,90 @@
+"""The node probe, run for real: in this venv, in a bare venv, and inside a CPU-quota cgroup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from conftest import require_root
+
+PROBE = Path(__file__).resolve().parents[1] / "testbed" / "probe.py"
+
+
+def run_probe(python: str, *args: str, via_stdin: bool = False, prefix: list[str] = ()) -> dict:
+    if via_stdin:
+        argv = [*prefix, python, "-", *args]
+        proc = subprocess.run(argv, input=PROBE.read_bytes(), capture_output=True, timeout=60,
+                              cwd="/")
+    else:
+        argv = [*prefix, python, "-m", "testbed.probe", *args]
+        proc = subprocess.run(argv, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().strip().splitlines()
+    assert len(lines) == 1                      # one JSON object, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def test_probe_reports_this_environment(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(os.urandom(3_000_000))
+    p = run_probe(sys.executable, "--model", str(model), "--model", str(tmp_path / "missing"))
+    assert p["schema"] == "testbed.probe/1"
+    assert p["python"] == platform.python_version()
+    assert p["ray"] == metadata.version("ray")
+    assert p["llama_cpp"] == metadata.version("llama_cpp_python") and p["llama_cpp_error"] is None
+    assert p["testbed"] == metadata.version("testbed")
+    assert p["venv"] == sys.prefix
+    assert p["cpu_count"] == os.cpu_count()
+    assert 0 < p["memory_available_bytes"] <= p["memory_total_bytes"]
+    assert p["disk_free_venv_bytes"] > 0 and p["disk_free_home_bytes"] > 0
+    assert "127.0.0.1" in p["addresses"] and "lo" in p["interfaces"]
+    assert len(p["load_avg"]) == 3
+    assert p["cgroup_version"] in (1, 2)
+    assert p["kernel"] == platform.release()
+    assert p["tc"] is None or "iproute2" in p["tc"]
+    good, missing = p["models"]
+    assert good == {"path": str(model), "size_bytes": 3_000_000, "error": None,
+                    "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    assert missing["sha256"] is None and "No such file" in missing["error"]
+
+
+def test_probe_on_a_bare_python_reports_nulls_instead_of_crashing(tmp_path):
+    # A fresh venv without pip or packages: what a node looks like before provisioning.
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    p = run_probe(str(venv / "bin" / "python"), via_stdin=True)
+    assert p["ray"] is None and "not installed" in p["ray_error"]
+    assert p["llama_cpp"] is None and "ModuleNotFoundError" in p["llama_cpp_error"]
+    assert p["testbed"] is None and p["psutil"] is None
+    assert p["memory_total_bytes"] > 0          # /proc/meminfo fallback without psutil
+    assert p["python"] == platform.python_version()
+
+
+def test_probe_sees_its_cpu_quota(tmp_path):
+    require_root()
+    from testbed import cgroups
+
+    g = cgroups.group("testbed-probe-test", f"q{os.getpid()}")
+    cgroups.create(g)
+    try:
+        cgroups.set_quota(g, 0.3)
+        # Join the group first, then exec the probe: it reports the quota that limits it.
+        p = run_probe(sys.executable, prefix=["sh", "-c", f'echo $$ > {g.procs_file} && '
+                                              'exec "$@"', "sh"])
+        assert p["cgroup_path"] == "/" + g.rel
+        assert p["cgroup_visible"] is True
+        assert p["cpu_quota_cores"] == pytest.approx(0.3)
+    finally:
+        cgroups.remove(g, kill=True)
+        parent = os.path.dirname(g.path)
+        if os.path.isdir(parent):
+            os.rmdir(parent)
