@@ -1,0 +1,411 @@
+"""The Ray cluster of a lab: a head on the server, one ``ray start`` per device, over runners.
+
+``up(inventory)``:
+
+1. checks that Python (major.minor) and Ray versions match on every node, each probed through
+   its own runner with its own venv's python, and names the node that differs and the fix;
+2. starts the head on the server: node IP = the server's address, resource ``server``, port
+   ``ports.ray``, no dashboard, no usage stats (``--disable-usage-stats`` and
+   ``RAY_USAGE_STATS_ENABLED=0``), a short per-node ``--temp-dir`` (Ray's unix socket paths
+   live under it and must stay under 107 characters);
+3. starts each device over its runner (SSH: inside the device's namespace and CPU quota in the
+   emulated lab) with ``--node-ip-address=<device address>``, resource ``device:<name>``,
+   ``--num-cpus=1``. In the emulated lab, each device's quota is raised to at least one core
+   while Ray starts and restored when the cluster is complete: under a 0.15-core quota Ray's
+   own start-up (several Python processes importing Ray) takes tens of seconds, which says
+   nothing about drafting speed;
+4. waits, polling from the server with a deadline, until every node is alive in the cluster.
+
+Actors are pinned with ``options_for_device(name)`` / ``options_for_server()``.
+
+Authentication. Ray's GCS listens on every interface of the server (0.0.0.0:``ports.ray``),
+and anyone who can reach an unauthenticated Ray cluster can run code on it. Ray 2.60 also
+switches token authentication on by itself once ``~/.ray/auth_token`` exists (any local
+``ray.init()`` writes one), after which nodes started without it are refused ("InvalidAuthToken"
+-- seen here). So every Ray process of the lab runs with ``RAY_AUTH_MODE=token`` and
+``RAY_AUTH_TOKEN_PATH`` pointing at the lab's own token (``<state_dir>/ray_token``, 0600, made
+once; on a real lab copied into each node's venv). A driver calls ``set_driver_env(inventory)``
+before ``ray.init``.
+
+``down(inventory)`` never runs a plain ``ray stop`` on the emulated lab: it kills every Ray
+process of the machine, the other nodes' (and other labs') included. There, each device's Ray
+processes are stopped by namespace (``ip netns pids``, sparing sshd) and by their temp dir, and
+the head's by its temp dir (``procs.py``). On a real lab, ``ray stop`` per node is right.
+Pids are recorded in ``<state_dir>/cluster.json`` (schema ``testbed.cluster/1``).
+
+Limits: one cluster per inventory; the head's own ports (GCS = ``ports.ray``) must be free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import cgroups, lab, procs
+from .errors import ClusterError, RemoteError
+from .inventory import Inventory, Node
+from .records import atomic_write_json, read_json
+from .remote import LocalRunner, Runner, runner_for
+
+SCHEMA = "testbed.cluster/1"
+STATE_FILE = "cluster.json"
+TOKEN_FILE = "ray_token"
+START_QUOTA_CORES = 1.0        # emulated devices' quota while `ray start` runs
+JOIN_DEADLINE_S = 120.0
+EMULATED_DEVICE_STORE_BYTES = 100_000_000   # drafts are tiny; 30% of RAM per node is not
+EMULATED_HEAD_STORE_BYTES = 500_000_000
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# -- pure: names, argv, options ------------------------------------------------------------------
+
+def token_path(inv: Inventory, node: Node) -> str:
+    """Where ``node`` finds the cluster's token: the state folder in the emulated lab (one
+    file system), else a file in the node's venv (uploaded by ``up``)."""
+    if inv.kind == "emulated":
+        return str(Path(inv.state_dir) / TOKEN_FILE)
+    return f"{node.venv}/.testbed-ray-token-{inv.name}"
+
+
+def ray_env(inv: Inventory, node: Node) -> dict[str, str]:
+    """Environment of every Ray process of ``node`` (ray start, drivers): no usage stats, and
+    token authentication with the lab's own token (see the module doc)."""
+    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": token_path(inv, node)}
+
+
+def set_driver_env(inv: Inventory) -> None:
+    """Call before ``ray.init(address=...)`` in a driver running on the server.
+
+    Ray reads its configuration, and caches the token, when first imported or used; if it was
+    already imported in this process, both are refreshed (as Ray's own ``_enable_token_auth``
+    does; ``ray._raylet`` APIs of the pinned Ray 2.60).
+    """
+    os.environ.update(ray_env(inv, inv.server))
+    if "ray._raylet" in sys.modules:
+        try:
+            from ray._raylet import AuthenticationTokenLoader, Config
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+        except (ImportError, AttributeError):  # another Ray: set the env before importing it
+            pass
+
+
+def temp_dir(inv: Inventory, node: Node) -> str:
+    """A short, per-lab, per-node Ray temp dir (Ray's socket paths must stay < 107 chars)."""
+    tag = hashlib.sha1(f"{inv.name}/{node.name}".encode()).hexdigest()[:8]
+    return f"/tmp/tbr-{tag}"
+
+
+def address(inv: Inventory) -> str:
+    return f"{inv.server.host}:{inv.ray_port}"
+
+
+def device_resource(name: str) -> str:
+    return f"device:{name}"
+
+
+def options_for_device(name: str) -> dict:
+    """``.options(**options_for_device("dev-a"))`` runs an actor on that device's node.
+
+    A small fraction of the node's ``device:<name>`` resource (which is 1), so several actors can
+    share a device; ``num_cpus=0`` so they do not wait for the device's single CPU slot.
+    """
+    return {"resources": {device_resource(name): 0.001}, "num_cpus": 0}
+
+
+def options_for_server() -> dict:
+    return {"resources": {"server": 0.001}, "num_cpus": 0}
+
+
+def head_argv(inv: Inventory) -> list[str]:
+    s = inv.server
+    argv = [s.ray_bin, "start", "--head",
+            f"--node-ip-address={s.host}", f"--port={inv.ray_port}",
+            "--resources=" + json.dumps({"server": 1}),
+            "--include-dashboard=false", "--disable-usage-stats",
+            f"--temp-dir={temp_dir(inv, s)}",
+            # 0: a free port, so two labs' heads on one machine do not fight over 52365.
+            "--dashboard-agent-listen-port=0"]
+    if inv.kind == "emulated":
+        argv.append(f"--object-store-memory={EMULATED_HEAD_STORE_BYTES}")
+    return argv
+
+
+def device_argv(inv: Inventory, node: Node) -> list[str]:
+    argv = [node.ray_bin, "start", f"--address={address(inv)}",
+            f"--node-ip-address={node.host}",
+            "--resources=" + json.dumps({device_resource(node.name): 1}),
+            "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir(inv, node)}",
+            "--dashboard-agent-listen-port=0"]
+    if inv.kind == "emulated":
+        argv.append(f"--object-store-memory={EMULATED_DEVICE_STORE_BYTES}")
+    return argv
+
+
+PROBE = ("import sys, json\n"
+         "try:\n    from importlib.metadata import version; ray = version('ray')\n"
+         "except Exception:\n    ray = None\n"
+         "print(json.dumps({'python': '%d.%d.%d' % sys.version_info[:3], 'ray': ray}))")
+
+
+def version_problems(inv: Inventory, found: dict[str, dict]) -> list[str]:
+    """One line per node whose Python or Ray differs from the server's, with the fix.
+
+    ``found``: node name -> {"python": "3.11.9", "ray": "2.60.0" | None}.
+    """
+    ref = found[inv.server.name]
+    ref_py = ".".join(ref["python"].split(".")[:2])
+    out = []
+    for node in inv.nodes:
+        got = found[node.name]
+        py = ".".join(got["python"].split(".")[:2])
+        if py != node.python:
+            out.append(f"node {node.name}: {node.python_bin} is Python {py}, the inventory says "
+                       f"{node.python}: fix the inventory or recreate {node.venv} with Python "
+                       f"{node.python}")
+        elif py != ref_py:
+            out.append(f"node {node.name}: Python {py}, the server has {ref_py} (Ray needs the "
+                       f"same on every node): recreate {node.venv} with python{ref_py} -m venv")
+        if got["ray"] is None:
+            out.append(f"node {node.name}: Ray is not installed in {node.venv}: run "
+                       f"{node.venv}/bin/pip install ray=={ref['ray']}")
+        elif got["ray"] != ref["ray"]:
+            out.append(f"node {node.name}: Ray {got['ray']}, the server has {ref['ray']}: run "
+                       f"{node.venv}/bin/pip install ray=={ref['ray']}")
+    return out
+
+
+WAIT_SCRIPT = """
+import json, sys, time, logging
+import ray
+addr, ip, want, deadline_s = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+ray.init(address=addr, _node_ip_address=ip, logging_level=logging.WARNING, log_to_driver=False)
+end = time.monotonic() + deadline_s
+while True:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    have = {k for n in nodes for k in n["Resources"]}
+    missing = [w for w in want if w not in have]
+    if not missing or time.monotonic() > end:
+        break
+    time.sleep(0.5)  # poll interval of the readiness check
+print(json.dumps({"missing": missing, "nodes": [
+    {"ip": n["NodeManagerAddress"], "resources": sorted(n["Resources"])} for n in nodes]}))
+"""
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+def state_path(inv: Inventory) -> Path:
+    return Path(inv.state_dir) / STATE_FILE
+
+
+def load_state(inv: Inventory) -> dict | None:
+    path = state_path(inv)
+    return read_json(path, SCHEMA) if path.exists() else None
+
+
+def _save(inv: Inventory, state: dict) -> None:
+    try:
+        Path(inv.state_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(state_path(inv), state)
+    except OSError as exc:
+        raise ClusterError(f"cannot write {state_path(inv)}: {exc} (set lab.state_dir or run "
+                           "with permission to write there)") from None
+
+
+# -- up ------------------------------------------------------------------------------------------
+
+def probe_versions(inv: Inventory, runners: dict[str, Runner]) -> dict[str, dict]:
+    found = {}
+    for node in inv.nodes:
+        try:
+            res = runners[node.name].run([node.python_bin, "-c", PROBE], timeout_s=60)
+            found[node.name] = json.loads(res.stdout.strip().splitlines()[-1])
+        except RemoteError as exc:
+            raise ClusterError(f"node {node.name}: cannot run {node.python_bin} ({exc}); "
+                               f"create the venv there and install testbed") from None
+    return found
+
+
+def check_versions(inv: Inventory, runners: dict[str, Runner]) -> dict[str, dict]:
+    found = probe_versions(inv, runners)
+    problems = version_problems(inv, found)
+    if problems:
+        raise ClusterError("versions differ: " + "; ".join(problems))
+    return found
+
+
+def up(inv: Inventory, progress: Progress = _quiet) -> dict:
+    """Start the cluster (after the version check) and wait until every node has joined."""
+    if inv.kind == "emulated" and not lab.status(inv).ok:
+        raise ClusterError(f"the emulated lab is not up: run `testbed lab up {inv.path}`")
+    state = load_state(inv)
+    if state is not None:
+        progress("a cluster is recorded: stopping it first")
+        down(inv, progress)
+    runners = {n.name: runner_for(n, inv) for n in inv.nodes}
+    try:
+        with _raised_quotas(inv):
+            progress("checking Python and Ray versions on every node")
+            versions = check_versions(inv, runners)
+            state = {"schema": SCHEMA, "inventory": inv.name, "address": address(inv),
+                     "kind": inv.kind, "versions": versions, "nodes": {}}
+            _save(inv, state)
+            _distribute_token(inv, runners, progress)
+            server = inv.server
+            progress(f"head on {address(inv)}")
+            _start(inv, state, server, runners[server.name], head_argv(inv))
+            for node in inv.devices:
+                progress(f"{node.name}: ray start on {node.host}")
+                _start(inv, state, node, runners[node.name], device_argv(inv, node))
+            progress("waiting until every node is alive")
+            nodes = wait_for_nodes(inv, runners[server.name])
+        state["joined"] = nodes
+        _record_pids(inv, state)
+        return state
+    except BaseException:
+        progress("start-up failed: stopping what was started")
+        down(inv)
+        raise
+    finally:
+        for r in runners.values():
+            r.close()
+
+
+def _distribute_token(inv: Inventory, runners: dict[str, Runner], progress: Progress) -> None:
+    """Make the lab's Ray token (once; kept across up/down) and put it where each node looks."""
+    local = Path(inv.state_dir) / TOKEN_FILE
+    if not local.exists():
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))       # 256 bits, as Ray's own generator
+    if inv.kind == "emulated":
+        return                                   # one file system: every node reads `local`
+    progress("copying the cluster token to every node")
+    for node in inv.nodes:
+        try:
+            runners[node.name].put(str(local), token_path(inv, node), mode=0o600)
+        except RemoteError as exc:
+            raise ClusterError(f"node {node.name}: cannot copy the Ray token: {exc}") from None
+
+
+def _start(inv: Inventory, state: dict, node: Node, runner: Runner, argv: list[str]) -> None:
+    state["nodes"][node.name] = {"temp_dir": temp_dir(inv, node), "pids": [], "started": True}
+    _save(inv, state)   # recorded before it runs: a crash mid-start still leaves a record
+    try:
+        runner.run(argv, env=ray_env(inv, node), timeout_s=180)
+    except RemoteError as exc:
+        raise ClusterError(f"node {node.name}: ray start failed: {exc}") from None
+
+
+class _raised_quotas:
+    """Emulated lab: raise each device's CPU quota while Ray starts; restore it on exit."""
+
+    def __init__(self, inv: Inventory):
+        self.inv = inv
+        self.groups: list[tuple[cgroups.CpuGroup, float | None]] = []
+
+    def __enter__(self):
+        if self.inv.kind != "emulated":
+            return self
+        version, mount = cgroups.detect()
+        for node in self.inv.devices:
+            g = cgroups.CpuGroup(version, mount, lab.cgroup_rel(self.inv, node))
+            if node.cpu_quota is not None and node.cpu_quota < START_QUOTA_CORES:
+                self.groups.append((g, node.cpu_quota))
+                cgroups.set_quota(g, START_QUOTA_CORES)
+        return self
+
+    def __exit__(self, *exc):
+        for g, cores in self.groups:
+            cgroups.set_quota(g, cores)
+
+
+def wait_for_nodes(inv: Inventory, server_runner: Runner,
+                   deadline_s: float = JOIN_DEADLINE_S) -> list[dict]:
+    want = ["server"] + [device_resource(d.name) for d in inv.devices]
+    argv = [inv.server.python_bin, "-c", WAIT_SCRIPT, address(inv), inv.server.host,
+            json.dumps(want), str(deadline_s)]
+    try:
+        res = server_runner.run(argv, env=ray_env(inv, inv.server), timeout_s=deadline_s + 60)
+    except RemoteError as exc:
+        raise ClusterError(f"cannot query the cluster at {address(inv)}: {exc}") from None
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    if report["missing"]:
+        raise ClusterError(f"not in the cluster after {deadline_s:g} s: "
+                           f"{', '.join(report['missing'])} (Ray's logs: "
+                           "<temp dir>/session_latest/logs on each node; temp dirs are in "
+                           f"{state_path(inv)})")
+    return report["nodes"]
+
+
+def _node_pids(inv: Inventory, node: Node) -> list[int]:
+    """Emulated lab: this node's Ray processes on this machine."""
+    pids = set(procs.with_args_containing(temp_dir(inv, node) + "/"))
+    if node.role == "device":
+        r = LocalRunner("lab")
+        for pid in lab.netns_pids(r, lab.netns_name(inv, node)):
+            cmd = procs.cmdline(pid)
+            if cmd and not Path(cmd[0]).name.startswith("sshd") and not cmd[0].startswith("sshd"):
+                pids.add(pid)
+    return sorted(pids)
+
+
+def _record_pids(inv: Inventory, state: dict) -> None:
+    if inv.kind == "emulated":
+        for node in inv.nodes:
+            state["nodes"][node.name]["pids"] = _node_pids(inv, node)
+    _save(inv, state)
+
+
+# -- down ----------------------------------------------------------------------------------------
+
+def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
+    """Stop the cluster's Ray processes (devices first, then the head). Safe to repeat."""
+    state = load_state(inv)
+    stopped: list[str] = []
+    if inv.kind == "emulated":
+        # Even without a state file: a crash may have lost it; temp dirs and namespaces are ours.
+        for node in (*inv.devices, inv.server):
+            pids = set(_node_pids(inv, node))
+            recorded = (state or {}).get("nodes", {}).get(node.name, {}).get("pids", [])
+            pids.update(p for p in recorded if temp_dir(inv, node) in " ".join(procs.cmdline(p)))
+            if pids:
+                progress(f"{node.name}: stopping {len(pids)} Ray processes")
+                done = procs.terminate(sorted(pids))
+                if done:
+                    stopped.append(f"{node.name}: {len(done)} processes")
+    else:
+        # A real lab: one Ray per machine, so `ray stop` on each node is exactly this lab's.
+        # Run even without a state file (lost, or the cluster started by hand): harmless twice.
+        for node in (*inv.devices, inv.server):
+            progress(f"{node.name}: ray stop")
+            try:
+                with runner_for(node, inv) as r:
+                    r.run([node.ray_bin, "stop"], env=ray_env(inv, node), timeout_s=120)
+                stopped.append(f"{node.name}: ray stop")
+            except RemoteError as exc:
+                progress(f"{node.name}: ray stop failed: {exc}")
+    state_path(inv).unlink(missing_ok=True)
+    return stopped
+
+
+def is_up(inv: Inventory) -> bool:
+    """A cluster is recorded and (emulated lab) its head still runs."""
+    state = load_state(inv)
+    if state is None:
+        return False
+    if inv.kind == "emulated":
+        return bool(_node_pids(inv, inv.server))
+    return True

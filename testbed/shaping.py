@@ -1,0 +1,274 @@
+"""Uplink shaping with tc htb: pure command text, then apply/change/clear/read through a Runner.
+
+Each device's uplink rate is ``share * bandwidth_hz * log2(1 + SNR)`` (``uplink_rate_bps``). Only
+the draft-upload path is shaped; Ray's control traffic and SSH must not be starved by a 50 kbit/s
+share. On the device's uplink interface (inside its namespace in the emulated lab, the real NIC
+on a real device) the root qdisc is an htb with two classes:
+
+* ``1:10`` DATA: rate = ceil = the device's uplink rate. A u32 filter puts every IPv4 packet
+  to ``server address`` and ``destination port == data port`` in it.
+* ``1:20`` CONTROL (the htb default): everything else (Ray, SSH, ARP), at 10 Gbit/s, i.e.
+  unshaped. Both classes hang off the root: no borrowing, so data never exceeds its rate.
+
+A live run moves shares with ``tc class change`` on ``1:10`` (``change_commands``): no
+teardown, the queue and the filter stay, the new rate holds from the next packet.
+
+Bursts. A token bucket lets ``burst`` bytes leave at line rate after an idle gap, and a draft
+upload is a few hundred bytes to a few kB: htb's usual burst (about one MTU, 1600 bytes) would
+let a whole draft through a 50 kbit/s share at once. The data path (``datapath.py``) follows
+each upload with a 1-byte trailer segment and counts the upload as arrived when the trailer
+does; the shaper holds the trailer until the payload's bytes are paid for, so the upload time is
+``(wire bytes - burst) / rate``. We therefore set burst = cburst = the bytes of ``BURST_S`` (1 ms)
+at the class's rate (at least 1 byte): an upload is seen at most 1 ms early, at any rate.
+Measured here (200 kbit/s, 500-byte payload): the trailer arrived 22.6 ms after the payload
+with this burst (wire bytes / rate = 22.6 ms) and at 0 ms with a 1514-byte burst. A larger
+bucket would also absorb timer lateness at high rates; 1 ms kept bulk TCP within 5% of the rate
+from 100 kbit/s to 20 Mbit/s, where a 1-byte burst lost 20% at 20 Mbit/s. ``change`` recomputes
+the burst with the rate. Still, a token bucket never delays the FIRST packet after an idle gap:
+without the trailer, a one-packet upload would not be slowed at all (netem, which could delay
+it, is missing from this kernel).
+
+GSO. htb charges a GSO super-packet (TCP segmentation offload on veth or a NIC) as one packet
+and let TCP through about 16% above the configured rate at 200 kbit/s here. ``apply`` therefore
+sets ``gso_max_segs 1`` on the interface (one frame per skb); ``clear`` restores the device's
+``tso_max_segs`` (the kernel's default). With it, measured rates are within a few % of the
+configured one (docs/emulated-lab.md has the numbers). On a real device this needs
+``sudo -n ip`` too; where sudoers allows only ``tc`` it is skipped (Wi-Fi uplinks rarely use
+TSO; wired ones do: allow ``ip`` as well for exact rates there).
+
+There is no netem in the target kernel; nothing here uses it. Limits: IPv4 only; the data path
+is recognised by the server address and port only (no protocol match: TCP or UDP).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import ShapingError
+from .remote import Runner, join
+
+HANDLE = "1:"
+DATA_CLASS = "1:10"
+CONTROL_CLASS = "1:20"
+CONTROL_RATE_BPS = 10_000_000_000     # "unshaped": far above anything a veth or Wi-Fi carries
+CONTROL_BURST_BYTES = 65536
+CONTROL_QUANTUM_BYTES = 60000         # explicit, so htb does not warn "quantum is big"
+DATA_QUANTUM_BYTES = 1514             # one frame; only matters for round robin between classes
+BURST_S = 0.001                       # the data class's bucket holds 1 ms of its rate
+ETH_HEADER_BYTES = 14
+MIN_RATE_BPS = 1000                   # below this htb's arithmetic and our tests are meaningless
+
+
+def uplink_rate_bps(share: float, bandwidth_hz: float, snr_db: float) -> float:
+    """Shannon rate of a share of the band: share * B * log2(1 + 10^(snr_db / 10)), in bit/s."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    if bandwidth_hz <= 0:
+        raise ValueError(f"bandwidth_hz must be positive, got {bandwidth_hz}")
+    return share * bandwidth_hz * math.log2(1.0 + 10.0 ** (snr_db / 10.0))
+
+
+def burst_bytes_for(rate_bps: float) -> int:
+    """The data class's burst: BURST_S worth of bytes at ``rate_bps`` (see the module doc)."""
+    return max(1, math.ceil(rate_bps * BURST_S / 8))
+
+
+def _rate_arg(rate_bps: float) -> str:
+    rate = int(round(rate_bps))
+    if rate < MIN_RATE_BPS:
+        raise ValueError(f"rate must be at least {MIN_RATE_BPS} bit/s, got {rate_bps}")
+    return f"{rate}bit"
+
+
+def _data_class_args(rate_bps: float, burst_bytes: int | None) -> list[str]:
+    rate = _rate_arg(rate_bps)
+    burst = str(int(burst_bytes or burst_bytes_for(rate_bps)))
+    return ["htb", "rate", rate, "ceil", rate, "burst", burst, "cburst", burst,
+            "quantum", str(DATA_QUANTUM_BYTES)]
+
+
+def shape_commands(interface: str, rate_bps: float, server: str, data_port: int,
+                   burst_bytes: int | None = None) -> list[list[str]]:
+    """tc argv lists that shape ``interface``'s traffic to server:data_port at ``rate_bps``.
+
+    Run them on a clean interface (``clear_commands`` first): ``add`` fails if a root exists.
+    ``burst_bytes`` None: ``burst_bytes_for(rate_bps)``.
+    """
+    dev = ["dev", interface]
+    return [
+        ["tc", "qdisc", "add", *dev, "root", "handle", HANDLE, "htb",
+         "default", CONTROL_CLASS.split(":")[1]],
+        ["tc", "class", "add", *dev, "parent", HANDLE, "classid", CONTROL_CLASS, "htb",
+         "rate", f"{CONTROL_RATE_BPS}bit", "ceil", f"{CONTROL_RATE_BPS}bit",
+         "burst", str(CONTROL_BURST_BYTES), "cburst", str(CONTROL_BURST_BYTES),
+         "quantum", str(CONTROL_QUANTUM_BYTES)],
+        ["tc", "class", "add", *dev, "parent", HANDLE, "classid", DATA_CLASS,
+         *_data_class_args(rate_bps, burst_bytes)],
+        ["tc", "filter", "add", *dev, "parent", HANDLE, "protocol", "ip", "prio", "1", "u32",
+         "match", "ip", "dst", f"{server}/32", "match", "ip", "dport", str(int(data_port)),
+         "0xffff", "flowid", DATA_CLASS],
+    ]
+
+
+def change_commands(interface: str, rate_bps: float,
+                    burst_bytes: int | None = None) -> list[list[str]]:
+    """Move the data class to a new rate in place (``tc class change``: no teardown)."""
+    return [["tc", "class", "change", "dev", interface, "parent", HANDLE, "classid", DATA_CLASS,
+             *_data_class_args(rate_bps, burst_bytes)]]
+
+
+def clear_commands(interface: str) -> list[list[str]]:
+    """Remove the root qdisc (and with it classes and filters)."""
+    return [["tc", "qdisc", "del", "dev", interface, "root"]]
+
+
+def gso_command(interface: str, segs: int) -> list[str]:
+    """Limit (1) or restore the GSO super-packet size of ``interface``; see the module doc."""
+    return ["ip", "link", "set", "dev", interface, "gso_max_segs", str(int(segs))]
+
+
+def show_command(interface: str) -> list[str]:
+    return ["tc", "-s", "class", "show", "dev", interface]
+
+
+# -- parsing tc output ---------------------------------------------------------------------------
+
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+               "kibit": 1024, "mibit": 1024 ** 2, "gibit": 1024 ** 3, "tibit": 1024 ** 4,
+               "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
+_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3}
+
+
+def parse_rate_bps(text: str) -> float:
+    """'2Mbit' -> 2e6, '1234Kbit' -> 1.234e6, '800bit' -> 800."""
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]+)", text.strip())
+    if not m or m.group(2).lower() not in _RATE_UNITS:
+        raise ValueError(f"not a tc rate: {text!r}")
+    return float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
+
+
+def parse_size_bytes(text: str) -> int:
+    """'1514b' -> 1514, '64Kb' -> 65536."""
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text.strip())
+    unit = (m.group(2) or "b").lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a tc size: {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One htb class as ``tc -s class show`` reports it."""
+
+    classid: str
+    rate_bps: float          # tc prints rates rounded down to 3-4 significant digits
+    ceil_bps: float
+    burst_bytes: int
+    cburst_bytes: int
+    sent_bytes: int
+    sent_packets: int
+
+
+def parse_class_stats(text: str) -> dict[str, ClassStats]:
+    """Parse ``tc -s class show dev IF`` output into {classid: ClassStats} (htb classes)."""
+    out: dict[str, ClassStats] = {}
+    blocks = re.split(r"\n(?=class )", text.strip())
+    for block in blocks:
+        head = re.match(r"class htb (\S+) ", block)
+        if not head:
+            continue
+        fields = dict(re.findall(r"\b(rate|ceil|burst|cburst) (\S+)", block.split("\n")[0]))
+        sent = re.search(r"Sent (\d+) bytes (\d+) pkt", block)
+        out[head.group(1)] = ClassStats(
+            classid=head.group(1),
+            rate_bps=parse_rate_bps(fields["rate"]),
+            ceil_bps=parse_rate_bps(fields["ceil"]),
+            burst_bytes=parse_size_bytes(fields["burst"]),
+            cburst_bytes=parse_size_bytes(fields["cburst"]),
+            sent_bytes=int(sent.group(1)) if sent else 0,
+            sent_packets=int(sent.group(2)) if sent else 0,
+        )
+    return out
+
+
+def parse_tso_max_segs(ip_link_detail: str) -> int | None:
+    """The ``tso_max_segs`` value from ``ip -d link show`` (None on an older kernel)."""
+    m = re.search(r"\btso_max_segs (\d+)", ip_link_detail)
+    return int(m.group(1)) if m else None
+
+
+# -- through a runner ----------------------------------------------------------------------------
+
+def _run_all(runner: Runner, commands: list[list[str]], what: str) -> None:
+    for argv in commands:
+        res = runner.run(argv, sudo=True, check=False, timeout_s=20)
+        if res.rc != 0:
+            raise ShapingError(f"{runner.node}: {what}: `{res.argv}` exited {res.rc}: "
+                               f"{res.stderr.strip()[-300:]}")
+
+
+def clear(runner: Runner, interface: str) -> bool:
+    """Remove shaping from ``interface``; True if there was a root qdisc. Safe to repeat."""
+    res = runner.run(clear_commands(interface)[0], sudo=True, check=False, timeout_s=20)
+    detail = runner.run(["ip", "-d", "link", "show", "dev", interface], check=False, timeout_s=20)
+    segs = parse_tso_max_segs(detail.stdout)
+    if segs:
+        runner.run(gso_command(interface, segs), sudo=True, check=False, timeout_s=20)
+    if res.rc == 0:
+        return True
+    err = res.stderr.lower()
+    if "handle of zero" in err or "no such file" in err or "cannot find" in err:
+        return False
+    raise ShapingError(f"{runner.node}: clearing tc on {interface}: `{res.argv}` exited "
+                       f"{res.rc}: {res.stderr.strip()[-300:]}")
+
+
+def apply_script(interface: str, rate_bps: float, server: str, data_port: int,
+                 burst_bytes: int | None = None, *, sudo: bool = False) -> str:
+    """Shell text for ``apply``: clear (ignoring "nothing to delete"), limit GSO (best effort:
+    an older iproute2, or a sudoers entry that allows only tc, leaves it; shaping still works,
+    less exactly), then shape; each command with ``sudo -n`` when ``sudo``.
+
+    One script, so that applying costs one round trip over SSH, not eight; the script itself
+    runs unprivileged, so a real device's sudoers needs to allow nothing but ``tc``.
+    """
+    pre = ["sudo", "-n"] if sudo else []
+    parts = [join(pre + clear_commands(interface)[0]) + " 2>/dev/null",
+             join(pre + gso_command(interface, 1)) + " 2>/dev/null",
+             " && ".join(join(pre + c) for c in shape_commands(interface, rate_bps, server,
+                                                                data_port, burst_bytes))]
+    return "; ".join(parts)
+
+
+def apply(runner: Runner, interface: str, rate_bps: float, server: str, data_port: int,
+          burst_bytes: int | None = None) -> None:
+    """Shape ``interface`` from scratch (clears what was there first)."""
+    script = apply_script(interface, rate_bps, server, data_port, burst_bytes,
+                          sudo=not getattr(runner, "is_root", False))
+    res = runner.run_script(script, check=False, timeout_s=30)
+    if res.rc != 0:
+        raise ShapingError(f"{runner.node}: shaping {interface}: `{script}` exited {res.rc}: "
+                           f"{res.stderr.strip()[-300:]}")
+
+
+def change(runner: Runner, interface: str, rate_bps: float,
+           burst_bytes: int | None = None) -> None:
+    """Move the data class of an already shaped ``interface`` to ``rate_bps`` (live)."""
+    _run_all(runner, change_commands(interface, rate_bps, burst_bytes),
+             f"changing the rate on {interface}")
+
+
+def read_classes(runner: Runner, interface: str) -> dict[str, ClassStats]:
+    res = runner.run(show_command(interface), sudo=True, check=False, timeout_s=20)
+    if res.rc != 0:
+        raise ShapingError(f"{runner.node}: `{res.argv}` exited {res.rc}: "
+                           f"{res.stderr.strip()[-300:]}")
+    return parse_class_stats(res.stdout)
+
+
+def read_rate_bps(runner: Runner, interface: str) -> float | None:
+    """The data class's configured rate as tc reports it; None when the link is not shaped."""
+    data = read_classes(runner, interface).get(DATA_CLASS)
+    return data.rate_bps if data else None

@@ -1,0 +1,217 @@
+"""The Ray cluster of the emulated lab: real Ray, real namespaces, real sshd, real quotas.
+
+Pure parts (argv, version check messages, pinning options) run without root. The rest needs
+root (require_root: skip outside CI, FAIL in CI): a 2-device lab on 10.77.8.0/24 (bridge tbc0,
+prefix tbc-, Ray port 6391) with a cluster on it, once for the module.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import time
+
+import pytest
+
+from conftest import require_root, require_tools
+from lab_helper import leftovers, write_inventory
+from testbed import cluster, lab, procs, shaping
+from testbed.linkprobe import Sink
+from testbed.remote import LocalRunner, runner_for
+
+DEVICES = [("dev-a", 0.5, 20.0), ("dev-b", 0.15, 5.0)]
+
+
+@pytest.fixture(scope="module")
+def inv(tmp_path_factory):
+    return write_inventory(tmp_path_factory.mktemp("cluster"), name="clustertest", octet=8,
+                           prefix="tbc-", bridge="tbc0", cgroup="tbctest", ray_port=6391,
+                           data_port=47191, devices=DEVICES)
+
+
+# -- pure ----------------------------------------------------------------------------------------
+
+def test_head_and_device_argv(inv):
+    head = cluster.head_argv(inv)
+    assert head[:3] == [inv.server.ray_bin, "start", "--head"]
+    assert "--node-ip-address=10.77.8.1" in head and "--port=6391" in head
+    assert "--include-dashboard=false" in head and "--disable-usage-stats" in head
+    assert '--resources={"server": 1}' in head
+    tmp = [a for a in head if a.startswith("--temp-dir=")][0].split("=", 1)[1]
+    # Ray's longest socket path is about 70 characters below the temp dir; AF_UNIX allows 107.
+    assert len(tmp) <= 20
+    dev = cluster.device_argv(inv, inv.devices[1])
+    assert "--address=10.77.8.1:6391" in dev and "--node-ip-address=10.77.8.12" in dev
+    assert '--resources={"device:dev-b": 1}' in dev and "--num-cpus=1" in dev
+    temps = {cluster.temp_dir(inv, n) for n in inv.nodes}
+    assert len(temps) == len(inv.nodes)              # one per node: no shared sockets
+    env = cluster.ray_env(inv, inv.devices[0])
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+    # Token authentication with the lab's own token, whatever ~/.ray holds.
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_AUTH_TOKEN_PATH"] == str(inv.state_dir / "ray_token")
+
+
+def test_pinning_options():
+    assert cluster.options_for_device("dev-a") == {"resources": {"device:dev-a": 0.001},
+                                                   "num_cpus": 0}
+    assert cluster.options_for_server()["resources"] == {"server": 0.001}
+
+
+def test_version_check_names_the_node_and_the_fix(inv):
+    same = {"python": "3.11.7", "ray": "2.60.0"}
+    ok = {n.name: dict(same) for n in inv.nodes}
+    assert cluster.version_problems(inv, ok) == []
+    bad = dict(ok, **{"dev-b": {"python": "3.11.2", "ray": "2.59.0"}})
+    (msg,) = cluster.version_problems(inv, bad)
+    assert msg.startswith("node dev-b: Ray 2.59.0, the server has 2.60.0")
+    assert "pip install ray==2.60.0" in msg
+    bad = dict(ok, **{"dev-a": {"python": "3.10.12", "ray": "2.60.0"}})
+    (msg,) = cluster.version_problems(inv, bad)
+    assert msg.startswith("node dev-a: ") and "Python 3.10" in msg and "3.11" in msg
+    bad = dict(ok, **{"dev-a": {"python": "3.11.7", "ray": None}})
+    assert "Ray is not installed" in cluster.version_problems(inv, bad)[0]
+
+
+# -- the real cluster ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def up(inv):
+    require_root()
+    require_tools("ip", "tc", "sshd")
+    cluster.down(inv)
+    lab.clean(inv)
+    t0 = time.monotonic()
+    lab.up(inv)
+    t1 = time.monotonic()
+    state = cluster.up(inv)
+    t2 = time.monotonic()
+    print(f"\nlab up {t1 - t0:.1f} s, cluster up {t2 - t1:.1f} s")
+    yield state
+    cluster.down(inv)
+    lab.down(inv)
+    assert leftovers(inv) == []
+
+
+def test_version_probe_reaches_every_node_over_its_runner(inv, up):
+    runners = {n.name: runner_for(n, inv) for n in inv.nodes}
+    try:
+        found = cluster.probe_versions(inv, runners)
+    finally:
+        for r in runners.values():
+            r.close()
+    assert {f["ray"] for f in found.values()} == {importlib.metadata.version("ray")}
+    assert {f["python"] for f in found.values()} == {platform.python_version()}
+    # A node with another Ray cannot be made here without a second venv: alter the server's
+    # real answer instead, and every device is named as differing, with the fix.
+    found[inv.server.name] = dict(found[inv.server.name], ray="9.9.9")
+    problems = cluster.version_problems(inv, found)
+    assert [p.split(":")[0] for p in problems] == [f"node {d.name}" for d in inv.devices]
+    assert all("pip install ray==9.9.9" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def ray_driver(inv, up):
+    import ray
+    saved = {k: os.environ.get(k) for k in cluster.ray_env(inv, inv.server)}
+    cluster.set_driver_env(inv)
+    ray.init(address=cluster.address(inv), _node_ip_address=inv.server.host,
+             logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():      # leave no Ray settings behind for other test modules
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_every_node_joined_with_its_address_and_resource(inv, up):
+    joined = {n["ip"]: n["resources"] for n in up["joined"]}
+    assert "server" in joined[inv.server.host]
+    for d in inv.devices:
+        assert f"device:{d.name}" in joined[d.host]
+    for node in inv.nodes:
+        assert up["nodes"][node.name]["pids"], node.name
+
+
+def test_pinned_actors_report_their_device_address_and_cpu_quota(inv, ray_driver):
+    ray = ray_driver
+
+    @ray.remote
+    class Where:
+        def report(self):
+            import ray as r
+            from testbed.cgroups import own_quota_cores
+            return r.util.get_node_ip_address(), own_quota_cores()
+
+    actors = {d.name: Where.options(**cluster.options_for_device(d.name)).remote()
+              for d in inv.devices}
+    actors["server"] = Where.options(**cluster.options_for_server()).remote()
+    t0 = time.monotonic()
+    got = {name: ray.get(a.report.remote(), timeout=120) for name, a in actors.items()}
+    print(f"\nactors placed and answered in {time.monotonic() - t0:.1f} s: {got}")
+    for d in inv.devices:
+        ip, (group, quota) = got[d.name]
+        assert ip == d.host
+        assert group == f"/{inv.lab.cgroup}/{lab.netns_name(inv, d)}"
+        assert quota == pytest.approx(d.cpu_quota)     # restored after start-up
+    assert got["server"][0] == inv.server.host
+    for a in actors.values():
+        ray.kill(a)
+
+
+def test_a_device_actor_uploads_through_its_shaped_link(inv, ray_driver):
+    ray = ray_driver
+    node = inv.devices[0]
+    with runner_for(node, inv) as r:
+        shaping.apply(r, node.interface, 200_000, inv.server.host, inv.data_port)
+    sink = Sink(inv.server.host, inv.data_port)
+    try:
+        @ray.remote
+        def upload(host, port, nbytes):
+            import socket
+            with socket.create_connection((host, port)) as s:
+                s.sendall(b"d" * nbytes)
+
+        ray.get(upload.options(**cluster.options_for_device(node.name)).remote(
+            inv.server.host, inv.data_port, 50_000), timeout=120)
+        flow = sink.flow(node.host)
+        assert flow.done.wait(30) and flow.nbytes == 50_000
+        print(f"\n50 kB from a Ray task on {node.name} at 200 kbit/s: {flow.seconds:.2f} s "
+              f"(payload alone: 2.00 s)")
+        # 50 kB is 2.0 s at 200 kbit/s; unshaped it takes milliseconds.
+        assert flow.seconds > 1.6
+    finally:
+        sink.close()
+        with runner_for(node, inv) as r:
+            shaping.clear(r, node.interface)
+
+
+def test_down_stops_every_ray_process_of_the_lab_and_only_those(inv, up, ray_driver):
+    ray_driver.shutdown()
+    # A stand-in for another lab's Ray process on this machine: it must survive.
+    bystander = LocalRunner().start_detached(
+        ["sleep", "300"], os.path.join(str(inv.state_dir), "bystander.log"))
+    try:
+        t0 = time.monotonic()
+        stopped = cluster.down(inv)
+        print(f"\ncluster down {time.monotonic() - t0:.1f} s: {stopped}")
+        assert {s.split(":")[0] for s in stopped} == {n.name for n in inv.nodes}
+        for node in inv.nodes:
+            assert procs.with_args_containing(cluster.temp_dir(inv, node) + "/") == []
+        for d in inv.devices:   # only sshd is left in each namespace
+            left = [procs.cmdline(p) for p in lab.netns_pids(LocalRunner(),
+                                                             lab.netns_name(inv, d))
+                    if procs.alive(p)]
+            assert all(c and "sshd" in c[0] for c in left), left
+        assert procs.alive(bystander)
+        assert lab.status(inv).ok                    # the lab itself is untouched
+        assert cluster.down(inv) == []               # twice is fine
+        assert not cluster.state_path(inv).exists()
+    finally:
+        procs.terminate([bystander])
+    assert json.dumps(cluster.load_state(inv)) == "null"
