@@ -1,0 +1,156 @@
+"""Controller benchmark: solve time at scale, and each policy's goodput gain on edge scenarios.
+
+    .venv/bin/python bench/plan.py [--repeats 7] [--draws 20] [--json]
+
+1. Solve time of ``multispin-heterogeneous`` and ``multispin-homogeneous`` (``control.solve``:
+   tables, search, shares and the plan) for K = 10, 100, 1,000 and 10,000 devices of the
+   "moderate" scenario below, scaled so that the problem stays the same per device: the band
+   is 12.5 kHz per device and the server verifies a whole round's batch in about the same time
+   at every K (v1 = 4 ms / K). Median and best of ``--repeats`` runs (the best is the figure
+   least disturbed by other processes on a shared machine). Goals: K = 1,000 under 50 ms,
+   K = 10,000 under 1 s.
+2. Goodput of the five policies on three scenarios of K = 8 devices that mirror the paper's
+   mild, moderate and severe heterogeneity, averaged over ``--draws`` random draws of the
+   devices (seeded): the gain of each policy over ``agnostic-fixed`` and over ``server-only``
+   (mean of the per-draw ratios).
+
+The scenarios are edge settings (all times in the model's units, docs/goodput-model.md):
+a 100 kHz uplink band; drafts carry 800 bits per token (token id and top-k probabilities, for
+sampling) plus a 512-bit header; a GPU-class server verifying a large target: 150 ms per step
+plus 0.5 ms per token, 5 ms to return verdicts (the regime where speculation pays, see
+docs/emulated-lab.md); at most 8 draft tokens, the fixed baseline drafts 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testbed.control.policies import POLICIES, solve  # noqa: E402
+from testbed.control.model import arrays  # noqa: E402
+from testbed.control.problem import Device, Problem, Server  # noqa: E402
+
+# Device distributions per scenario: uniform ranges (tau log-uniform), per device.
+SCENARIOS = {
+    # similar devices: one board type, similar placement
+    "mild": dict(tau_s=(0.040, 0.060), t0_s=(0.0, 0.005), alpha=(0.70, 0.80), snr_db=(12, 18)),
+    # two or three board types, users spread over the cell
+    "moderate": dict(tau_s=(0.025, 0.100), t0_s=(0.0, 0.010), alpha=(0.60, 0.90),
+                     snr_db=(5, 20)),
+    # from Jetson-class to slow Raspberry Pis, cell edge to next to the antenna, drafts that
+    # fit the target well or badly
+    "severe": dict(tau_s=(0.020, 0.150), t0_s=(0.0, 0.020), alpha=(0.50, 0.90),
+                   snr_db=(0, 25)),
+}
+BAND_HZ = 100e3
+BITS_PER_TOKEN, HEADER_BITS = 800.0, 512.0
+SERVER = Server(verify_base_s=0.150, verify_per_token_s=0.0005, downlink_s=0.005)
+K_GAINS = 8
+KS = (10, 100, 1_000, 10_000)
+MULTISPIN = ("multispin-heterogeneous", "multispin-homogeneous")
+
+
+def draw(scenario: str, K: int, rng: np.random.Generator, band_hz: float = BAND_HZ,
+         server: Server = SERVER) -> Problem:
+    sc = SCENARIOS[scenario]
+    lo, hi = np.log(sc["tau_s"][0]), np.log(sc["tau_s"][1])
+    tau = np.exp(rng.uniform(lo, hi, K))
+    t0 = rng.uniform(*sc["t0_s"], K)
+    alpha = rng.uniform(*sc["alpha"], K)
+    snr = rng.uniform(*sc["snr_db"], K)
+    devices = tuple(Device(f"dev-{k}", float(t0[k]), float(tau[k]), float(alpha[k]),
+                           float(snr[k])) for k in range(K))
+    return Problem(band_hz, BITS_PER_TOKEN, HEADER_BITS, 8, 4, server, devices)
+
+
+def solve_times(repeats: int) -> list[dict]:
+    rows = []
+    for K in KS:
+        rng = np.random.default_rng(K)
+        prob = draw("moderate", K, rng, band_hz=BAND_HZ / 8 * K,
+                    server=Server(SERVER.verify_base_s, 0.004 / K, SERVER.downlink_s))
+        row = {"K": K}
+        for policy in MULTISPIN:
+            solve(prob, policy)                                   # warm-up
+            runs = []
+            for _ in range(repeats if K < 10_000 else max(3, repeats // 2)):
+                start = time.perf_counter()
+                plan = solve(prob, policy)
+                runs.append(time.perf_counter() - start)
+            row[policy] = {"median_ms": statistics.median(runs) * 1e3,
+                           "best_ms": min(runs) * 1e3, "goodput_tps": plan.goodput_tps,
+                           "mean_len": float(np.mean(plan.draft_lens))}
+        rows.append(row)
+    return rows
+
+
+def gains(draws: int) -> dict:
+    out = {}
+    for scenario in SCENARIOS:
+        rng = np.random.default_rng(2026)
+        per = {p: {"tps": [], "vs_fixed": [], "vs_server": []} for p in POLICIES}
+        for _ in range(draws):
+            prob = draw(scenario, K_GAINS, rng)
+            arr = arrays(prob)
+            plans = {p: solve(prob, p, arr) for p in POLICIES}
+            for p, plan in plans.items():
+                per[p]["tps"].append(plan.goodput_tps)
+                per[p]["vs_fixed"].append(plan.goodput_tps / plans["agnostic-fixed"].goodput_tps)
+                per[p]["vs_server"].append(plan.goodput_tps / plans["server-only"].goodput_tps)
+        out[scenario] = {p: {k: float(np.mean(v)) for k, v in d.items()} for p, d in per.items()}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--draws", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    times = solve_times(args.repeats)
+    gain = gains(args.draws)
+    if args.json:
+        print(json.dumps({"solve_times": times, "gains": gain}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    load = os.getloadavg()[0]
+    t = Table(title=f"multispin solve time, ms (median / best of {args.repeats}; "
+              f"{os.cpu_count()} cores, load {load:.1f})", title_justify="left")
+    t.add_column("K", justify="right")
+    for p in MULTISPIN:
+        t.add_column(p.split("-")[1], justify="right")
+        t.add_column("mean L", justify="right")
+    for row in times:
+        cells = [f"{row['K']:,}"]
+        for p in MULTISPIN:
+            r = row[p]
+            cells += [f"{r['median_ms']:.1f} / {r['best_ms']:.1f}", f"{r['mean_len']:.2f}"]
+        t.add_row(*cells)
+    console.print(t)
+    for scenario, per in gain.items():
+        t = Table(title=f"{scenario} heterogeneity: K = {K_GAINS}, mean of {args.draws} draws",
+                  title_justify="left")
+        for col in ("policy", "tokens/s", "vs agnostic-fixed", "vs server-only"):
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        for p in POLICIES:
+            r = per[p]
+            t.add_row(p, f"{r['tps']:.2f}", f"{r['vs_fixed'] - 1:+.1%}",
+                      f"{r['vs_server'] - 1:+.1%}")
+        console.print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The five policies of the contract (docs: goodput-model.md, "Policies"), by their CLI names.
+
+- ``multispin-heterogeneous``: per-device lengths in 0..Lmax and optimal shares (``hetero``).
+- ``multispin-homogeneous``: one common L in 1..Lmax, the best one, with optimal shares.
+- ``agnostic-fixed``: L = baseline_draft_len for all, equal shares 1/K.
+- ``agnostic-tuned``: one common L, the best for K copies of the average device (mean t0, tau,
+  alpha and SNR in dB) with equal shares; applied to the real devices with shares 1/K.
+- ``server-only``: nobody drafts; the server decodes one token per user per round.
+
+Ordering that holds by construction (tests check it): heterogeneous >= homogeneous >=
+agnostic-tuned and agnostic-fixed, and heterogeneous >= server-only. Homogeneous may lose to
+server-only (it must draft at least one token).
+
+Entry points: ``solve(problem, policy) -> Plan``, ``solve_many``, ``POLICIES``. Pure.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from .hetero import solve_heterogeneous
+from .model import (Arrays, arrays, arrival_time, expected_tokens, make_plan, optimal_shares,
+                    spectral_efficiency)
+from .problem import POLICY_NAMES, Plan, Problem
+
+
+def _heterogeneous(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    L, _ = solve_heterogeneous(arr)
+    return L, optimal_shares(arr, L)[0]
+
+
+def _homogeneous(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.repeat(np.arange(1, arr.lmax + 1)[:, None], arr.K, axis=1)
+    t = arrival_time(arr, rows)
+    tokens = arr.tokens[:, 1:].sum(axis=0)
+    goodput = tokens / (t + arr.fixed_s + arr.v1 * rows.sum(axis=1))
+    best = int(np.argmax(goodput))                  # the shortest L among equals
+    return rows[best], optimal_shares(arr, rows[best], t[best:best + 1])[0]
+
+
+def _equal(arr: Arrays, length: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(arr.K, length, dtype=np.intp), np.full(arr.K, 1.0 / arr.K)
+
+
+def _agnostic_fixed(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    return _equal(arr, arr.lfix)
+
+
+def tuned_length(problem: Problem) -> int:
+    """The common L that is best for K copies of the average device with equal shares."""
+    devs, K = problem.devices, len(problem.devices)
+    t0 = float(np.mean([d.draft_base_s for d in devs]))
+    tau = float(np.mean([d.draft_per_token_s for d in devs]))
+    alpha = float(np.mean([d.acceptance for d in devs]))
+    snr_db = float(np.mean([d.snr_db for d in devs]))
+    rate = problem.bandwidth_hz * float(spectral_efficiency(snr_db)) / K
+    L = np.arange(1, problem.max_draft_len + 1)
+    s = problem.server
+    round_s = (t0 + L * tau + (problem.header_bits + L * problem.bits_per_draft_token) / rate
+               + s.verify_base_s + s.verify_per_token_s * K * (L + 1) + s.downlink_s)
+    goodput = K * expected_tokens(alpha, L) / round_s
+    return int(L[int(np.argmax(goodput))])
+
+
+def _agnostic_tuned(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    return _equal(arr, tuned_length(problem))
+
+
+def _server_only(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(arr.K, dtype=np.intp), np.zeros(arr.K)
+
+
+_SOLVERS: dict[str, Callable[[Problem, Arrays], tuple[np.ndarray, np.ndarray]]] = {
+    "multispin-heterogeneous": _heterogeneous,
+    "multispin-homogeneous": _homogeneous,
+    "agnostic-fixed": _agnostic_fixed,
+    "agnostic-tuned": _agnostic_tuned,
+    "server-only": _server_only,
+}
+POLICIES: tuple[str, ...] = POLICY_NAMES
+assert tuple(_SOLVERS) == POLICIES
+BASELINE = "agnostic-fixed"     # what gains are reported against
+
+
+def solve(problem: Problem, policy: str, arr: Arrays | None = None) -> Plan:
+    """The plan of ``policy`` for ``problem`` (``arr``: the problem's tables, if already built)."""
+    if policy not in _SOLVERS:
+        raise InputError(f'unknown policy "{policy}"; known: {", ".join(POLICIES)}',
+                         field="policy")
+    arr = arrays(problem) if arr is None else arr
+    lengths, shares = _SOLVERS[policy](problem, arr)
+    return make_plan(problem, arr, policy, lengths, shares)
+
+
+def solve_many(problem: Problem, policies=POLICIES) -> list[Plan]:
+    arr = arrays(problem)
+    return [solve(problem, p, arr) for p in policies]

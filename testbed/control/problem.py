@@ -1,0 +1,386 @@
+"""Problems and plans of the controller: plain data, a located loader, and the plan's JSON form.
+
+A *problem* (schema ``testbed.problem/1``, docs: goodput-model.md) is what the controller
+optimises: the shared channel (band, payload bits, draft-length limits), the server's verify and
+downlink times and, per device, drafting time, acceptance and uplink SNR. A *plan* is the
+controller's answer: per device a draft length and a share of the band, with the model's round
+time and goodput.
+
+Main types: ``Problem``, ``Device``, ``Server``, ``Plan``, ``DevicePlan``. Entry points:
+``load_problem(path)``, ``problem_from_dict(data, source)``, ``problem_to_dict(problem)``,
+``plan_to_dict(plan)`` and ``problem_from_profile(profile, channel)`` (a profiler's profile
+plus channel settings; format in testbed/profiler.py). Every validation failure raises
+``ProblemError`` naming the file, the line (when the file is JSON text) and the field path, e.g.
+``p.json:9: devices[1].acceptance: must be at most 1, got 1.2``.
+
+Limits: at most ``MAX_DEVICES`` devices and draft lengths up to ``MAX_DRAFT_LEN``; bits per
+draft token must be positive (an upload of a draft always costs band).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ProblemError
+from ..yamlio import Section
+
+SCHEMA = "testbed.problem/1"
+# The policy names of the CLI contract (goodput-model.md, "Policies"); solvers: policies.py.
+POLICY_NAMES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed",
+                "agnostic-tuned", "server-only")
+PROFILE_SCHEMA_PREFIX = "testbed.profile/"
+MAX_DEVICES = 1_000_000
+MAX_DRAFT_LEN = 256
+
+
+@dataclass(frozen=True)
+class Device:
+    """One drafting device as the model sees it (times in seconds)."""
+
+    name: str
+    draft_base_s: float        # t0: fixed drafting cost per round
+    draft_per_token_s: float   # tau: drafting time per draft token
+    acceptance: float          # alpha: probability that a draft token is accepted
+    snr_db: float              # uplink SNR
+
+
+@dataclass(frozen=True)
+class Server:
+    """The verifying server: a batch of n tokens takes verify_base_s + verify_per_token_s * n."""
+
+    verify_base_s: float
+    verify_per_token_s: float
+    downlink_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything the goodput model needs for one round (docs: goodput-model.md, "Symbols")."""
+
+    bandwidth_hz: float
+    bits_per_draft_token: float
+    header_bits: float
+    max_draft_len: int
+    baseline_draft_len: int
+    server: Server
+    devices: tuple[Device, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """One device's part of a plan."""
+
+    name: str
+    draft_len: int
+    bandwidth_share: float     # fraction of the whole band; 0 when the device does not draft
+    uplink_bps: float          # the rate that share gives: share * B * log2(1 + snr)
+    expected_tokens: float     # expected tokens the device gains per round
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A policy's decision with the model's round time and goodput for exactly these values."""
+
+    policy: str
+    round_s: float
+    goodput_tps: float
+    devices: tuple[DevicePlan, ...]
+
+    @property
+    def draft_lens(self) -> tuple[int, ...]:
+        return tuple(d.draft_len for d in self.devices)
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        return tuple(d.bandwidth_share for d in self.devices)
+
+
+# -- plans and problems as JSON data ----------------------------------------------------------
+
+def plan_to_dict(plan: Plan) -> dict:
+    """The plan format of the contract (floats kept at full precision: the model's values)."""
+    return {"policy": plan.policy, "round_s": plan.round_s, "goodput_tps": plan.goodput_tps,
+            "devices": [{"name": d.name, "draft_len": d.draft_len,
+                         "bandwidth_share": d.bandwidth_share, "uplink_bps": d.uplink_bps,
+                         "expected_tokens": d.expected_tokens} for d in plan.devices]}
+
+
+def problem_to_dict(problem: Problem) -> dict:
+    """The problem file format (``problem_from_dict`` reads it back to an equal problem)."""
+    s = problem.server
+    return {"schema": SCHEMA, "bandwidth_hz": problem.bandwidth_hz,
+            "bits_per_draft_token": problem.bits_per_draft_token,
+            "header_bits": problem.header_bits, "max_draft_len": problem.max_draft_len,
+            "baseline_draft_len": problem.baseline_draft_len,
+            "server": {"verify_base_s": s.verify_base_s, "verify_per_token_s": s.verify_per_token_s,
+                       "downlink_s": s.downlink_s},
+            "devices": [{"name": d.name, "draft_base_s": d.draft_base_s,
+                         "draft_per_token_s": d.draft_per_token_s, "acceptance": d.acceptance,
+                         "snr_db": d.snr_db} for d in problem.devices]}
+
+
+# -- loading and validation -------------------------------------------------------------------
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def load_problem(path: str | Path, channel: Any = None) -> Problem:
+    """Read and validate a problem file, or a profile file together with a ``channel``.
+
+    A profile (schema ``testbed.profile/...``) holds measurements only; the band and payload
+    come from an inventory's or experiment's channel. Without one it is refused with a pointer
+    to the fix; a problem file carries its own channel, so one given with it is refused too.
+    """
+    data, lines = read_json_located(path)
+    schema = data.get("schema")
+    if isinstance(schema, str) and schema.startswith(PROFILE_SCHEMA_PREFIX):
+        if channel is None:
+            raise ProblemError("this is a profile, not a problem: converting a profile needs the "
+                               "channel settings, give --inventory INV or --experiment EXP",
+                               source=str(path), line=lines.get("schema"), field="schema")
+        return problem_from_profile(data, channel, source=str(path))
+    if channel is not None:
+        raise ProblemError("a problem file carries its own channel; --inventory and "
+                           "--experiment apply only to profiles", source=str(path),
+                           line=lines.get("schema"), field="schema")
+    return problem_from_dict(data, str(path), lines)
+
+
+def problem_from_dict(data: Any, source: str = "<problem>",
+                      lines: dict[str, int] | None = None) -> Problem:
+    """Validate plain data of the problem format; ``lines`` maps field paths to file lines."""
+    lines = {} if lines is None else lines
+    if not isinstance(data, dict):
+        raise ProblemError("expected a JSON object at the top", source=source, line=lines.get(""))
+    root = Section(data, "", lines, source, ProblemError)
+    schema = root.str("schema")
+    if schema != SCHEMA:
+        raise root.error("schema", f'expected "{SCHEMA}", got "{schema}"')
+    bandwidth_hz = root.number("bandwidth_hz", min=0, min_exclusive=True)
+    bits = root.number("bits_per_draft_token", min=0, min_exclusive=True)
+    header = root.number("header_bits", min=0)
+    lmax = root.integer("max_draft_len", min=1, max=MAX_DRAFT_LEN)
+    lfix = root.integer("baseline_draft_len", min=1)
+    if lfix > lmax:
+        raise root.error("baseline_draft_len", f"must be at most max_draft_len ({lmax}), "
+                         f"got {lfix}")
+    sec = root.section("server")
+    server = Server(verify_base_s=sec.number("verify_base_s", min=0),
+                    verify_per_token_s=sec.number("verify_per_token_s", min=0),
+                    downlink_s=sec.number("downlink_s", 0.0, min=0))
+    sec.done()
+    if server.verify_base_s + server.verify_per_token_s + server.downlink_s <= 0:
+        raise root.error("server", "verify_base_s, verify_per_token_s and downlink_s are all "
+                         "zero: a round would take no time")
+    items = root.sections("devices")
+    if not items:
+        raise root.error("devices", "no devices: a problem needs at least one device")
+    if len(items) > MAX_DEVICES:
+        raise root.error("devices", f"at most {MAX_DEVICES} devices, got {len(items)}")
+    devices, seen = [], {}
+    for i, d in enumerate(items):
+        name = d.str("name")
+        if not NAME_RE.match(name):
+            raise d.error("name", f'"{name}" is not a valid device name (letters, digits, '
+                          "_ . : -, at most 64 characters)")
+        if name in seen:
+            raise d.error("name", f'duplicate device name "{name}" (also devices[{seen[name]}])')
+        seen[name] = i
+        devices.append(Device(name=name, draft_base_s=d.number("draft_base_s", min=0),
+                              draft_per_token_s=d.number("draft_per_token_s", min=0),
+                              acceptance=d.number("acceptance", min=0, max=1),
+                              snr_db=d.number("snr_db", min=-100, max=100)))
+        d.done()
+    root.done()
+    return Problem(bandwidth_hz=bandwidth_hz, bits_per_draft_token=bits, header_bits=header,
+                   max_draft_len=lmax, baseline_draft_len=lfix, server=server,
+                   devices=tuple(devices))
+
+
+def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
+                         snr_db: dict | None = None, source: str = "<profile>") -> Problem:
+    """A profiler's profile (schema ``testbed.profile/1``) plus channel settings -> a problem.
+
+    ``channel``: an ``inventory.Channel`` (or anything with bandwidth_hz, max_draft_len,
+    baseline_draft_len, payload and bits_per_draft_token). Devices with status ``ok`` only.
+    Per device: ``draft_base_s`` = ``draft.round_base_s`` (drafting base + applying the verdict
+    + the round's dispatch; ``draft.base_s`` in profiles without it), ``draft_per_token_s`` =
+    ``draft.per_token_s`` (negative fits clamp to 0); acceptance = the pooled rate, or with
+    ``workloads`` (one workload name, or device name -> workload name) that workload's rate;
+    SNR = ``snr_db[name]`` when given, else the SNR the link was profiled with (the SNR is part
+    of the channel model, not measured). Shared: bits per draft token and header bits from the
+    profile's ``payload`` (an explicit ``channel.bits_per_draft_token`` wins), the server's
+    ``verify`` fit (v0, v1) and ``downlink_s``; band and length limits from ``channel``.
+    Raises ``ProblemError`` (``source``: field: what) on a profile that does not fit.
+    """
+    def err(field: str, message: str) -> ProblemError:
+        return ProblemError(message, source=source, field=field)
+
+    def num(value: Any, field: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise err(field, f"expected a number, got {value!r}")
+        return float(value)
+
+    if not isinstance(profile, dict):
+        raise err("", "expected a profile object")
+    schema = profile.get("schema")
+    if not (isinstance(schema, str) and schema.startswith(PROFILE_SCHEMA_PREFIX)):
+        raise err("schema", f'expected "{PROFILE_SCHEMA_PREFIX}1", got {schema!r}')
+    for key in ("payload", "server", "devices"):
+        if not isinstance(profile.get(key), (dict, list)):
+            raise err(key, "missing")
+    profiled = (profile.get("channel") or {}).get("payload")
+    bits = getattr(channel, "bits_per_draft_token", None)
+    payload = profile["payload"]
+    if bits is None:
+        if profiled is not None and profiled != getattr(channel, "payload", profiled):
+            raise err("channel.payload", f'profiled with payload "{profiled}", the channel '
+                      f'uses "{channel.payload}": profile again with that payload')
+        bits = num(payload.get("bits_per_draft_token"), "payload.bits_per_draft_token")
+    header = max(0.0, num(payload.get("header_bits"), "payload.header_bits"))
+    verify = profile["server"].get("verify") or {}
+    server = Server(
+        verify_base_s=max(0.0, num(verify.get("base_s"), "server.verify.base_s")),
+        verify_per_token_s=max(0.0, num(verify.get("per_token_s"), "server.verify.per_token_s")),
+        downlink_s=max(0.0, num(profile["server"].get("downlink_s", 0.0), "server.downlink_s")))
+    devices = []
+    for i, d in enumerate(profile["devices"]):
+        where = f"devices[{i}]"
+        if not isinstance(d, dict) or d.get("status") != "ok":
+            continue
+        name = d.get("name")
+        draft, acc, link = d.get("draft") or {}, d.get("acceptance") or {}, d.get("link") or {}
+        base = draft.get("round_base_s", draft.get("base_s"))
+        wanted = workloads.get(name) if isinstance(workloads, dict) else workloads
+        if wanted is None:
+            rate = num(acc.get("rate"), f"{where}.acceptance.rate")
+        else:
+            per = acc.get("per_workload") or {}
+            if wanted not in per:
+                raise err(f"{where}.acceptance.per_workload",
+                          f'{name} has no acceptance for workload "{wanted}" (profiled: '
+                          f'{", ".join(per) or "none"}): profile with that workload')
+            rate = num(per[wanted].get("rate"), f"{where}.acceptance.per_workload.{wanted}.rate")
+        snr = (snr_db or {}).get(name, link.get("snr_db"))
+        devices.append(Device(
+            name=str(name),
+            draft_base_s=max(0.0, num(base, f"{where}.draft.round_base_s")),
+            draft_per_token_s=max(0.0, num(draft.get("per_token_s"),
+                                           f"{where}.draft.per_token_s")),
+            acceptance=min(1.0, max(0.0, rate)),
+            snr_db=num(snr, f"{where}.link.snr_db")))
+    if not devices:
+        raise err("devices", "no device profiled successfully (every status is failed)")
+    problem = Problem(bandwidth_hz=float(channel.bandwidth_hz), bits_per_draft_token=float(bits),
+                      header_bits=header, max_draft_len=int(channel.max_draft_len),
+                      baseline_draft_len=int(channel.baseline_draft_len), server=server,
+                      devices=tuple(devices))
+    return problem_from_dict(problem_to_dict(problem), source)
+
+
+# -- JSON with line numbers -------------------------------------------------------------------
+
+def read_json_located(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Parse a JSON file; return the data and a map from field path to line number.
+
+    Syntax errors name their line; duplicate keys are errors (plain ``json`` keeps the last).
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProblemError("file not found", source=source) from None
+    except IsADirectoryError:
+        raise ProblemError("is a directory, expected a JSON file", source=source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProblemError(f"cannot read: {exc}", source=source) from None
+    if not text.strip():
+        raise ProblemError("file is empty", source=source)
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ProblemError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=source,
+                           line=exc.lineno) from None
+    except ValueError as exc:  # NaN / Infinity
+        raise ProblemError(f"invalid JSON: {exc}", source=source) from None
+    if not isinstance(data, dict):
+        raise ProblemError("expected a JSON object at the top", source=source, line=1)
+    lines: dict[str, int] = {}
+    _Locator(text, source, lines).value("")
+    return data, lines
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+class _Locator:
+    """Walks JSON text that ``json`` already accepted, recording the line of every field path."""
+
+    _WS = " \t\r\n"
+
+    def __init__(self, text: str, source: str, lines: dict[str, int]):
+        self.text, self.i, self.source, self.lines = text, 0, source, lines
+        self.decoder = json.JSONDecoder()
+        self._at, self._line_at = 0, 1          # newlines counted up to _at (positions only grow)
+
+    def _skip(self) -> None:
+        while self.i < len(self.text) and self.text[self.i] in self._WS:
+            self.i += 1
+
+    def _line(self) -> int:
+        self._line_at += self.text.count("\n", self._at, self.i)
+        self._at = self.i
+        return self._line_at
+
+    def value(self, path: str) -> None:
+        self._skip()
+        self.lines[path] = self._line()
+        ch = self.text[self.i]
+        if ch == "{":
+            self.i += 1
+            seen: set[str] = set()
+            self._skip()
+            if self.text[self.i] == "}":
+                self.i += 1
+                return
+            while True:
+                self._skip()
+                line = self._line()
+                key, self.i = self.decoder.raw_decode(self.text, self.i)
+                child = f"{path}.{key}" if path else key
+                if key in seen:
+                    raise ProblemError(f"duplicate key '{key}'", source=self.source, line=line,
+                                       field=child)
+                seen.add(key)
+                self._skip()
+                self.i += 1  # ':'
+                self.value(child)
+                self._skip()
+                ch, self.i = self.text[self.i], self.i + 1
+                if ch == "}":
+                    return
+        elif ch == "[":
+            self.i += 1
+            self._skip()
+            if self.text[self.i] == "]":
+                self.i += 1
+                return
+            n = 0
+            while True:
+                self.value(f"{path}[{n}]")
+                n += 1
+                self._skip()
+                ch, self.i = self.text[self.i], self.i + 1
+                if ch == "]":
+                    return
+        else:
+            _, self.i = self.decoder.raw_decode(self.text, self.i)

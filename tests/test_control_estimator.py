@@ -1,0 +1,213 @@
+"""Online estimation from scripted rounds, and re-planning with hysteresis and dwell."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from testbed.control.estimator import Estimator, RoundObservation, ServerObservation
+from testbed.control.policies import solve
+from testbed.control.problem import (Device, Problem, Server, problem_from_dict,
+                                     problem_to_dict)
+from testbed.control.replan import Replanner
+
+B = 100e3
+
+
+def prior(**over) -> Problem:
+    devs = (Device("a", 0.005, 0.03, 0.6, 10.0), Device("b", 0.002, 0.02, 0.8, 15.0),
+            Device("c", 0.0, 0.05, 0.5, 5.0))
+    p = Problem(B, 800.0, 512.0, 8, 4, Server(0.15, 0.0005, 0.003), devs)
+    return dataclasses.replace(p, **over)
+
+
+def rate_of(snr_db: float) -> float:
+    return B * math.log2(1 + 10 ** (snr_db / 10))
+
+
+def draft_round(rng, name, L, accept_probs) -> RoundObservation:
+    """One round of i.i.d. (or per-position) acceptance: the longest accepted prefix."""
+    accepted = 0
+    while accepted < L and rng.random() < accept_probs[min(accepted, len(accept_probs) - 1)]:
+        accepted += 1
+    return RoundObservation(name, L, accepted)
+
+
+def test_pooled_and_per_position_acceptance_converge():
+    rng = np.random.default_rng(1)
+    est = Estimator(prior(), ewma=0.002)
+    for r in range(4000):
+        est.observe(draft_round(rng, "a", 1 + r % 8, [0.75]))
+    e = est.estimate("a")
+    assert e.acceptance == pytest.approx(0.75, abs=0.03)
+    assert len(e.acceptance_by_position) == 8
+    for p in e.acceptance_by_position[:3]:      # later positions are reached less often
+        assert p == pytest.approx(0.75, abs=0.06)
+
+
+def test_per_position_acceptance_follows_position_dependent_truth():
+    rng = np.random.default_rng(2)
+    truth = [0.95, 0.8, 0.6, 0.4, 0.3, 0.3, 0.3, 0.3]
+    est = Estimator(prior(), ewma=0.005)
+    for _ in range(4000):
+        est.observe(draft_round(rng, "b", 8, truth))
+    by_pos = est.estimate("b").acceptance_by_position
+    for got, want in zip(by_pos[:4], truth[:4]):
+        assert got == pytest.approx(want, abs=0.05)
+    assert by_pos[0] > by_pos[1] > by_pos[2] > by_pos[3]
+    pooled = est.estimate("b").acceptance
+    assert truth[3] < pooled < truth[0]
+
+
+def test_acceptance_counts_only_judged_positions():
+    est = Estimator(prior(), ewma=0.2)
+    for _ in range(40):
+        est.observe(RoundObservation("a", 4, 4))     # all accepted: no failure was seen
+        est.observe(RoundObservation("c", 6, 0))     # first token rejected
+    assert est.estimate("a").acceptance > 0.99
+    assert est.estimate("c").acceptance < 0.01
+    # c never reached position 1: its estimate there stays the prior
+    assert est.estimate("c").acceptance_by_position[1] == pytest.approx(0.5)
+
+
+def test_acceptance_tracks_a_change_at_the_ewma_rate():
+    rng = np.random.default_rng(3)
+    est = Estimator(prior(), ewma=0.2)
+    for _ in range(300):
+        est.observe(draft_round(rng, "a", 4, [0.85]))
+    assert est.estimate("a").acceptance == pytest.approx(0.85, abs=0.08)
+    for _ in range(60):
+        est.observe(draft_round(rng, "a", 4, [0.3]))
+    assert est.estimate("a").acceptance == pytest.approx(0.3, abs=0.1)
+
+
+def test_drafting_time_fit_recovers_base_and_per_token():
+    rng = np.random.default_rng(4)
+    est = Estimator(prior(), ewma=0.05)
+    for r in range(400):
+        L = 1 + r % 8
+        est.observe(RoundObservation("a", L, 0, draft_s=0.012 + 0.041 * L
+                                     + rng.normal(0, 0.002)))
+    e = est.estimate("a")
+    assert e.draft_base_s == pytest.approx(0.012, abs=0.004)
+    assert e.draft_per_token_s == pytest.approx(0.041, abs=0.002)
+
+
+def test_one_draft_length_keeps_the_prior_slope():
+    est = Estimator(prior(), ewma=0.2)
+    for _ in range(200):
+        est.observe(RoundObservation("a", 4, 2, draft_s=0.2))   # slower than the prior
+    e = est.estimate("a")
+    assert e.draft_per_token_s == pytest.approx(0.03, rel=0.05)     # the prior's slope
+    assert e.draft_base_s + 4 * e.draft_per_token_s == pytest.approx(0.2, rel=0.02)
+
+
+def test_link_rate_gives_the_snr_and_follows_a_drop():
+    est = Estimator(prior(), ewma=0.3)
+    for snr in (20.0, 0.0):
+        for _ in range(40):
+            bits, share = 512 + 4 * 800, 0.25
+            est.observe(RoundObservation("b", 4, 3, upload_bits=bits,
+                                         upload_s=bits / (share * rate_of(snr)), share=share))
+        e = est.estimate("b")
+        assert e.snr_db == pytest.approx(snr, abs=0.05)
+        assert e.rate_bps == pytest.approx(rate_of(snr), rel=1e-3)
+
+
+def test_server_fit_and_the_estimated_problem():
+    est = Estimator(prior(), ewma=0.1)
+    for n in [3, 9, 15, 27] * 50:
+        est.observe_server(ServerObservation(n, 0.08 + 0.002 * n))
+    p = est.problem()
+    assert p.server.verify_base_s == pytest.approx(0.08, rel=1e-3)
+    assert p.server.verify_per_token_s == pytest.approx(0.002, rel=1e-2)
+    # devices never observed keep their prior, and the result is a valid problem
+    assert p.devices == prior().devices
+    assert problem_from_dict(problem_to_dict(p)) == p
+    assert est.problem(active=["c", "a"]).names == ("c", "a")
+
+
+@pytest.mark.parametrize("obs", [RoundObservation("a", 2, 3), RoundObservation("a", -1, 0),
+                                 RoundObservation("zz", 2, 1),
+                                 RoundObservation("a", 2, 1, draft_s=-1.0)])
+def test_impossible_observations_are_refused(obs):
+    with pytest.raises(ValueError):
+        Estimator(prior()).observe(obs)
+
+
+# -- re-planning ---------------------------------------------------------------------------
+
+def with_device(problem: Problem, name: str, **change) -> Problem:
+    devs = tuple(dataclasses.replace(d, **change) if d.name == name else d
+                 for d in problem.devices)
+    return dataclasses.replace(problem, devices=devs)
+
+
+def test_static_estimates_never_replace_the_plan():
+    r = Replanner("multispin-heterogeneous", hysteresis=0.03)
+    p = prior()
+    first = r.decide(None, p, 0)
+    assert first.replace and first.reason == "first plan"
+    plan = first.plan
+    for i in range(1, 50):
+        d = r.decide(plan, p, i)
+        assert not d.replace and d.plan is plan and d.predicted_gain == pytest.approx(0.0)
+
+
+def test_small_changes_alternating_do_not_flap():
+    # two estimate sets whose optimal plans differ, each better than the other's by < 3 %
+    A = with_device(prior(), "a", acceptance=0.66)
+    Bp = with_device(prior(), "a", acceptance=0.60)
+    plan_A, plan_B = solve(A, "multispin-heterogeneous"), solve(Bp, "multispin-heterogeneous")
+    assert plan_A.draft_lens != plan_B.draft_lens          # the optimum does move
+    r = Replanner("multispin-heterogeneous", hysteresis=0.03)
+    plan = r.decide(None, A, 0).plan
+    replaced = 0
+    for i in range(1, 60):
+        d = r.decide(plan, A if i % 2 else Bp, i)
+        replaced += d.replace
+        plan = d.plan
+    assert replaced == 0
+
+
+def test_a_real_change_replaces_once_then_holds():
+    r = Replanner("multispin-heterogeneous", hysteresis=0.05)
+    good = prior()
+    plan = r.decide(None, good, 0).plan
+    bad = with_device(good, "b", snr_db=-5.0)              # b's uplink collapses
+    d = r.decide(plan, bad, 1)
+    assert d.replace and d.reason == "gain" and d.predicted_gain > 0.05
+    assert d.plan.devices[1].draft_len < plan.devices[1].draft_len
+    for i in range(2, 30):
+        assert not r.decide(d.plan, bad, i).replace
+
+
+def test_dwell_limits_how_often_plans_change():
+    A = prior()
+    Bp = with_device(with_device(prior(), "a", snr_db=-10.0, acceptance=0.2), "c",
+                     acceptance=0.95, snr_db=25.0)
+    r = Replanner("multispin-heterogeneous", hysteresis=0.02, min_dwell_rounds=10)
+    plan = r.decide(None, A, 0).plan
+    changes = []
+    for i in range(1, 100):
+        d = r.decide(plan, A if (i // 3) % 2 else Bp, i)   # the truth swings every 3 rounds
+        if d.replace:
+            changes.append(i)
+        elif d.reason == "dwell":
+            assert i - (changes[-1] if changes else 0) < 10
+        plan = d.plan
+    assert changes, "large swings must be followed"
+    assert all(b - a >= 10 for a, b in zip([0] + changes, changes))
+
+
+def test_device_change_replaces_at_once():
+    r = Replanner("agnostic-fixed", hysteresis=0.05, min_dwell_rounds=100)
+    full = prior()
+    plan = r.decide(None, full, 0).plan
+    fewer = dataclasses.replace(full, devices=full.devices[:2])
+    d = r.decide(plan, fewer, 1)                           # within the dwell
+    assert d.replace and d.reason == "devices changed"
+    assert [x.bandwidth_share for x in d.plan.devices] == [0.5, 0.5]
