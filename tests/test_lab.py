@@ -308,3 +308,17 @@ def test_clean_recovers_when_the_state_file_is_lost(tmp_path):
         lab.up(inv)                       # refuses to adopt what it did not record
     lab.clean(inv)
     assert leftovers(inv) == []
+
+
+def test_cgroup_weight_follows_the_quota():
+    """Under contention the kernel shares CPU by weight: weights in the ratio of the quotas keep
+    the devices' order when the machine cannot honour every quota (cgroups.py)."""
+    g1 = cgroups.CpuGroup(1, "/sys/fs/cgroup/cpu", "testbed/tb-dev-a")
+    assert cgroups.weight_writes(g1, 0.6) == [("/sys/fs/cgroup/cpu/testbed/tb-dev-a/cpu.shares",
+                                               "614")]
+    assert cgroups.weight_writes(g1, 0.001)[0][1] == "2"        # the kernel's minimum
+    assert cgroups.weight_writes(g1, None)[0][1] == "1024"      # no quota: the default weight
+    g2 = cgroups.CpuGroup(2, "/sys/fs/cgroup", "testbed/tb-dev-a")
+    assert cgroups.weight_writes(g2, 0.35) == [("/sys/fs/cgroup/testbed/tb-dev-a/cpu.weight",
+                                                "35")]
+    assert cgroups.weight_writes(g2, None)[0][1] == "100"

@@ -52,8 +52,13 @@ def test_shape_commands_classify_only_the_data_path():
     assert data[data.index("burst") + 1] == "25"
     assert data[data.index("cburst") + 1] == "25"
     assert cmds[3] == ["tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip",
-                       "prio", "1", "u32", "match", "ip", "dst", "10.77.0.1/32", "match", "ip",
+                       "prio", "2", "u32", "match", "ip", "dst", "10.77.0.1/32", "match", "ip",
                        "dport", "47100", "0xffff", "flowid", "1:10"]
+    # Pure ACKs of the data connection (no data: IPv4 length 40 or 52) are checked first and
+    # stay unshaped.
+    for cmd, length in zip(cmds[4:], ("40", "52")):
+        assert cmd[cmd.index("prio") + 1] == "1" and cmd[-2:] == ["flowid", "1:20"]
+        assert cmd[cmd.index("u16") + 1: cmd.index("u16") + 5] == [length, "0xffff", "at", "2"]
     assert not any("netem" in arg for cmd in cmds for arg in cmd)
 
 

@@ -1,0 +1,621 @@
+"""The profiler: what a lab can do, measured on the live lab and written as a versioned profile.
+
+``Profiler(inventory, workloads, budget=QUICK).run()`` (or ``profile_inventory(inventory)``,
+for a caller with a plain log) opens a ``LiveLab`` (agents on every
+node, uplinks shaped) and measures, in this order; each step is a *stage* that a ``Reporter``
+hears about per node (the CLI draws one progress bar per device and stage from it):
+
+1. ``load``: the agents start and load their models; every node's facts (``testbed.probe``).
+2. ``link`` (devices in parallel): RTT of the data path, then one bulk transfer through the
+   shaped class at the full band and one at the share 1/N that the rounds use. Rates count
+   frame bytes on the wire (TCP/IP/Ethernet headers included: what htb meters).
+3. ``draft`` (all devices at once, synchronous rounds, equal shares): draft lengths cycle
+   through a grid while each device works through prompt segments, rotating over the
+   workloads. Gives drafting time vs drafted tokens (base + per token), acceptance (pooled, per
+   position, per workload; see ``profile_stats``), the wire bits of an upload vs its length
+   (``payload``) and the rounds' fixed overheads (Ray's dispatch, returning the verdicts).
+4. ``verify`` (server): synthetic batches over a grid of device counts K and draft lengths L;
+   ``v0 + v1 * n`` fitted on the batch tokens n, for the emulated duration (what a round waits
+   for in the emulated lab) and for the real compute. It runs after the rounds: right after
+   the agents start, Ray's fresh worker processes still import on every node (seconds of CPU),
+   and steps measured then took up to 2 s instead of 0.15 s.
+5. ``fidelity``: a held-out configuration (draft lengths not in the grid, the model's optimal,
+   unequal shares) runs a few rounds; their median round time is compared with the round time
+   the goodput model (``control.model``) predicts from this very profile (the mean is kept too).
+
+What the model calls t0 is ``draft.round_base_s`` (drafting base + applying the verdict + the
+dispatch of the round), and d is ``server.downlink_s`` (emulated downlink + the measured
+overhead of returning the verdicts): the profile keeps the parts too.
+
+A device that fails in a stage is marked ``failed`` with "stage: message" and left out of the
+later stages; the others go on. A server failure ends the profile (``RunError``). Nothing is
+written here: ``write_profile`` is atomic and the caller writes only a finished profile.
+
+Limits: acceptance is measured with the workloads' own sampling (greedy when none is given);
+link rates are measured one transfer per share (two with ``FULL``); all devices measure their
+links at once (right for the emulated lab and for per-device links; a shared medium would need
+them one by one).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from . import records, shaping
+from .errors import ProfileError, RunError, TestbedError
+from .inventory import Channel, Inventory
+from .live import DeviceFailed, LiveLab, resolve_model
+from .profile_format import (FRAME_OVERHEAD_BYTES, SCHEMA, SummaryError, device_summary,
+                             load_profile, node_facts, payload_summary, round_overheads,
+                             verify_summary, write_profile)
+from .profile_stats import mean_sd
+from .prompts import PromptSet, load_prompts
+
+__all__ = ["Profiler", "Reporter", "LogReporter", "Task", "Budget", "QUICK", "FULL", "Workload",
+           "SCHEMA", "profile_inventory", "workloads_from_files", "workloads_from_experiment",
+           "load_profile", "write_profile"]
+
+FIDELITY_TARGET = 0.15
+ROUND_TIMEOUT_S = 30.0          # a device that dies mid-round costs at most this long
+SHIPPED_PROMPTS = Path(__file__).resolve().parent.parent / "experiments" / "prompts"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each stage measures."""
+
+    rounds_per_segment: int     # rounds on one prompt before the next
+    min_segments: int           # prompt segments per device (at least one per workload)
+    fidelity_rounds: int
+    verify_repeats: int
+    pings: int
+    bulk_s: float               # target duration of one bulk transfer
+    bulk_repeats: int
+
+
+QUICK = Budget(rounds_per_segment=5, min_segments=4, fidelity_rounds=6, verify_repeats=2,
+               pings=5, bulk_s=0.5, bulk_repeats=1)
+FULL = Budget(rounds_per_segment=10, min_segments=8, fidelity_rounds=15, verify_repeats=3,
+              pings=20, bulk_s=1.0, bulk_repeats=2)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A prompt set and how to sample on it (the profile's per-workload acceptance)."""
+
+    name: str
+    prompts: PromptSet
+    sampling: dict = field(default_factory=lambda: {"temperature": 0.0})
+
+    def to_dict(self) -> dict:
+        return {"task": self.prompts.task, "prompts": str(self.prompts.path),
+                "prompts_sha256": self.prompts.digest, "sampling": dict(self.sampling)}
+
+
+def workloads_from_files(paths: Sequence[str | Path]) -> dict[str, Workload]:
+    """Greedy workloads named after the prompt sets' tasks (the shipped ones by default)."""
+    if not paths:
+        paths = sorted(SHIPPED_PROMPTS.glob("*.yaml"))
+        if not paths:
+            raise ProfileError(f"no prompt sets in {SHIPPED_PROMPTS}: give --prompts FILE",
+                               field="prompts")
+    out: dict[str, Workload] = {}
+    for p in paths:
+        ps = load_prompts(p)
+        name = ps.task if ps.task not in out else f"{ps.task}-{len(out)}"
+        out[name] = Workload(name, ps)
+    return out
+
+
+def workloads_from_experiment(exp) -> dict[str, Workload]:
+    """The experiment's workloads with their sampling settings."""
+    return {name: Workload(name, w.prompt_set, {"temperature": w.temperature, "top_k": w.top_k,
+                                                "top_p": w.top_p})
+            for name, w in exp.workloads.items()}
+
+
+def draft_grids(max_len: int) -> tuple[list[int], list[int]]:
+    """(lengths used for fitting, held-out lengths for the fidelity check)."""
+    fit = sorted({1, 2, max_len} | set(range(2, max_len + 1, 2)))
+    held = [x for x in range(3, max_len + 1, 2) if x not in fit] or [max_len]
+    return fit, held
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Task:
+    node: str
+    stage: str
+    steps: int
+    step_s: float               # estimated seconds per step (for the time-left estimate)
+
+
+class Reporter:
+    """What the profiler tells its caller; this base ignores everything."""
+
+    def planned(self, tasks: list[Task]) -> None: ...
+    def started(self, node: str, stage: str) -> None: ...
+    def advanced(self, node: str, stage: str, steps: int = 1) -> None: ...
+    def finished(self, node: str, stage: str, error: str | None = None) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+# -- the profiler ------------------------------------------------------------------------------
+
+class Profiler:
+    """See the module docstring."""
+
+    def __init__(self, inv: Inventory, workloads: Mapping[str, Workload], *,
+                 channel: Channel | None = None, budget: Budget = QUICK, quick: bool = True,
+                 seed: int = 0, reporter: Reporter | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if not workloads:
+            raise ProfileError("no workloads to profile with", field="prompts")
+        self.inv = inv
+        self.channel = channel or inv.channel
+        self.workloads = dict(workloads)
+        self.budget = budget
+        self.quick = quick
+        self.seed = seed
+        self.rep = reporter or Reporter()
+        self.clock = clock
+        self.lab: LiveLab | None = None
+        self.errors: dict[str, str] = {}        # device -> "stage: message"
+        self.warnings: list[str] = []
+        self.fit_lens, self.held_lens = draft_grids(self.channel.max_draft_len)
+        self.rounds: list[dict] = []            # the draft stage's rounds, as measured
+        self._prompt_no: dict[str, int] = {}
+        self.stage_s: dict[str, float] = {}     # wall time of each stage (the profile has it)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def active(self) -> list[str]:
+        return [n for n in self.lab.active() if n not in self.errors]
+
+    def _fail(self, name: str, stage: str, message: str) -> None:
+        if name in self.errors:
+            return
+        self.errors[name] = f"{stage}: {message}"
+        self.rep.finished(name, stage, error=message)
+        self.rep.note(f"{name} failed at {stage}: {message}")
+        self.lab.remove_device(name)
+
+    def _plan_tasks(self) -> list[Task]:
+        b = self.budget
+        n_cells = len(self._verify_cells(len(self.inv.devices)))
+        tasks = [Task("server", "load", 1, 20.0),
+                 Task("server", "verify", n_cells * b.verify_repeats, 0.25)]
+        for d in self.inv.devices:
+            tasks += [Task(d.name, "load", 1, 20.0),
+                      Task(d.name, "link", 2 * b.bulk_repeats + 2, 1.5),
+                      Task(d.name, "draft", self._n_rounds(), 1.0),
+                      Task(d.name, "fidelity", b.fidelity_rounds, 1.0)]
+        return tasks
+
+    def _n_segments(self) -> int:
+        return max(self.budget.min_segments, len(self.workloads))
+
+    def _n_rounds(self) -> int:
+        return self._n_segments() * self.budget.rounds_per_segment
+
+    # -- the whole run -------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Measure everything and return the profile (a plain dict); see the module doc."""
+        t_start = self.clock()
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.rep.planned(self._plan_tasks())
+        self.lab = LiveLab(self.inv, self.channel, seed=self.seed, progress=self.rep.note)
+        profile = None
+        try:
+            facts0, t_facts0 = self._timed("load", self._load)
+            links = self._timed("link", self._links)
+            self._timed("draft", self._draft_rounds)
+            verify = self._timed("verify", self._verify)
+            partial = self._assemble(created, 0.0, facts0, t_facts0, verify, links, None)
+            fidelity = self._timed("fidelity", lambda: self._fidelity(partial))
+            profile = self._assemble(created, self.clock() - t_start, facts0, t_facts0,
+                                     verify, links, fidelity)
+        finally:
+            t_close = self.clock()
+            for problem in self.lab.close():
+                self.warnings.append(f"closing the lab: {problem}")
+            self.stage_s["close"] = self.clock() - t_close
+        profile["stage_s"] = dict(self.stage_s)
+        profile["warnings"] = list(self.warnings)
+        return profile
+
+    def _timed(self, stage: str, fn):
+        t0 = self.clock()
+        try:
+            return fn()
+        finally:
+            self.stage_s[stage] = self.clock() - t0
+
+    # -- load ----------------------------------------------------------------------------
+
+    def _load(self) -> tuple[dict, float]:
+        for node in self.inv.nodes:
+            self.rep.started(node.name, "load")
+        self.lab.open(keep_going=True)
+        for name, why in self.lab.failed.items():   # "load: ...", "vocab: ...", "shape: ..."
+            self.errors[name] = why if why.startswith("load: ") else f"load: {why}"
+            self.rep.finished(name, "load", error=why)
+        self.rep.finished("server", "load")
+        facts = self._probe_all()
+        for name in self.active():
+            self.rep.finished(name, "load")
+        return facts, self.clock()
+
+    def _probe_all(self) -> dict:
+        ray = self.lab._ray
+        refs = {"server": self.lab.server.probe.remote()}
+        for name in self.active():
+            refs[name] = self.lab.devices[name].actor.probe.remote()
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=120)
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                if name == "server":
+                    raise RunError(f"server: probing the node failed: {exc}") from None
+                self._fail(name, "load", f"probing the node failed: {_first_line(exc)}")
+        return out
+
+    # -- the server's verification time ----------------------------------------------------
+
+    def _verify_cells(self, k_max: int) -> list[tuple[int, int]]:
+        ks = sorted({1, k_max})
+        lmax = self.channel.max_draft_len
+        ls = sorted({0, max(1, lmax // 2), lmax})
+        return [(k, length) for k in ks for length in ls]
+
+    def _verify(self) -> dict:
+        self.rep.started("server", "verify")
+        ray = self.lab._ray
+        first = next(iter(self.workloads.values()))
+        tokens = ray.get(self.lab.server.tokenize.remote(first.prompts.render(0)))
+        if len(tokens) <= self.channel.max_draft_len:
+            tokens = tokens * (self.channel.max_draft_len // len(tokens) + 2)
+        samples: list[dict] = []
+        cells = self._verify_cells(len(self.inv.devices))
+        ray.get(self.lab.server.verify_grid.remote(cells[-1:], tokens, repeats=1))  # warm-up
+        for cell in cells:
+            try:
+                samples += ray.get(self.lab.server.verify_grid.remote(
+                    [cell], tokens, repeats=self.budget.verify_repeats), timeout=300)
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                raise RunError(f"server: verify: {_first_line(exc)}") from None
+            self.rep.advanced("server", "verify", self.budget.verify_repeats)
+        summary = verify_summary(samples, self.inv.server.emulation is not None)
+        if summary["real_exceeded_emulated"]:
+            self.warnings.append(f"server: the real verification outlasted the emulated "
+                                 f"duration in {summary['real_exceeded_emulated']} of "
+                                 f"{len(samples)} grid steps")
+        self.rep.finished("server", "verify")
+        return summary
+
+    # -- links ---------------------------------------------------------------------------
+
+    def _links(self) -> dict[str, dict]:
+        names = self.active()
+        out: dict[str, dict] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            futures = {n: pool.submit(self._link, n) for n in names}
+            for name, fut in futures.items():
+                try:
+                    out[name] = fut.result()
+                    self.rep.finished(name, "link")
+                except TestbedError as exc:
+                    self._fail(name, "link", str(exc))
+                except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                    self._fail(name, "link", _first_line(exc))
+        return out
+
+    def _link(self, name: str) -> dict:
+        self.rep.started(name, "link")
+        ray, lab, b = self.lab._ray, self.lab, self.budget
+        st = lab.devices[name]
+        snr, band = st.node.snr_db, self.channel.bandwidth_hz
+        share = 1.0 / len(self.inv.devices)
+        full_bps = shaping.uplink_rate_bps(1.0, band, snr)
+        part_bps = shaping.uplink_rate_bps(share, band, snr)
+        lab.set_rates({name: full_bps})
+        rtts = [ray.get(st.actor.ping.remote(), timeout=60) for _ in range(b.pings)]
+        rtt = sorted(rtts)[len(rtts) // 2]
+        self.rep.advanced(name, "link")
+        # Whole segments: the trailer then stays a segment of its own (datapath.py), and the
+        # upload ends when the shaper has metered every byte of the transfer.
+        head = len(_frame_head(name))
+        mss = ray.get(st.actor.link_mss.remote(), timeout=60)
+        measured = {}
+        for label, rate in (("full", full_bps), ("partial", part_bps)):
+            if label == "partial":
+                lab.set_rates({name: rate})
+                self.rep.advanced(name, "link")
+            rates = []
+            segments = max(2, round(rate * b.bulk_s / 8 / (mss + FRAME_OVERHEAD_BYTES)))
+            for _ in range(b.bulk_repeats):
+                up = ray.get(st.actor.bulk.remote(segments * mss - head), timeout=120)
+                bits = 8 * segments * (mss + FRAME_OVERHEAD_BYTES)
+                rates.append(bits / max(1e-6, up["upload_s"] - rtt))
+                self.rep.advanced(name, "link")
+            measured[label] = mean_sd(rates)
+        (mf, mf_sd), (mp, mp_sd) = measured["full"], measured["partial"]
+        return {"snr_db": snr, "configured_full_bps": full_bps, "measured_full_bps": mf,
+                "measured_full_bps_sd": mf_sd, "partial_share": share,
+                "configured_partial_bps": part_bps, "measured_partial_bps": mp,
+                "measured_partial_bps_sd": mp_sd, "rel_error_full": mf / full_bps - 1,
+                "rel_error_partial": mp / part_bps - 1, "rtt_s": rtt,
+                "rtt_s_min": min(rtts), "rtt_s_max": max(rtts), "pings": len(rtts),
+                "bulk_s": b.bulk_s, "bulk_repeats": b.bulk_repeats, "mss_bytes": mss}
+
+    # -- draft rounds --------------------------------------------------------------------
+
+    def _start(self, names: Sequence[str], workload_of: Mapping[str, str]) -> None:
+        """New prompts (of each device's workload) on both sides, devices in parallel."""
+        def one(name: str) -> None:
+            w = self.workloads[workload_of[name]]
+            k = self._prompt_no.get(name, 0)
+            self._prompt_no[name] = k + 1
+            index = list(self.lab.devices).index(name)
+            self.lab.start_sequence(name, w.prompts.render(index + k), sampling=w.sampling,
+                                    seed=self.seed * 7919 + index * 101 + k)
+        names = [n for n in names if n not in self.errors]
+        failed: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            futures = {n: pool.submit(one, n) for n in names}
+            for name, fut in futures.items():
+                try:
+                    fut.result()
+                except TestbedError as exc:
+                    failed[name] = str(exc)
+                except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                    failed[name] = _first_line(exc)
+        if failed:
+            self._server_alive()
+            for name, msg in failed.items():
+                self._fail(name, self._stage, msg)
+
+    def _server_alive(self) -> None:
+        """RunError when the server's agent is gone (its failure is not the devices')."""
+        try:
+            self.lab._ray.get(self.lab.server.where.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+            raise RunError(f"server: {self._stage}: the server's agent failed: "
+                           f"{_first_line(exc)}") from None
+
+    _stage = "draft"
+
+    def _round(self, lengths: Mapping[str, int], workload_of: Mapping[str, str]) -> dict | None:
+        """One round; a device whose step fails is marked failed and the others restart."""
+        try:
+            res = self.lab.round(lengths, timeout_s=ROUND_TIMEOUT_S)
+        except DeviceFailed as exc:
+            self._server_alive()
+            for name, msg in exc.failed.items():
+                self._fail(name, self._stage, msg)
+            self._start(self.active(), workload_of)
+            return None
+        for name, msg in (res.get("failed") or {}).items():   # left out, the round went on
+            self._fail(name, self._stage, msg)
+        ended = [n for n, v in res["verify"]["verdicts"].items() if v.get("eog")]
+        if ended:
+            self._start(ended, workload_of)
+        return res
+
+    def _draft_rounds(self) -> None:
+        self._stage = "draft"
+        names = self.active()
+        for n in names:
+            self.rep.started(n, "draft")
+        wnames = list(self.workloads)
+        order = list(self.lab.devices)
+        rps = self.budget.rounds_per_segment
+        k = 0
+        for seg in range(self._n_segments()):
+            workload_of = {n: wnames[(order.index(n) + seg) % len(wnames)] for n in order}
+            self._start(self.active(), workload_of)
+            if seg == 0:     # warm-up: connections, caches; not recorded
+                self._round({n: 1 for n in self.active()}, workload_of)
+            for _ in range(rps):
+                length = self.fit_lens[k % len(self.fit_lens)]
+                k += 1
+                res = self._round({n: length for n in self.active()}, workload_of)
+                if res is not None:
+                    res["workloads"] = {n: workload_of[n] for n in res["active"]}
+                    res["lengths"] = {n: length for n in res["active"]}
+                    res["rates_bps"] = {n: self.lab.devices[n].rate_bps for n in res["active"]}
+                    self.rounds.append(res)
+                for n in self.active():
+                    self.rep.advanced(n, "draft")
+        for n in self.active():
+            self.rep.finished(n, "draft")
+
+    # -- fidelity ------------------------------------------------------------------------
+
+    def _fidelity(self, partial: dict) -> dict | None:
+        from .control.model import arrays, evaluate, optimal_shares
+        from .control.problem import problem_from_profile
+        self._stage = "fidelity"
+        names = self.active()
+        if not names:
+            return None
+        for n in names:
+            self.rep.started(n, "fidelity")
+        problem = problem_from_profile(partial, self.channel)
+        arr = arrays(problem)
+        speed = sorted(range(len(problem.devices)),
+                       key=lambda k: problem.devices[k].draft_per_token_s)
+        lengths = [0] * len(problem.devices)
+        for rank, k in enumerate(speed):
+            lengths[k] = self.held_lens[max(0, len(self.held_lens) - 1 - rank)]
+        shares = [float(x) for x in optimal_shares(arr, lengths)[0]]
+        predicted, _ = evaluate(arr, lengths, shares)
+        config_l = {d.name: lengths[k] for k, d in enumerate(problem.devices)}
+        config_b = {d.name: shares[k] for k, d in enumerate(problem.devices)}
+        rates = {n: max(shaping.MIN_RATE_BPS, shaping.uplink_rate_bps(
+                     min(1.0, config_b[n]), self.channel.bandwidth_hz,
+                     self.lab.devices[n].node.snr_db)) for n in config_b}
+        self.lab.set_rates(rates)
+        workload_of = {n: list(self.workloads)[0] for n in self.lab.devices}
+        self._start(self.active(), workload_of)    # the server grid reset its sequences
+        measured, detail = [], []
+        ready: dict[str, list[float]] = {n: [] for n in config_l}
+        while len(measured) < self.budget.fidelity_rounds and self.active():
+            res = self._round({n: config_l[n] for n in self.active()}, workload_of)
+            if res is None:
+                return {"config": {"draft_lens": config_l, "shares": config_b},
+                        "error": "a device failed during the fidelity rounds"}
+            measured.append(res["round_s"])
+            ver = res["verify"]
+            detail.append({"round_s": res["round_s"], "wait_s": ver["wait_s"],
+                           "verify_s": ver["emulated_s"] if ver["emulated_s"] is not None
+                           else ver["compute_s"], "compute_s": ver["compute_s"]})
+            for n, s in res["steps"].items():
+                ready[n].append(s["accept_s"] + s["draft_s"] + s["upload_s"])
+            for n in self.active():
+                self.rep.advanced(n, "fidelity")
+        for n in self.active():
+            self.rep.finished(n, "fidelity")
+        mean, sd = mean_sd(measured)
+        # The median: a stall of the whole machine (another busy process on a shared host)
+        # in one round of few says nothing about the model; the mean is kept beside it.
+        m = statistics.median(measured)
+        rows = {d.name: k for k, d in enumerate(problem.devices)}
+        per_device = {n: {"predicted_ready_s": float(
+                              arr.drafted_s[rows[n], config_l[n]]
+                              + arr.upload_s[rows[n], config_l[n]] / config_b[n]),
+                          "measured_ready_s": mean_sd(v)[0]} for n, v in ready.items() if v}
+        rel = abs(predicted - m) / m
+        return {"config": {"draft_lens": config_l, "shares": config_b}, "rounds": len(measured),
+                "predicted_round_s": predicted, "measured_round_s": m,
+                "measured_round_mean_s": mean, "measured_round_sd": sd,
+                "rel_error": rel, "bias": predicted / m - 1, "target": FIDELITY_TARGET,
+                "within_target": rel <= FIDELITY_TARGET, "per_device": per_device,
+                "round_detail": detail}
+
+    # -- the document --------------------------------------------------------------------
+
+    def _assemble(self, created: str, duration_s: float, facts0: dict, t_facts0: float,
+                  verify: dict, links: dict, fidelity: dict | None) -> dict:
+        over = round_overheads(self.rounds)
+        try:
+            payload = payload_summary(self.rounds)
+        except SummaryError as exc:
+            raise RunError(f"payload: {exc}") from None
+        emulation = self.inv.server.emulation
+        downlink = emulation.downlink_s if emulation is not None else 0.0
+        facts1 = self._probe_all() if fidelity is not None else {}
+        wall = max(1e-6, self.clock() - t_facts0)
+        devices = []
+        for node in self.inv.devices:
+            name = node.name
+            entry = {"name": name, "status": "ok", "error": None,
+                     "model": self._model_info(node, facts0.get(name))}
+            if name not in self.errors:
+                try:
+                    entry.update(device_summary(self.rounds, name))
+                    entry["draft"]["dispatch_s"] = over["dispatch_s"]
+                    entry["draft"]["round_base_s"] = (entry["draft"]["base_s"]
+                                                      + entry["draft"]["accept_s"]
+                                                      + over["dispatch_s"])
+                    entry["link"] = links[name]
+                except (SummaryError, KeyError) as exc:
+                    self.errors[name] = f"draft: {exc}"
+            if name in self.errors:
+                entry["status"], entry["error"] = "failed", self.errors[name]
+            entry["node"] = node_facts(node, facts0.get(name), facts1.get(name), wall)
+            devices.append(entry)
+        return {
+            "schema": SCHEMA, "created_utc": created, "duration_s": duration_s,
+            "quick": self.quick,
+            "inventory": {"path": str(self.inv.path), "name": self.inv.name,
+                          "kind": self.inv.kind, "digest": self.inv.digest},
+            "versions": records.versions(),
+            "channel": {"payload": self.channel.payload, "top_k": self.channel.top_k,
+                        "bandwidth_hz": self.channel.bandwidth_hz,
+                        "max_draft_len": self.channel.max_draft_len,
+                        "baseline_draft_len": self.channel.baseline_draft_len,
+                        "header_bits_configured": self.channel.header_bits},
+            "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
+            "grids": {"draft_lens": self.fit_lens, "held_out_lens": self.held_lens,
+                      "rounds": len(self.rounds)},
+            "stage_s": dict(self.stage_s),
+            "payload": payload,
+            "devices": devices,
+            "server": {"verify": verify, "downlink_s": downlink + over["return_s"],
+                       "emulated_downlink_s": downlink, "round_overhead": over,
+                       "model": self._model_info(self.inv.server, facts0.get("server")),
+                       "node": node_facts(self.inv.server, facts0.get("server"),
+                                          facts1.get("server"), wall)},
+            "fidelity": fidelity,
+            "warnings": list(self.warnings),
+        }
+
+    def _model_info(self, node, facts: dict | None) -> dict:
+        from . import models
+        ref = node.model
+        info = {"name": ref.name, "path": ref.path, "sha256": ref.sha256}
+        if ref.name or node.connection == "local" or self.inv.kind == "emulated":
+            try:
+                path = resolve_model(node)
+                info["path"] = path
+                info["sha256"] = models.sha256_file(path)
+            except TestbedError as exc:
+                info["error"] = str(exc)
+        return info
+
+
+class LogReporter(Reporter):
+    """A reporter for a plain log: each stage once when it starts, failures, notes."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.seen: set[str] = set()
+
+    def started(self, node: str, stage: str) -> None:
+        if stage not in self.seen:
+            self.seen.add(stage)
+            self.log(f"profiling: {stage}")
+
+    def finished(self, node: str, stage: str, error: str | None = None) -> None:
+        if error:
+            self.log(f"profiling: {node} failed at {stage}: {error}")
+
+    def note(self, message: str) -> None:
+        self.log(f"profiling: {message}")
+
+
+def profile_inventory(inv: Inventory, *, quick: bool = True,
+                      progress: Callable[[str], None] | None = None, experiment=None,
+                      workloads: Mapping[str, Workload] | None = None, seed: int = 0) -> dict:
+    """Profile a running lab in one call (``testbed run`` with ``profile: auto``). With an
+    ``experiment``: its workloads (and their sampling) and its channel; otherwise the shipped
+    prompt sets, greedy, and the inventory's channel. Returns the profile (not written)."""
+    channel = None
+    if experiment is not None:
+        workloads = workloads or workloads_from_experiment(experiment)
+        channel = experiment.channel
+    return Profiler(inv, workloads or workloads_from_files([]), channel=channel,
+                    budget=QUICK if quick else FULL, quick=quick, seed=seed,
+                    reporter=LogReporter(progress) if progress else None).run()
+
+
+def _frame_head(name: str) -> bytes:
+    from .datapath import BULK, frame
+    return frame(BULK, 0, name)
+
+
+def _first_line(exc: BaseException) -> str:
+    from .live import _first_line as first
+    return first(exc)
+
+
