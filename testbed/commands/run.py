@@ -1,14 +1,121 @@
-"""`testbed run`: not built yet (placeholder so the CLI lists it)."""
+"""`testbed run EXPERIMENT`: run an experiment on its lab, with the live view, into runs/<id>/.
+
+Exit codes: 0 the run completed; 3 it completed but devices were lost on the way (not the
+scheduled leaves); 1 it failed; 130 interrupted (Ctrl-C: links restored, agents stopped,
+records finalised; a second Ctrl-C forces the exit); 2 bad input.
+"""
 
 from __future__ import annotations
 
-from ..errors import TestbedError
+import json
+import os
+import signal
+import sys
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="(not built yet)")
+    p = sub.add_parser("run", help="run an experiment on the lab (live view, records, summary)",
+                       description="Run the policies of an experiment back to back on the lab "
+                       "of its inventory, re-planning live, with a live view of goodput. Writes "
+                       "runs/<id>/ (manifest.json, events.jsonl, summary.json). An emulated lab "
+                       "and its Ray cluster are brought up first when they are not (and taken "
+                       "down again afterwards).")
+    p.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="experiment YAML")
+    p.add_argument("--replay", metavar="RUN_DIR",
+                   help="repeat the experiment of a recorded run (same file, profile and seeds)")
+    p.add_argument("--out", default="runs", metavar="DIR", help="where run folders go "
+                   "(default: runs)")
+    p.add_argument("--profile", metavar="FILE", help="use this profile instead of the "
+                   "experiment's")
+    p.add_argument("--no-live", action="store_true", help="print log lines instead of the "
+                   "live dashboard")
     p.set_defaults(func=run)
 
 
+def load_profile(path: str | Path) -> dict:
+    """Read a profile file (schema testbed.profile/*); ProfileError on anything else."""
+    from ..errors import ProfileError
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ProfileError("file not found", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read: {exc}", source=str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"invalid JSON: {exc.msg}", source=str(path), line=exc.lineno) from None
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("testbed.profile/"):
+        raise ProfileError('expected a profile (schema "testbed.profile/1")', source=str(path),
+                           field="schema")
+    return data
+
+
+def _experiment_and_profile(args):
+    from ..errors import InputError
+    from ..experiment import load_experiment
+    if args.replay:
+        from ..records import read_manifest
+        manifest = read_manifest(args.replay)
+        exp = load_experiment(manifest["experiment_path"])
+        if exp.digest and manifest.get("experiment", {}).get("digest") not in (None, exp.digest):
+            raise InputError("the experiment file changed since that run (digest differs)",
+                             source=manifest["experiment_path"])
+        return exp, manifest.get("profile")
+    if not args.experiment:
+        raise InputError("give an EXPERIMENT file or --replay RUN_DIR", source="testbed run")
+    exp = load_experiment(args.experiment)
+    if args.profile:
+        return exp, load_profile(args.profile)
+    if exp.profile_path is not None:
+        return exp, load_profile(exp.profile_path)
+    return exp, None
+
+
 def run(args) -> int:
-    raise TestbedError("testbed run is not built yet")
+    from rich.console import Console
+
+    from .. import cluster, lab
+    from ..runner import EXIT_INTERRUPTED, run as run_experiment
+    from ..view import LiveView, RunView
+
+    console = Console(log_path=False)
+    exp, profile = _experiment_and_profile(args)
+    inv = exp.inventory
+    brought_up = []
+    if inv.kind == "emulated" and not lab.status(inv).ok:
+        console.log("bringing the emulated lab up")
+        lab.up(inv, console.log)
+        brought_up.append("lab")
+    if not cluster.is_up(inv):
+        console.log("starting the Ray cluster")
+        cluster.up(inv, console.log)
+        brought_up.append("cluster")
+    try:
+        if profile is None:
+            from ..profiler import profile_inventory
+            console.log("profiling the lab first (--quick)")
+            profile = profile_inventory(inv, quick=True, progress=console.log, experiment=exp)
+        view = RunView(duration_s=exp.duration_s, rounds=exp.rounds)
+        interrupted = {"n": 0}
+
+        def on_sigint(signum, frame):
+            interrupted["n"] += 1
+            if interrupted["n"] >= 2:
+                console.print("[red]second Ctrl-C: forcing exit[/]")
+                os._exit(EXIT_INTERRUPTED)
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            with LiveView(view, console, live=False if args.no_live else None) as live:
+                run_dir, code = run_experiment(exp, profile, Path(args.out), listeners=[live],
+                                               argv=sys.argv, progress=console.log)
+        finally:
+            signal.signal(signal.SIGINT, old)
+    finally:
+        if "cluster" in brought_up:
+            cluster.down(inv, console.log)
+        if "lab" in brought_up:
+            lab.down(inv, console.log)
+    console.print(f"run folder: {run_dir}  (testbed report {run_dir})")
+    return code

@@ -1,0 +1,254 @@
+"""The live system's Ray actors: a ``DeviceAgent`` per device and one ``ServerAgent``.
+
+A ``DeviceAgent`` runs on its device (pinned with the resource ``device:NAME``): it holds the
+draft model (``engine.DraftWorker``) and a TCP connection to the server's data port
+(``datapath.UploadClient``). ``step(round, L, verdict)`` applies the previous round's verdict
+(KV rollback + the server's token), drafts L tokens and uploads them through the device's shaped
+link; it returns the draft and upload times it measured on its own clock.
+
+The ``ServerAgent`` runs on the server (resource ``server``): it holds the target model
+(``engine.Verifier``, every device one sequence of one llama.cpp context) and the receiving end
+of the data path (``datapath.UploadReceiver``). ``verify_round(round, drafting, idle)`` waits for
+the uploads of the drafting devices, verifies everything in one batch (devices with L = 0 get the
+server's own next token: batched decoding) and returns the verdicts and timings. In the emulated
+lab the step lasts as long as the inventory's emulation profile says, and the downlink then takes
+``downlink_s`` (both emulated durations are recorded next to the real compute time).
+
+Each verdict says whether its tokens hold an end-of-generation token (``eog``: time for a new
+prompt). For the profiler: ``ServerAgent.verify_grid`` times synthetic batches (K sequences x L
+draft tokens) and both agents have ``probe()`` (the node's facts, ``testbed.probe``).
+
+Both classes are plain Python (unit-testable in process); ``remote_classes()`` wraps them for Ray.
+Control (which round, which L, the verdicts) travels over Ray; draft payloads travel only over
+the data path, so only they cross the shaped class.
+
+Limits: one sequence per device; sampling parameters are per device sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+from typing import Mapping, Sequence
+
+from .datapath import UploadClient, UploadReceiver
+from .engine import payload as pl
+from .engine.draft import DraftWorker
+from .engine.native import Model
+from .engine.sampling import SamplingParams
+from .engine.verify import Verifier
+
+
+def where() -> dict:
+    """Where this process runs: Ray's node IP, hostname, pid and CPU quota."""
+    import ray
+
+    from .probe import cpu_quota  # the node probe reads cgroup v1 and v2
+    return {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+            "pid": os.getpid(), "cpu_quota": cpu_quota()["cpu_quota_cores"]}
+
+
+def vocab_digest(model: Model) -> dict:
+    """Vocabulary size and a digest of every token text (to compare models across nodes)."""
+    h = hashlib.sha256()
+    for t in range(model.n_vocab):
+        h.update(model.token_text(t))
+        h.update(b"\0")
+    return {"n_vocab": model.n_vocab, "sha256": h.hexdigest()}
+
+
+def probe_node(models: Sequence[str] = ()) -> dict:
+    """The node's facts (``testbed.probe``) plus this process's CPU seconds so far (the
+    profiler takes differences to report the agent's CPU use while profiling)."""
+    from .probe import probe
+    out = probe(list(models))
+    t = os.times()
+    out["process_cpu_s"] = t.user + t.system
+    return out
+
+
+class DeviceAgent:
+    """A device: draft model + upload connection. See the module docstring."""
+
+    def __init__(self, name: str, model_path: str, server_host: str, data_port: int, *,
+                 threads: int = 1, n_ctx: int = 2048, seed: int = 0, payload: str = "ids",
+                 top_k: int = 8):
+        self.name = name
+        self.worker = DraftWorker(model_path, n_ctx=n_ctx, threads=threads, seed=seed,
+                                  payload=payload, payload_k=top_k)
+        self.client = UploadClient(name, server_host, data_port)
+
+    def where(self) -> dict:
+        return where()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.worker.model.tokenize(text)
+
+    def vocab_digest(self) -> dict:
+        return vocab_digest(self.worker.model)
+
+    def start(self, prompt_tokens: Sequence[int], *, seed: int | None = None,
+              sampling: Mapping | None = None) -> float:
+        """Begin a new sequence (a new prompt); returns the prefill time (s)."""
+        if sampling is not None:
+            self.worker.sampling = SamplingParams(**sampling)
+        return self.worker.start(list(prompt_tokens), seed=seed)
+
+    def step(self, round_id: int, draft_len: int,
+             verdict: tuple[int, int] | None = None) -> dict:
+        """Apply the last verdict, draft ``draft_len`` tokens, upload them. ``draft_len`` 0: no
+        draft and no upload (the server decodes this device's next token itself)."""
+        t0 = time.perf_counter()
+        if verdict is not None:
+            self.worker.accept(int(verdict[0]), int(verdict[1]))
+        accept_s = time.perf_counter() - t0
+        if draft_len <= 0:
+            self.worker.draft(0)
+            return {"name": self.name, "accept_s": accept_s, "draft_s": 0.0, "upload_s": 0.0,
+                    "n_drafted": 0, "payload_bytes": 0, "wire_bytes": 0}
+        d = self.worker.draft(draft_len)
+        up = self.client.send(round_id, d.payload)
+        return {"name": self.name, "accept_s": accept_s, "draft_s": d.draft_s,
+                "upload_s": up.upload_s, "n_drafted": len(d.tokens),
+                "payload_bytes": up.payload_bytes, "wire_bytes": up.wire_bytes}
+
+    def bulk(self, nbytes: int) -> dict:
+        """Push ``nbytes`` through the data path (link-rate measurement)."""
+        return asdict(self.client.bulk(nbytes))
+
+    def ping(self) -> float:
+        return self.client.ping()
+
+    def link_mss(self) -> int:
+        return self.client.mss()
+
+    def probe(self, models: Sequence[str] = ()) -> dict:
+        return probe_node(models)
+
+    def close(self) -> None:
+        self.client.close()
+        self.worker.close()
+
+
+class ServerAgent:
+    """The server: target model + upload receiver. See the module docstring."""
+
+    def __init__(self, model_path: str, host: str, data_port: int, devices: Sequence[str], *,
+                 threads: int = 2, n_ctx: int = 2048, seed: int = 0, emulation=None,
+                 max_draft_len: int = 16):
+        self.seq = {name: i for i, name in enumerate(devices)}
+        self.emulation = emulation
+        self.verifier = Verifier(model_path, n_seq_max=max(1, len(devices)), n_ctx=n_ctx,
+                                 threads=threads, seed=seed, emulation=emulation,
+                                 max_draft_len=max_draft_len)
+        self.receiver = UploadReceiver(host, data_port)
+        self._empty = pl.encode("ids", [], id_bytes=pl.id_bytes_for(self.verifier.model.n_vocab))
+        # The actor runs two calls at once (max_concurrency 2, for ``abandon``), but one llama.cpp
+        # context must not decode from two threads: two concurrent prefills aborted the server
+        # (GGML_ASSERT in ggml-cpu ops.cpp). Every use of the verifier holds this lock.
+        self._engine = threading.Lock()
+
+    def where(self) -> dict:
+        return where()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.verifier.model.tokenize(text)
+
+    def vocab_digest(self) -> dict:
+        return vocab_digest(self.verifier.model)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.verifier.model.detokenize(list(tokens))
+
+    def is_eog(self, token: int) -> bool:
+        return self.verifier.model.is_eog(int(token))
+
+    def start(self, name: str, prompt_tokens: Sequence[int], *, seed: int | None = None,
+              sampling: Mapping | None = None) -> float:
+        """(Re)start a device's sequence with a prompt; returns the prefill time (s)."""
+        with self._engine:
+            return self.verifier.add_sequence(self.seq[name], list(prompt_tokens), seed=seed,
+                                              sampling=None if sampling is None
+                                              else SamplingParams(**sampling))
+
+    def verify_round(self, round_id: int, drafting: Sequence[str], idle: Sequence[str], *,
+                     timeout_s: float = 120.0) -> dict:
+        """Wait for the drafting devices' uploads of ``round_id``, verify all in one batch."""
+        t0 = time.perf_counter()
+        arrivals = self.receiver.wait_for(round_id, list(drafting), timeout_s)
+        t_wait = time.perf_counter() - t0
+        drafting = [n for n in drafting if n in arrivals]   # a device may have failed
+        drafts = {self.seq[n]: a.payload for n, a in arrivals.items()}
+        drafts.update({self.seq[n]: self._empty for n in idle})
+        with self._engine:
+            res = self.verifier.verify(drafts)
+        downlink_s = 0.0
+        if self.emulation is not None and self.emulation.downlink_s > 0:
+            time.sleep(self.emulation.downlink_s)   # the emulated downlink (documented)
+            downlink_s = self.emulation.downlink_s
+        verdicts = {}
+        for name in list(drafting) + list(idle):
+            r = res.results[self.seq[name]]
+            verdicts[name] = {"n_drafted": r.n_drafted, "n_accepted": r.n_accepted,
+                              "next_token": r.next_token, "tokens": list(r.tokens),
+                              "eog": any(self.verifier.model.is_eog(t) for t in r.tokens)}
+        return {"round": round_id, "verdicts": verdicts, "wait_s": t_wait,
+                "n_tokens": res.n_tokens, "n_decodes": res.n_decodes,
+                "compute_s": res.compute_s, "emulated_s": res.emulated_s,
+                "downlink_s": downlink_s,
+                "wire_bytes": {n: a.wire_bytes for n, a in arrivals.items()}}
+
+    def abandon(self, name: str) -> None:
+        """Called concurrently with ``verify_round`` (the actor has max_concurrency 2) when a
+        device failed: the round goes on without it."""
+        self.receiver.abandon(name)
+
+    def readmit(self, name: str) -> None:
+        self.receiver.readmit(name)
+
+    def discard_before(self, round_id: int) -> None:
+        self.receiver.discard_before(round_id)
+
+    def verify_grid(self, cells: Sequence[tuple[int, int]], prompt_tokens: Sequence[int], *,
+                    repeats: int = 2) -> list[dict]:
+        """Profiler: time verification steps of synthetic batches, for each cell (K, L) K
+        sequences with an L-token draft each (the prompt's own first tokens), ``repeats`` times.
+        Restarts sequences 0..K-1 on ``prompt_tokens``: devices start new sequences afterwards.
+        Returns one record per step: devices, draft_len, tokens, real_s, emulated_s."""
+        with self._engine:
+            return self._verify_grid(cells, prompt_tokens, repeats)
+
+    def _verify_grid(self, cells, prompt_tokens, repeats: int) -> list[dict]:
+        ids = pl.id_bytes_for(self.verifier.model.n_vocab)
+        out = []
+        for k, length in cells:
+            for seq in range(k):
+                self.verifier.add_sequence(seq, list(prompt_tokens))
+            draft = pl.encode("ids", list(prompt_tokens[:length]), id_bytes=ids)
+            for _ in range(repeats):
+                res = self.verifier.verify({seq: draft for seq in range(k)})
+                out.append({"devices": k, "draft_len": length, "tokens": res.n_tokens,
+                            "real_s": res.compute_s, "emulated_s": res.emulated_s})
+        return out
+
+    def probe(self, models: Sequence[str] = ()) -> dict:
+        return probe_node(models)
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.verifier.close()
+
+
+def remote_classes():
+    """The Ray actor classes (imports ray only when called)."""
+    import ray
+    return ray.remote(DeviceAgent), ray.remote(ServerAgent)
+
+
+def vocab_model(path: str) -> Model:
+    """Open a model's vocabulary only (cheap), e.g. to tokenize on the driver."""
+    return Model.open(path, vocab_only=True)

@@ -1,0 +1,365 @@
+"""The driver's handle on a running lab: agents on the nodes, shaped links, synchronous rounds.
+
+``LiveLab`` is what the profiler and the runner share. It joins the lab's Ray cluster (started
+by ``testbed up``), places one ``ServerAgent`` on the server and one ``DeviceAgent`` per device
+(pinned with the ``server`` / ``device:NAME`` resources), checks that every draft model shares
+the target's vocabulary, and shapes each device's uplink with ``tc`` through that device's runner
+(SSH; sudo on a real lab). Then:
+
+- ``start_sequence(name, prompt, sampling)``: a new prompt on both sides (prefill, not a round);
+- ``set_rates({name: bit/s})``: ``tc class change`` on the devices, in parallel; returns the time
+  from decision to effect;
+- ``round(lengths)``: one synchronous round: every device applies its last verdict, drafts its
+  L_k and uploads through its shaped link, the server verifies all drafts in one batch; returns
+  what every part measured; when some devices' steps fail it raises ``DeviceFailed`` naming
+  them (the others then need new sequences);
+- ``remove_device`` / ``add_device``: a device leaves (its Ray actor is killed) or rejoins.
+
+Agents load their models all at once; in the emulated lab with the devices' CPU quotas raised
+meanwhile (as ``cluster.up`` does for ``ray start``). ``open(keep_going=True)`` leaves out a
+device that fails to start (``failed`` says why) instead of failing.
+
+Limits: one run at a time per lab (the data port is the server's); devices that leave lose their
+sequence and start a new prompt when they rejoin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from . import cluster, shaping
+from .errors import ClusterError, ModelFileError, RunError, TestbedError
+from .inventory import Channel, Inventory, Node
+from .remote import Runner, runner_for
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass
+class DeviceState:
+    node: Node
+    actor: object | None = None
+    runner: Runner | None = None
+    verdict: tuple[int, int] | None = None   # last round's (n_accepted, next_token), not yet applied
+    generated: int = 0                        # tokens generated for the current prompt
+    rate_bps: float | None = None
+    active: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def resolve_model(node: Node) -> str:
+    """The model file for a node: a registry name resolves in this machine's model store (the
+    emulated lab and a server driving itself); a path is used as given (it lives on the node)."""
+    from . import models
+    if node.model.path:
+        return node.model.path
+    return str(models.resolve(node.model))
+
+
+class LiveLab:
+    """See the module docstring."""
+
+    def __init__(self, inv: Inventory, channel: Channel | None = None, *, seed: int = 0,
+                 n_ctx: int = 1024, progress: Progress = _quiet):
+        self.inv = inv
+        self.channel = channel or inv.channel
+        self.seed = seed
+        self.n_ctx = n_ctx
+        self.progress = progress
+        self.devices: dict[str, DeviceState] = {d.name: DeviceState(d) for d in inv.devices}
+        self.server = None
+        self.server_info: dict = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(4, len(inv.devices)))
+        self._ray = None
+        self._round = 0
+        self._target_vocab: dict | None = None
+        self.failed: dict[str, str] = {}          # open(keep_going=True): device -> "step: why"
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def open(self, *, keep_going: bool = False) -> "LiveLab":
+        """Join the cluster, start the agents, check vocabularies, shape the uplinks.
+
+        ``keep_going``: a device that fails here is left out (``failed[name]`` says at which
+        step: ``load``, ``vocab`` or ``shape``) instead of failing the whole lab; the profiler
+        uses it to profile the other devices."""
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not cluster.is_up(self.inv):
+            raise ClusterError(f"the Ray cluster of {self.inv.path} is not up: run "
+                               f"`testbed up {self.inv.path}` first")
+        import ray
+        self._ray = ray
+        if not ray.is_initialized():
+            self.progress("joining the Ray cluster")
+            cluster.set_driver_env(self.inv)    # the lab's auth token (see cluster.py)
+            ray.init(address=cluster.address(self.inv), _node_ip_address=self.inv.server.host,
+                     log_to_driver=False, logging_level=logging.WARNING,
+                     configure_logging=False)
+        device_cls, server_cls = self._classes()
+        target = resolve_model(self.inv.server)
+        self.progress("loading the target model on the server and the draft models on the "
+                      "devices")
+        s = self.inv.server
+        # Emulated lab: devices load their models with their CPU quota raised (as for `ray
+        # start`): under a 0.15-core quota loading takes tens of seconds and says nothing about
+        # drafting. All agents load at once; each is checked when it is up.
+        with cluster._raised_quotas(self.inv):
+            # max_concurrency 2: ``abandon`` must run while ``verify_round`` waits for uploads.
+            self.server = server_cls.options(**cluster.options_for_server(),
+                                             max_concurrency=2).remote(
+                target, s.host, self.inv.data_port, [d.name for d in self.inv.devices],
+                threads=s.threads, n_ctx=self.n_ctx, seed=self.seed, emulation=s.emulation,
+                max_draft_len=self.channel.max_draft_len)
+            for i, st in enumerate(self.devices.values()):
+                self._create(st, i)
+            self.server_info = ray.get(self.server.where.remote())
+            for name, st in self.devices.items():
+                self._guard(keep_going, name, "load", lambda st=st: self._started(st))
+        for name, st in self.devices.items():
+            if st.active:
+                self._guard(keep_going, name, "vocab", lambda st=st: self._check_vocab(st))
+        self.progress("shaping the uplinks")
+        self._shape_all(keep_going)
+        return self
+
+    def _guard(self, keep_going: bool, name: str, step: str, fn) -> None:
+        """Run one device's set-up step; with ``keep_going`` a failure leaves the device out."""
+        try:
+            fn()
+        except TestbedError as exc:
+            if not keep_going:
+                raise
+            self.failed[name] = f"{step}: {exc}"
+            self.remove_device(name)
+
+    def _classes(self):
+        from .agents import remote_classes
+        return remote_classes()
+
+    def _create(self, st: DeviceState, index: int) -> None:
+        device_cls, _ = self._classes()
+        node = st.node
+        st.actor = device_cls.options(**cluster.options_for_device(node.name)).remote(
+            node.name, resolve_model(node), self.inv.server.host, self.inv.data_port,
+            threads=node.threads, n_ctx=self.n_ctx, seed=self.seed * 1000 + index,
+            payload=self.channel.payload, top_k=self.channel.top_k)
+
+    def _started(self, st: DeviceState) -> None:
+        node = st.node
+        try:
+            st.info = self._ray.get(st.actor.where.remote(), timeout=300)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's own error
+            raise ClusterError(f"{node.name}: the draft agent did not start: "
+                               f"{_first_line(exc)}") from None
+        if st.info.get("ip") != node.host:
+            raise ClusterError(f"{node.name}: the draft agent runs at {st.info.get('ip')}, not "
+                               f"at the device's address {node.host}")
+        st.active = True
+        st.verdict = None
+        st.generated = 0
+
+    def _spawn(self, st: DeviceState, index: int) -> None:
+        self.progress(f"loading the draft model on {st.node.name}")
+        self._create(st, index)
+        self._started(st)
+
+    def _check_vocab(self, st: DeviceState) -> None:
+        """A draft model must tokenize exactly like the target (size and token texts)."""
+        ray = self._ray
+        if self._target_vocab is None:
+            self._target_vocab = ray.get(self.server.vocab_digest.remote())
+        want = self._target_vocab
+        got = ray.get(st.actor.vocab_digest.remote())
+        if got != want:
+            raise ModelFileError(
+                f"draft {resolve_model(st.node)} ({got['n_vocab']} tokens) and target "
+                f"{resolve_model(self.inv.server)} ({want['n_vocab']} tokens) do not share "
+                "a vocabulary", field=f"{st.node.name}.model")
+
+    def _shape_all(self, keep_going: bool = False) -> None:
+        share = 1.0 / max(1, len(self.devices))
+        rates = {n: shaping.uplink_rate_bps(share, self.channel.bandwidth_hz, st.node.snr_db)
+                 for n, st in self.devices.items()}
+
+        def one(name: str) -> None:
+            st = self.devices[name]
+            if st.runner is None:
+                st.runner = runner_for(st.node, self.inv)
+            shaping.apply(st.runner, st.node.interface, rates[name], self.inv.server.host,
+                          self.inv.data_port)
+            st.rate_bps = rates[name]
+        names = [n for n, st in self.devices.items() if st.active]
+        futures = {n: self._pool.submit(one, n) for n in names}
+        for name, fut in futures.items():
+            self._guard(keep_going, name, "shape", fut.result)
+
+    # -- control -----------------------------------------------------------------------------
+
+    def set_rates(self, rates_bps: Mapping[str, float], *,
+                  read_back: dict | None = None) -> float:
+        """Move the named devices' data classes to new rates (``tc class change``, in parallel);
+        returns seconds from the call to the last change in effect. With ``read_back`` (a dict)
+        each changed device's rate is read back from ``tc`` into it (one more command each)."""
+        t0 = time.perf_counter()
+
+        def one(item):
+            name, rate = item
+            st = self.devices[name]
+            rate = max(float(rate), shaping.MIN_RATE_BPS)
+            if st.rate_bps is not None and abs(rate - st.rate_bps) < 1.0:
+                return
+            shaping.change(st.runner, st.node.interface, rate)
+            st.rate_bps = rate
+            if read_back is not None:
+                read_back[name] = shaping.read_rate_bps(st.runner, st.node.interface)
+        list(self._pool.map(one, [(n, r) for n, r in rates_bps.items()
+                                  if self.devices[n].runner is not None]))
+        return time.perf_counter() - t0
+
+    def start_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
+                       seed: int | None = None) -> float:
+        """A new prompt for one device, on both sides; returns the slower prefill (s)."""
+        ray = self._ray
+        st = self.devices[name]
+        tokens = ray.get(self.server.tokenize.remote(prompt))
+        s_ref = self.server.start.remote(name, tokens, seed=seed, sampling=sampling)
+        d_ref = st.actor.start.remote(tokens, seed=seed, sampling=sampling)
+        prefill_s = max(ray.get([s_ref, d_ref]))
+        st.verdict = None
+        st.generated = 0
+        return prefill_s
+
+    def round(self, lengths: Mapping[str, int], *, timeout_s: float = 120.0,
+              keep_going: bool = False) -> dict:
+        """One synchronous round over the active devices named in ``lengths``.
+
+        A device whose step fails (its agent died, its draft or upload failed) is given up on:
+        the server verifies the others without waiting for it. With ``keep_going`` the round's
+        result names it under ``failed``; otherwise ``DeviceFailed`` is raised after the round.
+        """
+        ray = self._ray
+        rid = self._round
+        self._round += 1
+        active = [n for n in lengths if n in self.devices and self.devices[n].active]
+        drafting = [n for n in active if lengths.get(n, 0) > 0]
+        idle = [n for n in active if lengths.get(n, 0) <= 0]
+        t0 = time.perf_counter()
+        steps = {n: self.devices[n].actor.step.remote(rid, int(lengths.get(n, 0)),
+                                                      self.devices[n].verdict) for n in active}
+        vref = self.server.verify_round.remote(rid, drafting, idle, timeout_s=timeout_s)
+        step_out, failed = {}, {}
+        for name, ref in steps.items():
+            try:
+                step_out[name] = ray.get(ref, timeout=timeout_s)
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
+                failed[name] = _first_line(exc)
+                # The server runs ``abandon`` beside the waiting ``verify_round``
+                # (max_concurrency 2) and verifies the others without this device.
+                self.server.abandon.remote(name)
+        try:
+            ver = ray.get(vref, timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
+            raise RunError(f"round {rid}: {_first_line(exc)}") from None
+        round_s = time.perf_counter() - t0
+        active = [n for n in active if n not in failed and n in ver["verdicts"]]
+        for n in active:
+            v = ver["verdicts"][n]
+            st = self.devices[n]
+            st.verdict = (v["n_accepted"], v["next_token"])
+            st.generated += len(v["tokens"])
+        if failed and not keep_going:
+            raise DeviceFailed(rid, failed)
+        return {"round": rid, "round_s": round_s, "steps": step_out, "verify": ver,
+                "active": active, "failed": failed}
+
+    def last_tokens(self, name: str) -> int:
+        return self.devices[name].generated
+
+    # -- membership --------------------------------------------------------------------------
+
+    def remove_device(self, name: str) -> float:
+        """The device leaves: its Ray actor is killed (its worker process stops)."""
+        t0 = time.perf_counter()
+        st = self.devices[name]
+        if st.actor is not None:
+            try:
+                self._ray.kill(st.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - an actor that already died is fine
+                pass
+        st.actor = None
+        st.active = False
+        st.verdict = None
+        return time.perf_counter() - t0
+
+    def add_device(self, name: str) -> float:
+        """The device rejoins: a fresh agent (it must then start a new sequence)."""
+        t0 = time.perf_counter()
+        index = list(self.devices).index(name)
+        self._spawn(self.devices[name], index)
+        self._ray.get(self.server.readmit.remote(name))
+        return time.perf_counter() - t0
+
+    def active(self) -> list[str]:
+        return [n for n, st in self.devices.items() if st.active]
+
+    # -- tear-down ---------------------------------------------------------------------------
+
+    def close(self) -> list[str]:
+        """Restore the links, stop the agents; returns the problems met (never raises)."""
+        problems: list[str] = []
+
+        def unshape(st: DeviceState) -> None:
+            try:
+                shaping.clear(st.runner, st.node.interface)
+            except TestbedError as exc:
+                problems.append(str(exc))
+        list(self._pool.map(unshape, [st for st in self.devices.values()
+                                      if st.runner is not None]))
+        ray = self._ray
+        if ray is not None and ray.is_initialized():
+            for actor in [self.server] + [st.actor for st in self.devices.values()]:
+                if actor is not None:
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception as exc:  # noqa: BLE001 - best effort at tear-down
+                        problems.append(f"stopping an agent: {_first_line(exc)}")
+            ray.shutdown()
+        for st in self.devices.values():
+            if st.runner is not None:
+                st.runner.close()
+        self._pool.shutdown(wait=False)
+        return problems
+
+    def __enter__(self) -> "LiveLab":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DeviceFailed(RunError):
+    """Some devices' steps failed in a round (an agent died, a draft failed): ``failed`` maps
+    each to its error. The round has no verdicts: the other devices' sequences must restart."""
+
+    def __init__(self, round_id: int, failed: Mapping[str, str]):
+        self.round_id = round_id
+        self.failed = dict(failed)
+        super().__init__(f"round {round_id}: " + "; ".join(f"{n}: {m}" for n, m in
+                                                            self.failed.items()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    # Ray's wrapped errors put the original message last.
+    useful = [t for t in text if t.strip() and not t.startswith(" ")]
+    return (useful[-1] if useful else type(exc).__name__)[:400]
+

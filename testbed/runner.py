@@ -1,0 +1,369 @@
+"""The live experiment loop: policies back to back on a running lab, re-planned as it goes.
+
+``run_experiment(exp, profile, out_root)`` opens a ``LiveLab`` on the experiment's inventory and,
+for each policy in turn, on the same prompts with the same seeds:
+
+1. plans from the profile (``control``), applies the plan (``tc class change`` for the shares, the
+   draft lengths are simply the next round's argument), starts every device on its first prompt;
+2. runs synchronous rounds (draft -> upload through the shaped link -> one batched verification)
+   until the policy's budget is spent, recording every round with the model's prediction for the
+   plan in force;
+3. feeds every round to the online estimator and, every ``replan.interval_rounds``, re-plans;
+   a new plan replaces the old one only when the re-plan rule says so (hysteresis);
+4. applies the scheduled events for real: an SNR change moves the device's ``tc`` rate (the
+   controller is not told: it sees slower uploads), a workload switch starts the next prompt of
+   the new set, a device that leaves has its Ray actor killed, one that rejoins gets a new one.
+   Membership changes re-plan at once.
+
+Everything goes to the run folder through ``records.EventWriter`` (flushed per line), which also
+feeds the live view. Ctrl-C and failures restore the links, stop the agents and finalise the
+records (``LiveLab.close`` in a ``finally``).
+
+Limits: rounds are synchronous (the slowest device sets the pace, as in the model); prefills of
+new prompts happen between rounds and are recorded as events, not rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import records
+from .control.estimator import Estimator, RoundObservation, ServerObservation
+from .control.problem import Plan, Problem, plan_to_dict, problem_from_profile
+from .control.replan import Replanner
+from .errors import ProblemError, RunError
+from .experiment import Experiment
+from .live import LiveLab
+from .shaping import uplink_rate_bps
+
+Listener = Callable[[dict], None]
+
+EXIT_OK, EXIT_FAILED, EXIT_LOST_DEVICES, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+@dataclass
+class DeviceRun:
+    """A device's workload position within the current policy."""
+
+    name: str
+    index: int
+    workload: str
+    prompt_index: int = 0
+    snr_db: float = 0.0
+    present: bool = True
+
+
+@dataclass
+class PolicyState:
+    policy: str
+    plan: Plan
+    rounds: int = 0
+    measured_t0: float | None = None
+    last_plan_round: int = 0
+    devices: dict[str, DeviceRun] = field(default_factory=dict)
+
+
+class ExperimentRunner:
+    """Runs one experiment on an open LiveLab; see the module docstring."""
+
+    def __init__(self, exp: Experiment, profile: dict, lab: LiveLab,
+                 writer: records.EventWriter, *, clock: Callable[[], float] = time.perf_counter):
+        self.exp = exp
+        self.profile = profile
+        self.lab = lab
+        self.writer = writer
+        self.clock = clock
+        self.t_start = clock() - writer.now()   # one time axis with the writer
+        self.lost: list[str] = []
+        self._rules: dict[str, Replanner] = {}
+        self._pending_replan = False
+        self.base_problem = self._profile_problem()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _profile_problem(self) -> Problem:
+        """The profile as a problem: acceptance of each device's starting workload (by its
+        prompt set's task) when the profile measured it, else the pooled acceptance."""
+        exp = self.exp
+        snr = {d.name: d.snr_db for d in exp.inventory.devices}
+        tasks = {n: exp.workloads[w].prompt_set.task for n, w in exp.device_workloads.items()}
+        try:
+            return problem_from_profile(self.profile, exp.channel, tasks, snr_db=snr,
+                                        source="profile")
+        except ProblemError:
+            return problem_from_profile(self.profile, exp.channel, None, snr_db=snr,
+                                        source="profile")
+
+    def t(self) -> float:
+        return self.clock() - self.t_start
+
+    def emit(self, event: dict) -> None:
+        event.setdefault("t", round(self.t(), 6))
+        self.writer.write(event)
+
+    def _problem_for(self, st: PolicyState, est: Estimator) -> Problem:
+        """The controller's view: the profile updated by the estimator, present devices only."""
+        return est.problem([n for n, d in st.devices.items() if d.present])
+
+    def _apply_plan(self, st: PolicyState, plan: Plan) -> float:
+        """Shares -> tc rates (with each device's true SNR); lengths are used by the next round."""
+        rates = {}
+        for d in plan.devices:
+            if not st.devices[d.name].present:
+                continue
+            dev = st.devices[d.name]
+            share = d.bandwidth_share if d.draft_len > 0 else 1.0 / max(1, len(plan.devices))
+            rates[d.name] = uplink_rate_bps(min(1.0, share), self.exp.channel.bandwidth_hz,
+                                            dev.snr_db)
+        applied_s = self.lab.set_rates(rates)
+        st.plan = plan
+        return applied_s
+
+    def _start_prompt(self, st: PolicyState, dev: DeviceRun) -> None:
+        w = self.exp.workloads[dev.workload]
+        text = w.prompt_set.render(dev.index + dev.prompt_index)
+        seed = self.exp.seed * 100_003 + dev.index * 1009 + dev.prompt_index
+        prefill_s = self.lab.start_sequence(
+            dev.name, text, seed=seed,
+            sampling={"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p})
+        self.emit({"type": "prefill", "policy": st.policy, "device": dev.name,
+                   "workload": dev.workload, "prompt": dev.prompt_index,
+                   "prefill_s": prefill_s})
+        dev.prompt_index += 1
+
+    # -- one policy --------------------------------------------------------------------------
+
+    def run_policy(self, policy: str) -> None:
+        exp = self.exp
+        devs = {d.name: DeviceRun(d.name, i, exp.device_workloads[d.name],
+                                  snr_db=d.snr_db)
+                for i, d in enumerate(exp.inventory.devices)}
+        # Devices that left during the previous policy come back for this one.
+        for name in list(self.lab.devices):
+            if not self.lab.devices[name].active and name not in self.lost:
+                self.lab.add_device(name)
+        for name in self.lost:
+            devs[name].present = False
+        for name in devs:            # a device the profile could not measure does not take part
+            if name not in self.base_problem.names:
+                devs[name].present = False
+        st = PolicyState(policy, plan=None, devices=devs)     # type: ignore[arg-type]
+        est = Estimator(self.base_problem, ewma=exp.replan.ewma)
+        rule = Replanner(policy, hysteresis=exp.replan.hysteresis,
+                         min_dwell_rounds=exp.replan.min_dwell_rounds)
+        self._rules[policy] = rule
+        plan = rule.decide(None, self._problem_for(st, est), 0).plan
+        self._apply_plan(st, plan)
+        for dev in devs.values():
+            if dev.present:
+                self._start_prompt(st, dev)
+        self.emit({"type": "policy_start", "policy": policy, "plan": plan_to_dict(plan)})
+
+        pending = list(exp.events)
+        warmup = exp.warmup_rounds
+        round_i = -warmup
+        while True:
+            if round_i == 0:
+                st.measured_t0 = self.clock()
+            if round_i >= 0:
+                if self._budget_spent(st, round_i):
+                    break
+                pending = self._due_events(st, est, pending, round_i)
+            out = self._one_round(st, warmup=round_i < 0)
+            if self._pending_replan:
+                self._pending_replan = False
+                self._maybe_replan(st, est, rule, reason="device lost")
+            if round_i >= 0:
+                self._observe(est, out)
+                st.rounds += 1
+                if (st.rounds - st.last_plan_round) >= exp.replan.interval_rounds:
+                    self._maybe_replan(st, est, rule, reason="interval")
+            round_i += 1
+        self.emit({"type": "policy_end", "policy": policy, "rounds": st.rounds})
+
+    def _budget_spent(self, st: PolicyState, round_i: int) -> bool:
+        if self.exp.rounds is not None:
+            return round_i >= self.exp.rounds
+        return self.clock() - st.measured_t0 >= self.exp.duration_s
+
+    def _due_events(self, st, est, pending, round_i):
+        elapsed = self.clock() - st.measured_t0
+        keep = []
+        for ev in pending:
+            due = (ev.at_round is not None and round_i >= ev.at_round) or \
+                  (ev.at_s is not None and elapsed >= ev.at_s)
+            if due:
+                self._apply_event(st, est, ev)
+            else:
+                keep.append(ev)
+        return keep
+
+    def _apply_event(self, st: PolicyState, est: Estimator, ev) -> None:
+        dev = st.devices[ev.device]
+        t0 = self.clock()
+        detail: dict = {}
+        if ev.kind == "snr_change":
+            detail = {"from_db": dev.snr_db, "to_db": ev.snr_db}
+            dev.snr_db = ev.snr_db
+            share = next((d.bandwidth_share for d in st.plan.devices
+                          if d.name == dev.name and d.draft_len > 0), None)
+            if share is None:
+                share = 1.0 / max(1, len(st.plan.devices))
+            rate = uplink_rate_bps(share, self.exp.channel.bandwidth_hz, dev.snr_db)
+            read: dict = {}
+            self.lab.set_rates({dev.name: rate}, read_back=read)
+            detail["rate_bps"] = rate
+            detail["tc_rate_bps"] = read.get(dev.name)
+        elif ev.kind == "workload_switch":
+            detail = {"from": dev.workload, "to": ev.workload}
+            dev.workload = ev.workload
+            dev.prompt_index = 0
+            self._start_prompt(st, dev)
+        elif ev.kind == "leave":
+            self.lab.remove_device(dev.name)
+            dev.present = False
+        elif ev.kind == "rejoin":
+            self.lab.add_device(dev.name)
+            dev.present = True
+            self._start_prompt(st, dev)
+        applied_s = self.clock() - t0
+        self.emit({"type": "event", "policy": st.policy, "kind": ev.kind, "device": dev.name,
+                   "detail": detail, "applied_s": applied_s})
+        if ev.kind in ("leave", "rejoin"):
+            self._maybe_replan(st, est, self._rules[st.policy], reason=ev.kind)
+
+    def _observe(self, est: Estimator, ev: dict) -> None:
+        for row in ev["devices"]:
+            est.observe(RoundObservation(
+                device=row["name"], draft_len=row["n_drafted"], accepted=row["n_accepted"],
+                draft_s=row["draft_s"] if row["n_drafted"] > 0 else None,
+                upload_bits=8.0 * row["upload_bytes"] if row["n_drafted"] > 0 else None,
+                upload_s=row["upload_s"] if row["n_drafted"] > 0 else None,
+                share=row["share"] if row["n_drafted"] > 0 else None))
+        verify_s = ev["verify_emulated_s"] if ev["verify_emulated_s"] is not None \
+            else ev["verify_real_s"]
+        if ev["batch_tokens"] > 0:
+            est.observe_server(ServerObservation(ev["batch_tokens"], verify_s))
+
+    def _maybe_replan(self, st: PolicyState, est: Estimator, rule: Replanner, *,
+                      reason: str) -> None:
+        problem = self._problem_for(st, est)
+        if not problem.devices:
+            raise RunError("no device left in the run")
+        st.last_plan_round = st.rounds
+        decision = rule.decide(st.plan, problem, st.rounds)
+        if not decision.replace:
+            return
+        old = st.plan
+        applied_s = self._apply_plan(st, decision.plan)
+        self.emit({"type": "replan", "policy": st.policy, "reason": f"{reason}: {decision.reason}",
+                   "predicted_gain": decision.predicted_gain, "old_plan": plan_to_dict(old),
+                   "new_plan": plan_to_dict(decision.plan), "applied_s": applied_s})
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def _one_round(self, st: PolicyState, *, warmup: bool) -> dict:
+        lengths = {d.name: d.draft_len for d in st.plan.devices}
+        present = [n for n, d in st.devices.items() if d.present]
+        out = self.lab.round({n: lengths.get(n, 0) for n in present}, keep_going=True)
+        for name, why in out["failed"].items():
+            self._lose(st, name, why)
+        ver = out["verify"]
+        rows = []
+        tokens_total = 0
+        slowest = 0.0
+        plan_by_name = {d.name: d for d in st.plan.devices}
+        for n in out["active"]:
+            step = out["steps"][n]
+            v = ver["verdicts"][n]
+            dev = st.devices[n]
+            p = plan_by_name.get(n)
+            tokens = len(v["tokens"])
+            tokens_total += tokens
+            slowest = max(slowest, step["draft_s"] + step["upload_s"])
+            rows.append({"name": n, "workload": dev.workload,
+                         "draft_len": p.draft_len if p else 0,
+                         "share": p.bandwidth_share if p else 0.0,
+                         "rate_bps": self.lab.devices[n].rate_bps,
+                         "draft_s": step["draft_s"], "upload_s": step["upload_s"],
+                         "upload_bytes": step["wire_bytes"], "n_drafted": v["n_drafted"],
+                         "n_accepted": v["n_accepted"], "tokens": tokens})
+        verify_s = ver["emulated_s"] if ver["emulated_s"] is not None else ver["compute_s"]
+        round_s = out["round_s"]
+        overhead = max(0.0, round_s - (slowest + verify_s + ver["downlink_s"]))
+        event = {"type": "round", "policy": st.policy, "round": st.rounds, "round_s": round_s,
+                 "devices": rows, "verify_real_s": ver["compute_s"],
+                 "verify_emulated_s": ver["emulated_s"], "downlink_s": ver["downlink_s"],
+                 "batch_tokens": ver["n_tokens"], "predicted_round_s": st.plan.round_s,
+                 "predicted_goodput_tps": st.plan.goodput_tps, "tokens": tokens_total,
+                 "goodput_tps": tokens_total / round_s if round_s > 0 else 0.0,
+                 "overhead_s": overhead}
+        if warmup:
+            event["warmup"] = True
+        if ver["emulated_s"] is not None and ver["compute_s"] > ver["emulated_s"] * 1.001:
+            event["verify_over_emulation"] = True
+        self.emit(event)
+        self._next_prompts(st, out)
+        return event
+
+    def _lose(self, st: PolicyState, name: str, why: str) -> None:
+        """A device failed mid-round (not a scheduled leave): drop it, say so, re-plan."""
+        self.lab.remove_device(name)
+        st.devices[name].present = False
+        if name not in self.lost:
+            self.lost.append(name)
+        self.emit({"type": "event", "policy": st.policy, "kind": "lost", "device": name,
+                   "detail": {"error": why}, "applied_s": 0.0})
+        self._pending_replan = True
+
+    def _next_prompts(self, st: PolicyState, out: dict) -> None:
+        for n in out["active"]:
+            dev = st.devices[n]
+            w = self.exp.workloads[dev.workload]
+            v = out["verify"]["verdicts"][n]
+            if v["eog"] or self.lab.last_tokens(n) >= w.max_tokens:
+                self._start_prompt(st, dev)
+
+
+def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Listener] = (),
+        argv: list[str] | None = None, progress=lambda _m: None) -> tuple[Path, int]:
+    """Run the experiment; returns the run folder and the exit code (see EXIT_*)."""
+    run_id, run_dir = records.create_run_dir(out_root, exp.name)
+    models = {n.name: {"model": n.model.label} for n in exp.inventory.nodes}
+    manifest = records.make_manifest(
+        run_id=run_id, experiment=exp.to_dict(), experiment_path=exp.path,
+        inventory=exp.inventory, inventory_digest=exp.inventory.digest, profile=profile,
+        models=models, seeds={"experiment": exp.seed}, argv=argv)
+    records.write_manifest(run_dir, manifest)
+    status, message, code = "ok", "", EXIT_OK
+    with records.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
+        lab = LiveLab(exp.inventory, exp.channel, seed=exp.seed, progress=progress)
+        runner = None
+        try:
+            lab.open()
+            runner = ExperimentRunner(exp, profile, lab, writer)
+            runner.emit({"type": "run_start", "run": run_dir.name,
+                         "policies": list(exp.policies), "t": 0.0})
+            for policy in exp.policies:
+                runner.run_policy(policy)
+            if runner.lost:
+                status, code = "lost_devices", EXIT_LOST_DEVICES
+        except KeyboardInterrupt:
+            status, message, code = "interrupted", "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+        except Exception as exc:
+            status, message, code = "failed", str(exc).splitlines()[0][:500], EXIT_FAILED
+            raise
+        finally:
+            problems = lab.close()
+            end = {"type": "run_end", "status": status, "message": message}
+            if problems:
+                end["cleanup_problems"] = problems
+            if runner is not None:
+                runner.emit(end)
+            else:
+                writer.write({**end, "t": 0.0})
+    records.write_summary(run_dir)
+    return run_dir, code
