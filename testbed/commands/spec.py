@@ -1,14 +1,132 @@
-"""`testbed spec`: not built yet (placeholder so the CLI lists it)."""
+"""`testbed spec`: speculative decoding of one prompt on this machine, with its statistics.
+
+Runs the engine's own ``DraftWorker`` and ``Verifier`` in this process (the classes the Ray actors
+wrap) after checking that the pair shares a vocabulary. Prints the generated text and drafted /
+accepted counts, acceptance per draft position and tokens/s; ``--json`` prints one object.
+Models are registry names (``testbed models list``) or paths to GGUF files.
+"""
 
 from __future__ import annotations
 
-from ..errors import TestbedError
+import json
+
+from ..errors import InputError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("spec", help="(not built yet)")
+    p = sub.add_parser("spec", help="speculative decoding of one prompt, in this process",
+                       description="Draft with --draft, verify with --target, print the text and "
+                       "the acceptance statistics. At temperature 0 the output is exactly the "
+                       "target's greedy output; otherwise it is distributed as the target's.")
+    p.add_argument("--target", default="smollm2-135m-q4_1", help="registry name or .gguf path")
+    p.add_argument("--draft", default="smollm2-135m-q8_0", help="registry name or .gguf path")
+    p.add_argument("--prompt", required=True, help="the user prompt")
+    p.add_argument("--template", choices=("chatml", "none"), default="chatml",
+                   help="wrap the prompt in the ChatML chat template (default) or use it raw")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default 4)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0, help="top-k of the target (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p of the target (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--payload", choices=("ids", "topk"), default=None,
+                   help="draft payload: ids (default when greedy; when sampling the draft is then "
+                   "greedy) or topk (default when sampling)")
+    p.add_argument("--payload-k", type=int, default=8, help="entries per token in topk payloads")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
+def _check(args) -> None:
+    def bad(flag, msg):
+        raise InputError(msg, source="testbed spec", field=flag)
+
+    if args.max_tokens < 1:
+        bad("--max-tokens", f"must be >= 1, got {args.max_tokens}")
+    if not 0 <= args.draft_len <= 64:
+        bad("--draft-len", f"must be in 0..64, got {args.draft_len}")
+    if not 1 <= args.payload_k <= 255:
+        bad("--payload-k", f"must be in 1..255, got {args.payload_k}")
+    if args.threads < 1:
+        bad("--threads", f"must be >= 1, got {args.threads}")
+    if not args.prompt.strip():
+        bad("--prompt", "is empty")
+
+
 def run(args) -> int:
-    raise TestbedError("testbed spec is not built yet")
+    _check(args)
+    from .. import models
+    from ..engine.draft import DraftWorker
+    from ..engine.sampling import SamplingParams
+    from ..engine.spec import speculate
+    from ..engine.verify import Verifier
+    from ..prompts import render_prompt
+
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    except InputError as exc:
+        flag = "--" + exc.field.replace("_", "-")
+        raise InputError(exc.message, source="testbed spec", field=flag) from None
+    target_path = models.resolve(args.target)
+    draft_path = models.resolve(args.draft)
+    models.check_pair(target_path, draft_path)
+    payload = args.payload or ("ids" if sampling.greedy else "topk")
+    verifier = Verifier(target_path, n_seq_max=1, threads=args.threads, seed=args.seed,
+                        sampling=sampling, max_draft_len=max(1, args.draft_len),
+                        n_ctx=_n_ctx(args))
+    prompt = verifier.model.tokenize(render_prompt(args.prompt, args.template))
+    if len(prompt) + args.max_tokens + args.draft_len + 1 > verifier.n_ctx_seq:
+        verifier.close()
+        raise InputError(f"the prompt has {len(prompt)} tokens; with --max-tokens it exceeds the "
+                         f"context of {verifier.n_ctx_seq}", source="testbed spec", field="--prompt")
+    draft = DraftWorker(draft_path, n_ctx=verifier.n_ctx_seq, threads=args.threads, seed=args.seed,
+                        payload=payload, payload_k=args.payload_k, sampling=sampling)
+    try:
+        result = speculate(draft, verifier, prompt, max_tokens=args.max_tokens,
+                           draft_len=args.draft_len, seed=args.seed)
+        text = verifier.model.detokenize(result.tokens)
+    finally:
+        draft.close()
+        verifier.close()
+    s = result.stats
+    out = {"text": text, "tokens": result.tokens, "n_tokens": len(result.tokens),
+           "n_prompt_tokens": len(prompt), "n_rounds": s.n_rounds, "n_drafted": s.n_drafted,
+           "n_accepted": s.n_accepted, "acceptance_rate": s.acceptance_rate,
+           "acceptance_at": s.acceptance_at, "tokens_per_s": result.tokens_per_s,
+           "elapsed_s": result.elapsed_s, "draft_s": s.draft_s, "verify_s": s.verify_s,
+           "payload": payload, "payload_bytes": s.payload_bytes,
+           "bits_per_draft_token": s.bits_per_draft_token, "target": str(target_path),
+           "draft": str(draft_path), "draft_len": args.draft_len, "temperature": args.temperature,
+           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _show(out)
+    return 0
+
+
+def _n_ctx(args) -> int:
+    # The prompt is not tokenized yet: leave generous room, the context is cheap for small models.
+    return max(1024, args.max_tokens + args.draft_len + 2 * len(args.prompt) + 64)
+
+
+def _show(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(out["text"], markup=False, highlight=False)
+    table = Table(title="speculative decoding", show_header=False)
+    table.add_column("stat")
+    table.add_column("value")
+    table.add_row("tokens", f"{out['n_tokens']} in {out['n_rounds']} rounds")
+    table.add_row("drafted / accepted", f"{out['n_drafted']} / {out['n_accepted']} "
+                  f"({out['acceptance_rate']:.0%})")
+    table.add_row("acceptance per draft position",
+                  "  ".join(f"{i + 1}:{a:.2f}" for i, a in enumerate(out["acceptance_at"])) or "-")
+    table.add_row("tokens/s", f"{out['tokens_per_s']:.1f} ({out['elapsed_s']:.2f} s)")
+    table.add_row("draft / verify time", f"{out['draft_s']:.2f} s / {out['verify_s']:.2f} s")
+    table.add_row("payload", f"{out['payload']}: {out['payload_bytes']} bytes, "
+                  f"{out['bits_per_draft_token']:.1f} bits per draft token")
+    console.print(table)

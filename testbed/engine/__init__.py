@@ -1,0 +1,1 @@
+"""llama.cpp speculative engine (see docs/engine.md)."""

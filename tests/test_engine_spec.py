@@ -1,0 +1,184 @@
+"""The speculative loop with the real models: greedy losslessness, KV rollback, sampling exactness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from engine_helpers import PROMPTS, prepared
+from testbed import cli, models
+from testbed.engine.draft import DraftWorker
+from testbed.engine.native import Batch, Context, Model
+from testbed.engine.sampling import SamplingParams, dist_from_logits
+from testbed.engine.spec import speculate, target_only
+from testbed.engine.verify import Verifier
+from testbed.prompts import render_prompt
+
+TARGET = "smollm2-135m-q4_1"
+MAX_TOKENS = 32
+THREADS = 1   # one thread degrades gracefully when other processes share the 2 cores
+
+
+@pytest.fixture(scope="module")
+def paths():
+    return prepared()
+
+
+@pytest.fixture(scope="module")
+def target(paths):
+    with Model.open(paths[TARGET]) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def verifier(paths):
+    v = Verifier(paths[TARGET], n_seq_max=1, threads=THREADS, n_ctx=512)
+    yield v
+    v.close()
+
+
+@pytest.fixture(scope="module")
+def references(target):
+    """Target-only greedy output of each prompt: the tokens speculation must reproduce."""
+    out = {}
+    for text in PROMPTS:
+        prompt = target.tokenize(render_prompt(text))
+        out[text] = (prompt, target_only(target, prompt, max_tokens=MAX_TOKENS,
+                                         threads=THREADS).tokens)
+    return out
+
+
+@pytest.mark.parametrize("draft_name", models.DRAFTS)
+def test_greedy_speculation_is_lossless(paths, verifier, references, draft_name):
+    rates = []
+    with_drafts = DraftWorker(paths[draft_name], n_ctx=512, threads=THREADS)
+    try:
+        for text, (prompt, want) in references.items():
+            for draft_len in (1, 3, 6):
+                run = speculate(with_drafts, verifier, prompt, max_tokens=MAX_TOKENS,
+                                draft_len=draft_len)
+                assert run.tokens == want, (draft_name, text, draft_len)
+                assert run.stats.n_emitted >= len(want)       # at least one token per round
+                rates.append(run.stats.acceptance_rate)
+    finally:
+        with_drafts.close()
+    assert 0 < np.mean(rates) <= 1
+
+
+def test_drafts_have_different_acceptance(paths, verifier, references):
+    prompt, _ = references[PROMPTS[1]]
+    rate = {}
+    for name in ("smollm2-135m-q8_0", "smollm2-135m-q2_k"):
+        d = DraftWorker(paths[name], n_ctx=512, threads=THREADS)
+        run = speculate(d, verifier, prompt, max_tokens=MAX_TOKENS, draft_len=1)
+        rate[name] = run.stats.acceptance_rate
+        d.close()
+    assert rate["smollm2-135m-q8_0"] > rate["smollm2-135m-q2_k"], rate
+
+
+def test_cli_spec_json_equals_target_greedy(paths, references, capsys):
+    text = PROMPTS[2]
+    prompt, want = references[text]
+    code = cli.main(["spec", "--target", TARGET, "--draft", "smollm2-135m-q4_0", "--prompt", text,
+                     "--max-tokens", str(MAX_TOKENS), "--draft-len", "4", "--threads", "1",
+                     "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == want
+    assert out["n_accepted"] <= out["n_drafted"] and out["tokens_per_s"] > 0
+    assert out["text"] and len(out["acceptance_at"]) == 4
+    assert out["payload_bytes"] == 4 * out["n_rounds"] + 2 * out["n_drafted"]   # ids payload
+
+
+def test_draft_rollback_trims_kv_without_re_evaluation(paths, references):
+    prompt, _ = references[PROMPTS[1]]
+    d = DraftWorker(paths["smollm2-135m-q4_0"], n_ctx=512, threads=THREADS)
+    try:
+        d.start(prompt)
+        assert d.ctx.seq_pos_max(0) == len(prompt) - 2          # all but the pending last token
+        before = d.ctx.n_tokens_decoded
+        first = d.draft(4)
+        assert len(first.tokens) == 4
+        assert d.ctx.n_tokens_decoded - before == 4              # pending + 3 drafts (not the 4th)
+        wrong = (first.tokens[2] + 1) % d.model.n_vocab
+        d.accept(2, wrong)                                       # 2 accepted, then the server's token
+        assert d.tokens == prompt + first.tokens[:2] + [wrong]
+        assert d.ctx.seq_pos_max(0) == len(d.tokens) - 2         # rejected positions removed
+        before = d.ctx.n_tokens_decoded
+        second = d.draft(4)
+        assert d.ctx.n_tokens_decoded - before == 4              # only the new token + 3 drafts
+        d.accept(4, 7)                                           # all accepted + bonus token
+        assert d.ctx.seq_pos_max(0) == len(d.tokens) - 3         # 4th draft and bonus pending
+        before = d.ctx.n_tokens_decoded
+        d.draft(2)
+        assert d.ctx.n_tokens_decoded - before == 3              # 4th draft + bonus + 1 draft
+        assert second.tokens and first.payload_bytes == 4 + 2 * 4
+    finally:
+        d.close()
+
+
+def test_sampling_with_same_seed_is_reproducible(paths, references):
+    prompt, _ = references[PROMPTS[1]]
+    sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
+    v = Verifier(paths[TARGET], n_seq_max=1, n_ctx=512, sampling=sampling, threads=THREADS)
+    d = DraftWorker(paths["smollm2-135m-q4_0"], n_ctx=512, payload="topk", sampling=sampling,
+                    threads=THREADS)
+    try:
+        runs = [speculate(d, v, prompt, max_tokens=24, draft_len=3, seed=s).tokens for s in (7, 7, 8)]
+    finally:
+        d.close()
+        v.close()
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_first_sampled_token_follows_the_target_distribution(paths, target):
+    """Many seeds of one speculative round: the first emitted token ~ the target's p (top-k 20,
+    T = 1), with the Q4_0 draft proposing from its own quantized top-8 (it prefers ' dog', the
+    target ' cat', and the target's second choice is outside many of the draft's top-8 lists, so
+    both acceptance and the residual are exercised)."""
+    sampling = SamplingParams(temperature=1.0, top_k=20)
+    prompt = target.tokenize("My favourite animal is the")
+    with Context(target, n_ctx=64) as ctx, Batch(16) as batch:
+        for i, tok in enumerate(prompt):
+            batch.add(tok, i, 0, i == len(prompt) - 1)
+        ctx.decode(batch)
+        p = dist_from_logits(ctx.logits(batch.n - 1), sampling)
+    v = Verifier(paths[TARGET], n_seq_max=1, n_ctx=64, sampling=sampling, threads=THREADS)
+    d = DraftWorker(paths["smollm2-135m-q4_0"], n_ctx=64, payload="topk", payload_k=8,
+                    sampling=sampling, threads=THREADS)
+    trials, first, rejected = 300, [], 0
+    try:
+        for seed in range(trials):
+            d.start(prompt, seed=seed)
+            v.add_sequence(0, prompt, seed=seed)
+            r = v.verify({0: d.draft(2).payload}).results[0]
+            first.append(r.tokens[0])
+            rejected += r.n_accepted == 0
+    finally:
+        d.close()
+        v.close()
+    assert 0.1 * trials < rejected < 0.9 * trials      # both paths of the rule are taken
+    assert set(first) <= set(int(t) for t in p.ids)        # never outside the target's top-k
+    observed, expected = _bins(first, p, trials)
+    assert stats.chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
+def _bins(samples, p, trials):
+    """Chi-square bins: each token expected at least 5 times, the rest pooled (into the last
+    big bin when the pool itself is expected fewer than 5 times)."""
+    expected = p.probs * trials
+    big = [i for i in range(len(p.ids)) if expected[i] >= 5]
+    observed = [sum(t == int(p.ids[i]) for t in samples) for i in big]
+    exp = [float(expected[i]) for i in big]
+    rest_obs, rest_exp = trials - sum(observed), trials - sum(exp)
+    if rest_exp >= 5:
+        observed.append(rest_obs)
+        exp.append(rest_exp)
+    else:
+        observed[-1] += rest_obs
+        exp[-1] += rest_exp
+    return observed, exp
