@@ -19,7 +19,8 @@ Everything goes to the run folder through ``records.EventWriter`` (flushed per l
 feeds the live view. Ctrl-C and failures restore the links, stop the agents and finalise the
 records (``LiveLab.close`` in a ``finally``).
 
-Limits: rounds are synchronous (the slowest device sets the pace, as in the model); prefills of
+Limits: the server's cost is taken from the profile, not re-estimated live (see _observe);
+rounds are synchronous (the slowest device sets the pace, as in the model); prefills of
 new prompts happen between rounds and are recorded as events, not rounds.
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import records
-from .control.estimator import Estimator, RoundObservation, ServerObservation
+from .control.estimator import Estimator, RoundObservation
 from .control.problem import Plan, Problem, plan_to_dict, problem_from_profile
 from .control.replan import Replanner
 from .errors import ProblemError, RunError
@@ -172,7 +173,7 @@ class ExperimentRunner:
                 if self._budget_spent(st, round_i):
                     break
                 pending = self._due_events(st, est, pending, round_i)
-            out = self._one_round(st, warmup=round_i < 0)
+            out = self._one_round(st, est, warmup=round_i < 0)
             if self._pending_replan:
                 self._pending_replan = False
                 self._maybe_replan(st, est, rule, reason="device lost")
@@ -206,7 +207,7 @@ class ExperimentRunner:
         t0 = self.clock()
         detail: dict = {}
         if ev.kind == "snr_change":
-            detail = {"from_db": dev.snr_db, "to_db": ev.snr_db}
+            detail = {"snr_db": ev.snr_db, "from_db": dev.snr_db}
             dev.snr_db = ev.snr_db
             share = next((d.bandwidth_share for d in st.plan.devices
                           if d.name == dev.name and d.draft_len > 0), None)
@@ -218,7 +219,7 @@ class ExperimentRunner:
             detail["rate_bps"] = rate
             detail["tc_rate_bps"] = read.get(dev.name)
         elif ev.kind == "workload_switch":
-            detail = {"from": dev.workload, "to": ev.workload}
+            detail = {"workload": ev.workload, "from": dev.workload}
             dev.workload = ev.workload
             dev.prompt_index = 0
             self._start_prompt(st, dev)
@@ -243,10 +244,10 @@ class ExperimentRunner:
                 upload_bits=8.0 * row["upload_bytes"] if row["n_drafted"] > 0 else None,
                 upload_s=row["upload_s"] if row["n_drafted"] > 0 else None,
                 share=row["share"] if row["n_drafted"] > 0 else None))
-        verify_s = ev["verify_emulated_s"] if ev["verify_emulated_s"] is not None \
-            else ev["verify_real_s"]
-        if ev["batch_tokens"] > 0:
-            est.observe_server(ServerObservation(ev["batch_tokens"], verify_s))
+        # The server's cost is NOT re-estimated from live rounds: a plan's rounds all have one
+        # batch size, which cannot separate the base cost from the per-token cost, and a fit
+        # from them extrapolates wildly to other plans (seen: flapping between drafting and
+        # server-only). The profile's fit over a grid of batch sizes is kept.
 
     def _maybe_replan(self, st: PolicyState, est: Estimator, rule: Replanner, *,
                       reason: str) -> None:
@@ -265,7 +266,7 @@ class ExperimentRunner:
 
     # -- one round ---------------------------------------------------------------------------
 
-    def _one_round(self, st: PolicyState, *, warmup: bool) -> dict:
+    def _one_round(self, st: PolicyState, est: Estimator, *, warmup: bool) -> dict:
         lengths = {d.name: d.draft_len for d in st.plan.devices}
         present = [n for n, d in st.devices.items() if d.present]
         out = self.lab.round({n: lengths.get(n, 0) for n in present}, keep_going=True)
@@ -290,7 +291,8 @@ class ExperimentRunner:
                          "rate_bps": self.lab.devices[n].rate_bps,
                          "draft_s": step["draft_s"], "upload_s": step["upload_s"],
                          "upload_bytes": step["wire_bytes"], "n_drafted": v["n_drafted"],
-                         "n_accepted": v["n_accepted"], "tokens": tokens})
+                         "n_accepted": v["n_accepted"], "tokens": tokens,
+                         "acceptance_est": est.estimate(n).acceptance})
         verify_s = ver["emulated_s"] if ver["emulated_s"] is not None else ver["compute_s"]
         round_s = out["round_s"]
         overhead = max(0.0, round_s - (slowest + verify_s + ver["downlink_s"]))

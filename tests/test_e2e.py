@@ -93,7 +93,7 @@ def test_run_two_policies_with_events_then_nothing_left(tmp_path: Path):
         assert [e["round"] for e in rounds] == list(range(10)), policy
         snr = [e for e in events if e["type"] == "event" and e["policy"] == policy
                and e["kind"] == "snr_change"]
-        assert len(snr) == 1 and snr[0]["detail"]["to_db"] == 2
+        assert len(snr) == 1 and snr[0]["detail"]["snr_db"] == 2
         # the tc class really moved: the rate read back from tc after the change
         read = snr[0]["detail"]["tc_rate_bps"]
         assert read == pytest.approx(snr[0]["detail"]["rate_bps"], rel=0.02)
