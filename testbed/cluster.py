@@ -94,6 +94,19 @@ def set_driver_env(inv: Inventory) -> None:
     does; ``ray._raylet`` APIs of the pinned Ray 2.60).
     """
     os.environ.update(ray_env(inv, inv.server))
+    _refresh_ray_config()
+
+
+def clear_driver_env() -> None:
+    """Undo ``set_driver_env`` in this process, for a private local Ray instance (tests): a lab's
+    token settings would otherwise outlive the lab and make ``ray.init()`` fail."""
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        os.environ.pop(key, None)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    _refresh_ray_config()
+
+
+def _refresh_ray_config() -> None:
     if "ray._raylet" in sys.modules:
         try:
             from ray._raylet import AuthenticationTokenLoader, Config

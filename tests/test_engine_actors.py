@@ -25,11 +25,21 @@ def local_ray():
     # address="local": always a new private instance, never someone else's running cluster;
     # its own temp dir, so the machine's "current cluster" file is left alone.
     tmp = tempfile.mkdtemp(prefix="tbray-", dir="/tmp")
+    # A lab test earlier in this process may have left its token settings in the environment.
+    from testbed.cluster import clear_driver_env
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",
+                                            "RAY_AUTH_TOKEN")}
+    clear_driver_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp,
              log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_actors_report_where_and_match_in_process(local_ray):
