@@ -8,9 +8,13 @@ Everything that touches a raw llama.cpp pointer lives here, so that the lifetime
   KV cache; ``decode(batch)`` (counted in ``n_decodes``), ``logits(i)``, ``seq_rm`` (KV rollback).
 - ``Batch``: a reusable ``llama_batch`` with ``add(token, pos, seq, logits)``.
 
+- ``prefill(ctx, batch, seq, tokens, pos0)``: decode a prompt in batch-sized chunks.
+
 All three are context managers and also free their memory in ``close()``; a Context keeps its Model
-alive. llama.cpp's own log output is silenced (``quiet()``); its last warnings and errors are kept
-and ``last_log()`` returns them, so a failed load can say why (``ModelFileError`` names the file).
+alive. Contexts run with flash attention ON, which makes a sequence's logits independent of how it
+is batched (see ``Context``). llama.cpp's own log output is silenced (``quiet()``); its last
+warnings and errors are kept and ``last_log()`` returns the first of them, so a failed load can say
+why (``ModelFileError`` names the file).
 
 Limits: CPU only (no GPU offload is requested); one token belongs to exactly one sequence.
 """
