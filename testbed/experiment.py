@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ExperimentError
+from .control.problem import POLICY_NAMES
 from .inventory import Channel, Inventory, load_inventory
 from .prompts import PromptSet, load_prompts
 from .yamlio import Section, load_yaml
 
 SCHEMA = "testbed.experiment/1"
 # The policy names of the CLI contract (docs: goodput-model.md, "Policies").
-POLICIES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed",
-            "agnostic-tuned", "server-only")
+POLICIES = POLICY_NAMES      # the contract's names, defined once (control/problem.py)
 EVENT_KINDS = ("snr_change", "workload_switch", "leave", "rejoin")
 # Event key in the file -> event kind in the records.
 _EVENT_KEYS = {"snr_db": "snr_change", "workload": "workload_switch", "leave": "leave",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelFileError
+from .records import atomic_write_bytes
 from .inventory import ModelRef
 
 SCHEMA = "testbed.models/1"
@@ -165,22 +166,7 @@ def _write_registry(root: Path, entries: dict[str, ModelEntry]) -> None:
         d["file"] = os.path.relpath(e.path, root)
         models.append(d)
     text = json.dumps({"schema": SCHEMA, "models": models}, indent=2) + "\n"
-    _atomic_write_bytes(_registry_path(root), text.encode())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(_registry_path(root), text.encode())
 
 
 @contextlib.contextmanager
