@@ -7,8 +7,9 @@ the target's vocabulary, and shapes each device's uplink with ``tc`` through tha
 (SSH; sudo on a real lab). Then:
 
 - ``start_sequence(name, prompt, sampling)``: a new prompt on both sides (prefill, not a round);
-- ``set_rates({name: bit/s})``: ``tc class change`` on the devices, in parallel; returns the time
-  from decision to effect;
+- ``set_rates({name: bit/s})``: ``tc class change`` on the devices, in parallel, each through
+  a long-lived shell on the device (``remote.ShellSession``: no SSH login per change); returns
+  the time from decision to effect;
 - ``round(lengths)``: one synchronous round: every device applies its last verdict, drafts its
   L_k and uploads through its shaped link, the server verifies all drafts in one batch; returns
   what every part measured; when some devices' steps fail it raises ``DeviceFailed`` naming
@@ -35,7 +36,7 @@ from typing import Callable, Mapping
 from . import cluster, shaping
 from .errors import ClusterError, ModelFileError, RunError, TestbedError
 from .inventory import Channel, Inventory, Node
-from .remote import Runner, runner_for
+from .remote import Runner, ShellSession, SSHRunner, runner_for
 
 Progress = Callable[[str], None]
 
@@ -49,6 +50,7 @@ class DeviceState:
     node: Node
     actor: object | None = None
     runner: Runner | None = None
+    shell: Runner | None = None               # for live tc changes: a ShellSession over SSH
     verdict: tuple[int, int] | None = None   # last round's (n_accepted, next_token), not yet applied
     generated: int = 0                        # tokens generated for the current prompt
     rate_bps: float | None = None
@@ -194,6 +196,8 @@ class LiveLab:
             st = self.devices[name]
             if st.runner is None:
                 st.runner = runner_for(st.node, self.inv)
+                st.shell = (ShellSession(st.runner) if isinstance(st.runner, SSHRunner)
+                            else st.runner)
             shaping.apply(st.runner, st.node.interface, rates[name], self.inv.server.host,
                           self.inv.data_port)
             st.rate_bps = rates[name]
@@ -217,10 +221,11 @@ class LiveLab:
             rate = max(float(rate), shaping.MIN_RATE_BPS)
             if st.rate_bps is not None and abs(rate - st.rate_bps) < 1.0:
                 return
-            shaping.change(st.runner, st.node.interface, rate)
+            shaping.change(st.shell or st.runner, st.node.interface, rate)
             st.rate_bps = rate
             if read_back is not None:
-                read_back[name] = shaping.read_rate_bps(st.runner, st.node.interface)
+                read_back[name] = shaping.read_rate_bps(st.shell or st.runner,
+                                                        st.node.interface)
         list(self._pool.map(one, [(n, r) for n, r in rates_bps.items()
                                   if self.devices[n].runner is not None]))
         return time.perf_counter() - t0
@@ -334,6 +339,8 @@ class LiveLab:
                         problems.append(f"stopping an agent: {_first_line(exc)}")
             ray.shutdown()
         for st in self.devices.values():
+            if st.shell is not None and st.shell is not st.runner:
+                st.shell.close()
             if st.runner is not None:
                 st.runner.close()
         self._pool.shutdown(wait=False)

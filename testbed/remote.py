@@ -5,8 +5,10 @@ and a real one. Commands are argument lists, joined with ``shlex.join``: no inve
 reaches a shell unquoted. ``run_script`` takes shell text only for callers that build it from
 quoted parts themselves.
 
-Main types: ``Runner`` (interface), ``Result``, ``LocalRunner``, ``SSHRunner``;
-``runner_for(node, inventory, trust_new=False)`` picks one for an inventory node.
+Main types: ``Runner`` (interface), ``Result``, ``LocalRunner``, ``SSHRunner``, and
+``ShellSession`` (one long-lived shell over an ``SSHRunner``'s connection, for frequent short
+commands such as live ``tc`` changes); ``runner_for(node, inventory, trust_new=False)`` picks a
+runner for an inventory node.
 
 Behaviour shared by both runners:
 - ``sudo=True`` prefixes ``sudo -n`` (never prompts) unless the node's user is already root.
@@ -559,3 +561,126 @@ def runner_for(node: "Node", inventory: "Inventory", trust_new: bool = False,
                      key_path=node.ssh.key or key,
                      known_hosts_path=node.ssh.known_hosts or known,
                      trust_new=trust_new, on_new_host=on_new_host)
+
+
+class ShellSession(Runner):
+    """One long-lived ``sh`` on a node over SSH, for short commands issued often.
+
+    ``SSHRunner`` opens a new session per command: sshd forks, and the login shell reads its
+    start-up files first (Debian's bash sources ``~/.bashrc`` for commands over SSH; a
+    ``pyenv init`` there cost 0.3-1.3 s per command under an emulated device's CPU quota).
+    Live re-planning changes every device's ``tc`` rate; through this session a change costs
+    the ``tc`` process alone. The shell is started on first use with ``exec sh``; each command
+    is written to its stdin as ``CMD </dev/null`` followed by marker lines carrying its exit
+    status, on both streams, and its output is read up to them.
+
+    Same ``run`` contract as the other runners (argument lists, ``sudo``, ``env``, ``check``,
+    ``RemoteError`` naming the node), except: no ``stdin``; a command that times out ends the
+    session: the shell's process group (the shell and what it runs) is killed from a second
+    channel, and the next command opens a new session. ``put`` and ``start_detached`` go through the underlying runner.
+    Thread-safe (one command at a time).
+    """
+
+    def __init__(self, runner: "SSHRunner"):
+        self.runner = runner
+        self.node = runner.node
+        self.is_root = runner.is_root
+        self._chan = None
+        self._pgid: int | None = None
+        self._lock = threading.Lock()
+        self._marker = f"__testbed_end_{os.urandom(8).hex()}__"
+
+    def _open(self):
+        client = self.runner.connect()
+        try:
+            chan = client.get_transport().open_session(timeout=self.runner.connect_timeout_s)
+            chan.exec_command("exec sh")
+        except Exception as exc:  # paramiko raises SSHException, EOFError, OSError
+            raise command_error(self.node, "sh", None, str(exc), "could not start") from None
+        return chan
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._chan is not None:
+            try:
+                self._chan.close()
+            except Exception:  # noqa: BLE001 - closing a dead channel
+                pass
+            self._chan = None
+
+    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False, env=None, stdin=None):
+        if stdin is not None:
+            raise ValueError("ShellSession.run takes no stdin")
+        text = join(full_argv(argv, sudo=sudo, is_root=self.is_root, env=env))
+        with self._lock:
+            return self._run(text, timeout_s=timeout_s, check=check, sudo=sudo)
+
+    def run_script(self, script, *, timeout_s=60.0, check=True, sudo=False):
+        return self.run(["sh", "-c", script], timeout_s=timeout_s, check=check, sudo=sudo)
+
+    def _run(self, text: str, *, timeout_s: float, check: bool, sudo: bool) -> Result:
+        if self._chan is None or self._chan.closed or self._chan.exit_status_ready():
+            self._drop()
+            self._chan = self._open()
+            # Whatever the login shell printed before `exec sh` (start-up files) is read and
+            # dropped with a first command, so it never lands in a command's output. It asks
+            # for the shell's pid: sshd made the login shell a session leader, so that is the
+            # process group of every command the shell runs, killed on a timeout.
+            first = self._exchange("echo $$", timeout_s=max(timeout_s,
+                                                            self.runner.connect_timeout_s))
+            lines = first.stdout.split()
+            self._pgid = int(lines[-1]) if lines and lines[-1].isdigit() else None
+        return self._exchange(text, timeout_s=timeout_s, check=check, sudo=sudo)
+
+    def _exchange(self, text: str, *, timeout_s: float, check: bool = False,
+                  sudo: bool = False) -> Result:
+        import select
+
+        chan, mark = self._chan, self._marker
+        line = (f"{text} </dev/null; printf '\\n{mark} %d\\n' $?; "
+                f"printf '\\n{mark}\\n' >&2\n")
+        try:
+            chan.sendall(line.encode())
+        except Exception as exc:  # noqa: BLE001 - the session died: start a new one next time
+            self._drop()
+            raise command_error(self.node, text, None, str(exc), "could not start") from None
+        deadline = time.monotonic() + timeout_s
+        out, err = bytearray(), bytearray()
+        end_out, end_err = re.compile(rb"\n" + mark.encode() + rb" (\d+)\n"), \
+            b"\n" + mark.encode() + b"\n"
+        while True:
+            while chan.recv_ready():
+                out += chan.recv(1 << 16)
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(1 << 16)
+            found = end_out.search(out)
+            if found and end_err in err:
+                break
+            if chan.closed or (chan.eof_received and not chan.recv_ready()
+                               and not chan.recv_stderr_ready()):
+                self._drop()
+                raise command_error(self.node, text, None, _decode(bytes(err)),
+                                    "the shell session ended")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._drop()
+                self.runner._kill_group(self._pgid, sudo)
+                raise command_error(self.node, text, None, _decode(bytes(err)),
+                                    f"timed out after {timeout_s:g} s")
+            select.select([chan], [], [], min(remaining, 0.5))
+        rc = int(found.group(1))
+        stdout = _decode(bytes(out[:found.start()]))
+        stderr = _decode(bytes(err[:err.index(end_err)]))
+        result = Result(text, rc, stdout, stderr)
+        if check and rc != 0:
+            raise command_error(self.node, text, rc, stderr)
+        return result
+
+    def put(self, local_path, remote_path, *, mode=None):
+        self.runner.put(local_path, remote_path, mode=mode)
+
+    def start_detached(self, argv, log_path, *, sudo=False, env=None):
+        return self.runner.start_detached(argv, log_path, sudo=sudo, env=env)

@@ -235,3 +235,51 @@ def test_merge_known_hosts_replaces_only_named_entries(tmp_path):
     assert kh.read_text().splitlines() == [
         "# c", "|1|hashed= ssh-ed25519 H", "10.0.0.3 ssh-ed25519 K3",
         "10.0.0.2 ssh-ed25519 NEW", "[10.0.0.4]:22 ssh-ed25519 K4"]
+
+
+# ---------------------------------------------------------------- SSH only: one long-lived shell
+
+
+def test_shell_session_runs_commands_in_one_shell(server):
+    from testbed.remote import ShellSession
+    ssh = SSHRunner("dev-1", **server.runner_args())
+    shell = ShellSession(ssh)
+    try:
+        res = shell.run(["sh", "-c", "echo out; printf 'no newline'; echo err >&2; exit 3"],
+                        check=False)
+        assert (res.rc, res.stdout, res.stderr) == (3, "out\nno newline", "err\n")
+        # the same parent shell every time: one session, not a login per command
+        parents = {shell.run(["sh", "-c", "echo $PPID"]).stdout for _ in range(3)}
+        assert len(parents) == 1
+        with pytest.raises(RemoteError) as info:
+            shell.run(["sh", "-c", "echo the cause >&2; exit 7"])
+        assert info.value.rc == 7 and "the cause" in str(info.value) and "dev-1" in str(info.value)
+        canary_args = ["printf", "%s\\n", "$(id)", "a b", "it's"]
+        assert shell.run(canary_args).stdout.splitlines() == ["$(id)", "a b", "it's"]
+        assert shell.run(["sh", "-c", 'printf %s "$TB_X"'], env={"TB_X": "x y"}).stdout == "x y"
+        big = shell.run(["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x"]).stdout
+        assert big == "x" * 300000
+        with pytest.raises(ValueError):
+            shell.run(["cat"], stdin=b"x")
+    finally:
+        shell.close()
+        ssh.close()
+
+
+def test_shell_session_timeout_kills_and_the_next_command_reopens(server):
+    from testbed.remote import ShellSession
+    ssh = SSHRunner("dev-1", **server.runner_args())
+    shell = ShellSession(ssh)
+    try:
+        first = shell.run(["sh", "-c", "echo $PPID"]).stdout
+        with pytest.raises(RemoteError, match="timed out"):
+            shell.run(["sh", "-c", "echo $$ > /dev/null; exec sleep 30"], timeout_s=0.5)
+        res = shell.run(["sh", "-c", "echo $PPID; echo ok"])
+        assert res.stdout.splitlines()[1] == "ok"
+        assert res.stdout.splitlines()[0] != first          # a new shell
+        # the timed-out sleep went with the old session
+        assert wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                                       if (p.info["cmdline"] or [])[:2] == ["sleep", "30"]])
+    finally:
+        shell.close()
+        ssh.close()
