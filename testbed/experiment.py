@@ -71,13 +71,21 @@ class Replan:
     Every ``interval_rounds`` rounds the online estimator's view (an EWMA with weight ``ewma``
     on the newest round) is re-planned; the new plan is applied only if its predicted goodput
     beats the plan in force by more than ``hysteresis`` (relative) and the plan in force has
-    been in place for at least ``min_dwell_rounds`` rounds.
+    been in place for at least ``min_dwell_rounds`` rounds. ``rate_ewma`` (default: ``ewma``)
+    is the weight for the uplink rates alone: upload times are nearly noise-free, so they can
+    be followed faster than acceptance, which varies with the text being written. ``surprise``
+    (default: off): a round that lasts more than ``1 + surprise`` times the plan's predicted
+    round time is re-planned at once, without waiting for the interval or the dwell (still only
+    for a gain above the hysteresis): when a link collapses, rounds get long and an interval
+    counted in rounds comes late.
     """
 
     interval_rounds: int = 10
     hysteresis: float = 0.05
     min_dwell_rounds: int = 0
     ewma: float = 0.2
+    rate_ewma: float | None = None
+    surprise: float | None = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +282,9 @@ def _replan(root: Section) -> Replan:
     out = Replan(interval_rounds=sec.integer("interval_rounds", d.interval_rounds, min=1),
                  hysteresis=hysteresis,
                  min_dwell_rounds=sec.integer("min_dwell_rounds", d.min_dwell_rounds, min=0),
-                 ewma=sec.number("ewma", d.ewma, min=0, min_exclusive=True, max=1))
+                 ewma=sec.number("ewma", d.ewma, min=0, min_exclusive=True, max=1),
+                 rate_ewma=sec.number("rate_ewma", None, min=0, min_exclusive=True, max=1),
+                 surprise=sec.number("surprise", None, min=0, min_exclusive=True))
     sec.done()
     return out
 

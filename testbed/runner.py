@@ -9,11 +9,15 @@ for each policy in turn, on the same prompts with the same seeds:
    until the policy's budget is spent, recording every round with the model's prediction for the
    plan in force;
 3. feeds every round to the online estimator and, every ``replan.interval_rounds``, re-plans;
-   a new plan replaces the old one only when the re-plan rule says so (hysteresis);
+   a new plan replaces the old one only when the re-plan rule says so (hysteresis); with
+   ``replan.surprise`` also right after a round that took far longer than predicted;
 4. applies the scheduled events for real: an SNR change moves the device's ``tc`` rate (the
    controller is not told: it sees slower uploads), a workload switch starts the next prompt of
    the new set, a device that leaves has its Ray actor killed, one that rejoins gets a new one.
-   Membership changes re-plan at once.
+   Membership changes re-plan at once. A workload switch is known to the controller: the
+   device's acceptance estimate restarts from the profile's value for the new workload (when
+   the profile measured it) and the policy re-plans at once if that gains more than the
+   hysteresis.
 
 Everything goes to the run folder through ``records.EventWriter`` (flushed per line), which also
 feeds the live view. Ctrl-C and failures restore the links, stop the agents and finalise the
@@ -152,7 +156,7 @@ class ExperimentRunner:
             if name not in self.base_problem.names:
                 devs[name].present = False
         st = PolicyState(policy, plan=None, devices=devs)     # type: ignore[arg-type]
-        est = Estimator(self.base_problem, ewma=exp.replan.ewma)
+        est = Estimator(self.base_problem, ewma=exp.replan.ewma, rate_ewma=exp.replan.rate_ewma)
         rule = Replanner(policy, hysteresis=exp.replan.hysteresis,
                          min_dwell_rounds=exp.replan.min_dwell_rounds)
         self._rules[policy] = rule
@@ -182,8 +186,17 @@ class ExperimentRunner:
                 st.rounds += 1
                 if (st.rounds - st.last_plan_round) >= exp.replan.interval_rounds:
                     self._maybe_replan(st, est, rule, reason="interval")
+                elif self._surprising(out):
+                    self._maybe_replan(st, est, rule, reason="surprise", ignore_dwell=True)
             round_i += 1
         self.emit({"type": "policy_end", "policy": policy, "rounds": st.rounds})
+
+    def _surprising(self, out: dict) -> bool:
+        """The round took far longer than its plan predicted (``replan.surprise``)."""
+        surprise = self.exp.replan.surprise
+        predicted = out.get("predicted_round_s")
+        return (surprise is not None and bool(predicted)
+                and out["round_s"] > (1.0 + surprise) * predicted)
 
     def _budget_spent(self, st: PolicyState, round_i: int) -> bool:
         if self.exp.rounds is not None:
@@ -223,6 +236,10 @@ class ExperimentRunner:
             dev.workload = ev.workload
             dev.prompt_index = 0
             self._start_prompt(st, dev)
+            prior = self._profiled_acceptance(dev.name, ev.workload)
+            if prior is not None:
+                est.restart_acceptance(dev.name, prior)
+                detail["acceptance_prior"] = prior
         elif ev.kind == "leave":
             self.lab.remove_device(dev.name)
             dev.present = False
@@ -235,6 +252,23 @@ class ExperimentRunner:
                    "detail": detail, "applied_s": applied_s})
         if ev.kind in ("leave", "rejoin"):
             self._maybe_replan(st, est, self._rules[st.policy], reason=ev.kind)
+        elif ev.kind == "workload_switch" and "acceptance_prior" in detail:
+            # The controller knows of this change (unlike an SNR change, which it learns from
+            # upload times): re-plan now from the profile's acceptance for the new workload,
+            # still only for a gain above the hysteresis.
+            self._maybe_replan(st, est, self._rules[st.policy], reason=ev.kind,
+                               ignore_dwell=True)
+
+    def _profiled_acceptance(self, device: str, workload: str) -> float | None:
+        """The profile's acceptance of ``device`` on ``workload``'s task, if it measured it."""
+        task = self.exp.workloads[workload].prompt_set.task
+        for d in self.profile.get("devices") or []:
+            if isinstance(d, dict) and d.get("name") == device:
+                per = ((d.get("acceptance") or {}).get("per_workload") or {}).get(task) or {}
+                rate = per.get("rate")
+                if isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0:
+                    return float(rate)
+        return None
 
     def _observe(self, est: Estimator, ev: dict) -> None:
         for row in ev["devices"]:
@@ -250,12 +284,12 @@ class ExperimentRunner:
         # server-only). The profile's fit over a grid of batch sizes is kept.
 
     def _maybe_replan(self, st: PolicyState, est: Estimator, rule: Replanner, *,
-                      reason: str) -> None:
+                      reason: str, ignore_dwell: bool = False) -> None:
         problem = self._problem_for(st, est)
         if not problem.devices:
             raise RunError("no device left in the run")
         st.last_plan_round = st.rounds
-        decision = rule.decide(st.plan, problem, st.rounds)
+        decision = rule.decide(st.plan, problem, st.rounds, ignore_dwell=ignore_dwell)
         if not decision.replace:
             return
         old = st.plan

@@ -117,6 +117,28 @@ def test_link_rate_gives_the_snr_and_follows_a_drop():
         assert e.rate_bps == pytest.approx(rate_of(snr), rel=1e-3)
 
 
+def test_rate_ewma_follows_the_link_faster_than_acceptance():
+    est = Estimator(prior(), ewma=0.1, rate_ewma=0.6)
+    bits, share = 512 + 4 * 800, 0.25
+    for snr in (20.0, 0.0):
+        for _ in range(5):
+            est.observe(RoundObservation("b", 4, 4 if snr > 10 else 0, upload_bits=bits,
+                                         upload_s=bits / (share * rate_of(snr)), share=share))
+    e = est.estimate("b")
+    # five rounds after the drop: the rate is within 2 % of the new one (0.4^5 of the old
+    # remains), while acceptance has moved only about 1 - 0.9^5 of the way from 1 to 0
+    assert e.rate_bps == pytest.approx(rate_of(0.0), rel=0.1)
+    assert 0.4 < e.acceptance < 0.9
+    slow = Estimator(prior(), ewma=0.1)
+    for snr in (20.0, 0.0):
+        for _ in range(5):
+            slow.observe(RoundObservation("b", 4, 4, upload_bits=bits,
+                                          upload_s=bits / (share * rate_of(snr)), share=share))
+    assert slow.estimate("b").rate_bps > 2 * rate_of(0.0)       # one weight: still far off
+    with pytest.raises(ValueError):
+        Estimator(prior(), rate_ewma=0.0)
+
+
 def test_server_fit_and_the_estimated_problem():
     est = Estimator(prior(), ewma=0.1)
     for n in [3, 9, 15, 27] * 50:
@@ -211,3 +233,37 @@ def test_device_change_replaces_at_once():
     d = r.decide(plan, fewer, 1)                           # within the dwell
     assert d.replace and d.reason == "devices changed"
     assert [x.bandwidth_share for x in d.plan.devices] == [0.5, 0.5]
+
+
+def test_restart_acceptance_forgets_the_old_workload():
+    rng = np.random.default_rng(5)
+    est = Estimator(prior(), ewma=0.02)          # about 50 rounds of memory: a steady estimate
+    for _ in range(200):
+        est.observe(draft_round(rng, "a", 4, [0.9]))
+        est.observe(RoundObservation("a", 4, 4, draft_s=0.125))
+    before = est.estimate("a")
+    est.restart_acceptance("a", 0.35)
+    after = est.estimate("a")
+    assert after.acceptance == pytest.approx(0.35)       # exactly the new prior, no old evidence
+    assert all(x == pytest.approx(0.35) for x in after.acceptance_by_position)
+    assert (after.draft_base_s, after.draft_per_token_s) == (before.draft_base_s,
+                                                            before.draft_per_token_s)
+    assert est.problem().devices[0].acceptance == pytest.approx(0.35)
+    for _ in range(600):
+        est.observe(draft_round(rng, "a", 4, [0.6]))
+    assert est.estimate("a").acceptance == pytest.approx(0.6, abs=0.1)   # then it learns again
+    with pytest.raises(ValueError):
+        est.restart_acceptance("a", 1.5)
+    with pytest.raises(ValueError):
+        est.restart_acceptance("zz", 0.5)
+
+
+def test_ignore_dwell_still_needs_the_hysteresis():
+    r = Replanner("multispin-heterogeneous", hysteresis=0.05, min_dwell_rounds=100)
+    good = prior()
+    plan = r.decide(None, good, 0).plan
+    bad = with_device(good, "b", snr_db=-5.0)
+    assert r.decide(plan, bad, 1).reason == "dwell"
+    d = r.decide(plan, bad, 1, ignore_dwell=True)
+    assert d.replace and d.reason == "gain"
+    assert not r.decide(d.plan, bad, 2, ignore_dwell=True).replace   # no gain: kept

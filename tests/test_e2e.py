@@ -1,5 +1,5 @@
 """End to end on the real emulated lab: `testbed run` brings a lab and its Ray cluster up, runs two
-policies with a scheduled SNR drop and a device leaving, writes the records, `testbed report`
+policies with a scheduled SNR drop, a workload switch and a device leaving, writes the records, `testbed report`
 reads them, and afterwards nothing is left behind (namespaces, bridge, cgroups, sshd, Ray).
 
 Root only; mandatory in CI (require_root fails there instead of skipping). Uses its own subnet,
@@ -47,9 +47,11 @@ per_policy: {{rounds: 10}}
 warmup_rounds: 1
 workloads:
   default: {{prompts: {ROOT / 'experiments/prompts/chat.yaml'}, max_tokens: 40}}
+  code: {{prompts: {ROOT / 'experiments/prompts/code.yaml'}, max_tokens: 40}}
 replan: {{interval_rounds: 4, hysteresis: 0.02}}
 events:
   - {{at_round: 3, device: dev-a, snr_db: 2}}
+  - {{at_round: 4, device: dev-b, workload: code}}
   - {{at_round: 5, device: dev-d, leave: true}}
 """)
     return path
@@ -87,6 +89,9 @@ def test_run_two_policies_with_events_then_nothing_left(tmp_path: Path):
     (run_dir,) = list(runs.iterdir())
 
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    profile = json.loads(PROFILE.read_text())
+    profiled_code_acceptance = next(d for d in profile["devices"] if d["name"] == "dev-b")[
+        "acceptance"]["per_workload"]["code"]["rate"]
     for policy in ("multispin-heterogeneous", "agnostic-fixed"):
         rounds = [e for e in events if e["type"] == "round" and e["policy"] == policy
                   and not e.get("warmup")]
@@ -100,6 +105,17 @@ def test_run_two_policies_with_events_then_nothing_left(tmp_path: Path):
         before = [r for r in rounds if r["round"] < 3]
         rate_before = next(d["rate_bps"] for d in before[-1]["devices"] if d["name"] == "dev-a")
         assert read < rate_before
+        # the workload switch: dev-b answers code prompts from then on, and the controller's
+        # acceptance for it restarts from the profile's value for code
+        switch = [e for e in events if e["type"] == "event" and e["policy"] == policy
+                  and e["kind"] == "workload_switch"]
+        assert len(switch) == 1 and switch[0]["device"] == "dev-b"
+        assert switch[0]["detail"]["acceptance_prior"] == pytest.approx(
+            profiled_code_acceptance)
+        assert all(d["workload"] == "code" for r in rounds if r["round"] >= 4
+                   for d in r["devices"] if d["name"] == "dev-b")
+        assert all(d["workload"] == "default" for r in rounds if r["round"] < 4
+                   for d in r["devices"] if d["name"] == "dev-b")
         leave = [e for e in events if e["type"] == "event" and e["policy"] == policy
                  and e["kind"] == "leave"]
         assert len(leave) == 1 and leave[0]["device"] == "dev-d"
@@ -122,6 +138,10 @@ def test_run_two_policies_with_events_then_nothing_left(tmp_path: Path):
     assert rep.returncode == 0, rep.stderr
     data = json.loads(rep.stdout)
     assert [p["rounds"] for p in data["runs"][0]["policies"]] == [10, 10]
+    responses = data["runs"][0]["responses"]
+    assert [(r["policy"], r["kind"]) for r in responses] == [
+        (p, k) for p in ("multispin-heterogeneous", "agnostic-fixed")
+        for k in ("snr_change", "workload_switch", "leave")]
     assert all(p["goodput_tps"] > 0 for p in data["runs"][0]["policies"])
 
     assert _leftovers() == []

@@ -57,13 +57,16 @@ def test_quickstart_resolves():
 
 def test_adaptation_events():
     exp = load_experiment(ROOT / "experiments/adaptation.yaml")
-    assert exp.policies == ("multispin-heterogeneous", "agnostic-fixed")
+    assert exp.policies == ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed")
     kinds = [(e.kind, e.device, e.at_s) for e in exp.events]
-    assert kinds == [("snr_change", "dev-a", 30.0), ("workload_switch", "dev-b", 60.0)]
+    assert kinds == [("snr_change", "dev-a", 30.0), ("workload_switch", "dev-c", 60.0)]
     assert exp.events[0].snr_db < exp.inventory.device("dev-a").snr_db - 10
+    # the switch is to a different task (the profile knows each task's acceptance), greedy
     switched = exp.workloads[exp.events[1].workload]
-    assert switched.temperature > 0 and exp.channel.payload == "topk"
-    assert exp.workload_of("dev-b").name != switched.name
+    assert exp.workload_of("dev-c").prompt_set.task != switched.prompt_set.task
+    assert switched.temperature == 0
+    # a narrower band than the lab's, so that uploads matter
+    assert exp.channel.bandwidth_hz < exp.inventory.channel.bandwidth_hz
     assert all(e.at_s < exp.duration_s for e in exp.events)
 
 
@@ -136,7 +139,7 @@ def test_malformed_experiment_rejected(path: Path):
 
 def test_line_numbers_point_at_the_value(tmp_path: Path):
     text = (ROOT / "experiments/adaptation.yaml").read_text().replace(
-        "ewma: 0.3 ", "ewma: 1.5 ").replace("../inventory", str(ROOT / "inventory")).replace(
+        "ewma: 0.1 ", "ewma: 1.5 ").replace("../inventory", str(ROOT / "inventory")).replace(
         "prompts/", str(ROOT / "experiments/prompts") + "/")
     p = tmp_path / "adaptation.yaml"
     p.write_text(text)
@@ -162,7 +165,33 @@ def test_experiment_show(capsys):
     assert main(["experiment", "show", str(ROOT / "experiments/adaptation.yaml"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["events"][0] == {"device": "dev-a", "kind": "snr_change", "at_s": 30.0,
-                              "snr_db": 2.0}
+                              "snr_db": -3.0}
     assert main(["experiment", "show", str(ROOT / "experiments/quickstart.yaml")]) == 0
     out = capsys.readouterr().out
     assert "quickstart" in out and "dev-c" in out and "multispin-homogeneous" in out
+
+
+def test_replan_rate_weight_and_surprise(tmp_path: Path):
+    exp = load_experiment(_write(tmp_path, MINIMAL + "replan: {rate_ewma: 0.9, surprise: 0.5}\n"))
+    assert (exp.replan.rate_ewma, exp.replan.surprise) == (0.9, 0.5)
+    assert (Replan().rate_ewma, Replan().surprise) == (None, None)     # off unless asked for
+    for body, field in (("replan: {surprise: 0}\n", "replan.surprise"),
+                        ("replan: {rate_ewma: 1.5}\n", "replan.rate_ewma"),
+                        ("replan: {surprise: fast}\n", "replan.surprise")):
+        p = _write(tmp_path, MINIMAL + body, name=f"bad{len(field)}{body[10:14]}.yaml")
+        with pytest.raises(ExperimentError) as info:
+            load_experiment(p)
+        assert f"{field}: " in str(info.value) and str(p) in str(info.value)
+
+
+def test_runner_calls_a_round_surprising_only_past_the_threshold():
+    from types import SimpleNamespace
+
+    from testbed.runner import ExperimentRunner
+    me = SimpleNamespace(exp=SimpleNamespace(replan=Replan(surprise=0.5)))
+    check = ExperimentRunner._surprising
+    assert check(me, {"round_s": 1.6, "predicted_round_s": 1.0})
+    assert not check(me, {"round_s": 1.4, "predicted_round_s": 1.0})
+    assert not check(me, {"round_s": 9.0, "predicted_round_s": None})
+    off = SimpleNamespace(exp=SimpleNamespace(replan=Replan()))
+    assert not check(off, {"round_s": 9.0, "predicted_round_s": 1.0})

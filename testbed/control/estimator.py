@@ -13,7 +13,8 @@ the newest round (the experiment's ``replan.ewma``):
   rounds that reached i;
 - drafting time t0 + tau*L, by exponentially weighted least squares over (L, seconds);
 - the full-band rate R = bits / (seconds * share), as an EWMA of per-round values started at
-  the prior's rate, and from it the SNR the model uses (R = B log2(1 + SNR));
+  the prior's rate (with its own weight ``rate_ewma`` when given: upload times are far less
+  noisy than acceptance), and from it the SNR the model uses (R = B log2(1 + SNR));
 - the server's v0 + v1*n, by the same weighted least squares.
 
 The problem's values are the prior. For acceptance and the time fits they count as
@@ -23,8 +24,10 @@ its prior; a fit of t0 and tau from one draft length keeps the prior's slope) at
 bias of about that size. Without any data an estimate is exactly the prior. A round in which a
 device does not draft still ages its acceptance evidence: a device left out after bad rounds
 drifts back to its prior over a few 1/ewma rounds and is tried again, rather than never. ``problem()``
-returns the problem with the current estimates. Deterministic, no I/O; observations are plain
-data, so tests script them.
+returns the problem with the current estimates. ``restart_acceptance`` starts a device's
+acceptance again from a new prior when its workload changes (the runner passes the profile's
+acceptance for the new workload). Deterministic, no I/O; observations are plain data, so tests
+script them.
 
 Limits: acceptance by position is reported, but the model (and so the planner) uses the pooled
 value; downlink time is not estimated.
@@ -124,7 +127,7 @@ class _DeviceState:
         self.snr0 = dev.snr_db
         self.rate_seen = False
 
-    def observe(self, obs: RoundObservation, decay: float) -> None:
+    def observe(self, obs: RoundObservation, decay: float, rate_decay: float) -> None:
         L, A = obs.draft_len, obs.accepted
         if L < 0 or A < 0 or A > L:
             raise ValueError(f"{obs.device}: accepted {A} of {L} drafted is impossible")
@@ -143,7 +146,7 @@ class _DeviceState:
             if obs.upload_s <= 0 or obs.share <= 0:
                 raise ValueError(f"{obs.device}: upload time and share must be positive")
             rate = obs.upload_bits / (obs.upload_s * obs.share)
-            self.rate_bps = decay * self.rate_bps + (1.0 - decay) * rate
+            self.rate_bps = rate_decay * self.rate_bps + (1.0 - rate_decay) * rate
             self.rate_seen = True
 
     def estimate(self) -> DeviceEstimate:
@@ -171,9 +174,13 @@ def _ratio(cell, prior: float, pw: float) -> float:
 class Estimator:
     """EWMA estimates of every device's parameters and the server's, seeded by a problem."""
 
-    def __init__(self, problem: Problem, ewma: float = 0.2, prior_weight: float = 0.01):
+    def __init__(self, problem: Problem, ewma: float = 0.2, prior_weight: float = 0.01,
+                 rate_ewma: float | None = None):
         if not 0 < ewma <= 1:
             raise ValueError(f"ewma must be in (0, 1], got {ewma}")
+        if rate_ewma is not None and not 0 < rate_ewma <= 1:
+            raise ValueError(f"rate_ewma must be in (0, 1], got {rate_ewma}")
+        self.rate_decay = 1.0 - (ewma if rate_ewma is None else rate_ewma)
         if prior_weight <= 0:
             raise ValueError(f"prior_weight must be positive, got {prior_weight}")
         self.base = problem
@@ -190,7 +197,7 @@ class Estimator:
             state = self.devices[obs.device]
         except KeyError:
             raise ValueError(f"unknown device {obs.device!r}") from None
-        state.observe(obs, self.decay)
+        state.observe(obs, self.decay, self.rate_decay)
 
     def observe_server(self, obs: ServerObservation) -> None:
         if obs.batch_tokens <= 0 or obs.verify_s < 0:
@@ -199,6 +206,19 @@ class Estimator:
 
     def estimate(self, name: str) -> DeviceEstimate:
         return self.devices[name].estimate()
+
+    def restart_acceptance(self, name: str, prior: float) -> None:
+        """Forget ``name``'s acceptance evidence and start again from ``prior``: its workload
+        changed, and what was observed belongs to the old one. Times and rate are kept."""
+        if not 0.0 <= prior <= 1.0:
+            raise ValueError(f"acceptance prior must be in [0, 1], got {prior}")
+        try:
+            state = self.devices[name]
+        except KeyError:
+            raise ValueError(f"unknown device {name!r}") from None
+        state.alpha0 = prior
+        state.acc = [0.0, 0.0]
+        state.pos = [[0.0, 0.0] for _ in state.pos]
 
     def problem(self, active: Iterable[str] | None = None) -> Problem:
         """The problem with the current estimates, for the ``active`` devices (default: all)."""

@@ -7,6 +7,7 @@ goodput it was predicted when it was made). It replaces the plan only when
 
 - the devices changed (one left or rejoined: the plan in force no longer fits), or there is none;
 - otherwise when the plan in force has been in place for at least ``min_dwell_rounds`` rounds
+  (``ignore_dwell``: at any time, for a change the caller knows of, such as a workload switch)
   and the candidate's predicted goodput beats it by more than ``hysteresis`` (relative).
 
 Why this cannot flap: both plans are valued by one model and one set of estimates, and the
@@ -55,14 +56,15 @@ class Replanner:
         self.min_dwell_rounds = min_dwell_rounds
         self.since_round: int | None = None     # round at which the plan in force was applied
 
-    def decide(self, current: Plan | None, problem: Problem, round_index: int) -> Decision:
+    def decide(self, current: Plan | None, problem: Problem, round_index: int, *,
+               ignore_dwell: bool = False) -> Decision:
         arr = arrays(problem)
         candidate = solve(problem, self.policy, arr)
         if current is None or tuple(d.name for d in current.devices) != problem.names:
             return self._replace(candidate, round_index,
                                  "first plan" if current is None else "devices changed", None)
         _, current_tps = evaluate(arr, current.draft_lens, current.shares)
-        if self.since_round is not None and \
+        if not ignore_dwell and self.since_round is not None and \
                 round_index - self.since_round < self.min_dwell_rounds:
             return Decision(False, current, "dwell", current_tps, candidate.goodput_tps)
         if candidate.goodput_tps > current_tps * (1.0 + self.hysteresis):
