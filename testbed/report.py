@@ -4,7 +4,8 @@
 the summary recomputed from ``events.jsonl`` (a crashed run still reports); the events feed the
 time-series plot. Tables: ``comparison_table`` (goodput with spread, gain over
 ``agnostic-fixed`` and ``server-only``, predicted vs measured), ``breakdown_table`` (round-time
-parts, overhead) and ``device_table``. ``report_json`` gives the stable JSON shape.
+parts, overhead), ``device_table`` and ``response_table`` (goodput before each scheduled event,
+after it and after the re-plan that answered it: ``event_responses``). ``report_json`` gives the stable JSON shape.
 ``plot_goodput`` (goodput over time per policy, events and re-plans marked) and
 ``plot_devices`` (per-device tokens/s and share per policy) write PNGs atomically with
 matplotlib's Agg canvas (no pyplot, no display).
@@ -75,6 +76,8 @@ def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) 
              "predicted_goodput_tps": p.get("predicted_goodput_tps"),
              "overhead_frac": p.get("overhead_frac"), "rounds": p.get("rounds", 0)}
             for p in run.summary["policies"]]}
+        if run.events:
+            entry["responses"] = event_responses(run.events)
         if plots is not None:
             entry["plots"] = plots.get(run.run_id, [])
         out.append(entry)
@@ -92,7 +95,7 @@ def _table(title: str, columns: list[str], caption: str | None = None) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   caption=caption, caption_justify="left")
     for c in columns:
-        left = c in ("run", "policy", "device")
+        left = c in ("run", "policy", "device", "event")
         table.add_column(c, justify="left" if left else "right", no_wrap=left)
     return table
 
@@ -204,6 +207,85 @@ def _event_label(ev: dict) -> str:
     return f"{ev.get('device')} {ev.get('kind')}"
 
 
+def _window_tps(rounds: list[tuple[float, dict]], lo: float, hi: float) -> tuple[float | None, int]:
+    """Goodput (tokens / seconds) of the rounds that ended in (lo, hi], and how many."""
+    picked = [ev for x, ev in rounds if lo < x <= hi]
+    secs = sum(float(ev.get("round_s") or 0.0) for ev in picked)
+    if not picked or secs <= 0:
+        return None, len(picked)
+    return sum(round_tokens(ev) for ev in picked) / secs, len(picked)
+
+
+def event_responses(events: list[dict], before_s: float = 20.0) -> list[dict]:
+    """How each policy answered each scheduled event: goodput before it, after it (until the
+    re-plan that answered it), and after that re-plan (until the next event or the policy's
+    end); when the re-plan came and what it predicted. The re-plan that answered an event is,
+    of the policy's re-plans between it and the next event, the one that predicted the largest
+    gain (a re-plan right after an event may still come from estimates that have not seen it).
+
+    Times are seconds since the policy started measuring. ``before`` covers at most
+    ``before_s`` seconds, and never reaches back past the previous event. A policy that never
+    re-plans (``agnostic-fixed``) has no re-plan: its "after event" window runs to the next
+    event and ``after_replan_tps`` is None. Warm-up rounds are left out.
+    """
+    start = policy_starts(events)
+    rounds: dict[str, list[tuple[float, dict]]] = {}
+    ends: dict[str, float] = {}
+    for ev in events:
+        if ev.get("type") == "round" and not ev.get("warmup"):
+            x = float(ev["t"]) - start.get(ev.get("policy"), 0.0)
+            rounds.setdefault(ev.get("policy"), []).append((x, ev))
+            ends[ev.get("policy")] = x
+    evs = _marks(events, "event")
+    replans = _marks(events, "replan")
+    out = []
+    for i, ev in enumerate(evs):
+        pol, x = ev.get("policy"), ev["x"]
+        same = [e["x"] for e in evs if e.get("policy") == pol]
+        prev = max([e for e in same if e < x], default=0.0)
+        nxt = min([e for e in same if e > x], default=ends.get(pol, x))
+        answers = [r for r in replans if r.get("policy") == pol and x <= r["x"] < nxt]
+        rp = max(answers, key=lambda r: r.get("predicted_gain") or 0.0, default=None)
+        pol_rounds = rounds.get(pol, [])
+        before, n_before = _window_tps(pol_rounds, max(prev, x - before_s), x)
+        after, n_after = _window_tps(pol_rounds, x, rp["x"] if rp else nxt)
+        settled, n_settled = (_window_tps(pol_rounds, rp["x"], nxt) if rp else (None, 0))
+        predicted = [float(r["predicted_goodput_tps"]) for t, r in pol_rounds
+                     if rp and rp["x"] < t <= nxt and r.get("predicted_goodput_tps") is not None]
+        out.append({
+            "policy": pol, "kind": ev.get("kind"), "device": ev.get("device"),
+            "label": _event_label(ev), "at_s": x,
+            "before_tps": before, "before_rounds": n_before,
+            "after_event_tps": after, "after_event_rounds": n_after,
+            "replan_after_s": (rp["x"] - x) if rp else None,
+            "replan_predicted_gain": rp.get("predicted_gain") if rp else None,
+            "after_replan_tps": settled, "after_replan_rounds": n_settled,
+            "after_replan_predicted_tps": (sum(predicted) / len(predicted)) if predicted else None,
+            "recovery": (settled / after - 1.0) if settled and after else None})
+    return out
+
+
+def response_table(run: RunData) -> Table | None:
+    """One row per policy and scheduled event (see ``event_responses``); None without events."""
+    rows = event_responses(run.events or [])
+    if not rows:
+        return None
+    table = _table(f"response to events — run {run.run_id} (goodput, tok/s)", [
+        "policy", "event", "at s", "before", "after", "re-plan", "then", "pred.", "gain"],
+        caption="before: up to 20 s before the event; after: from the event to the re-plan that "
+                "answered it (of those before the next event, the one predicting the largest "
+                "gain; re-plan: seconds after the event); then: until "
+                "the next event or the end; pred.: the model's goodput for the plans then in "
+                "force; gain: then / after - 1")
+    for r in rows:
+        table.add_row(str(r["policy"]), r["label"], _fmt(r["at_s"], ".0f"),
+                      _fmt(r["before_tps"], ".1f"), _fmt(r["after_event_tps"], ".1f"),
+                      "—" if r["replan_after_s"] is None else f"+{r['replan_after_s']:.1f}",
+                      _fmt(r["after_replan_tps"], ".1f"),
+                      _fmt(r["after_replan_predicted_tps"], ".1f"), _fmt(r["recovery"], "+.0%"))
+    return table
+
+
 # -- plots -----------------------------------------------------------------------------------
 
 def _save(fig, path: Path) -> Path:
@@ -246,16 +328,18 @@ def plot_goodput(run: RunData, path: Path, window_rounds: int = 5) -> Path:
                     transform=ax.get_xaxis_transform())
     labelled: set[tuple] = set()
     for ev in _marks(run.events or [], "event"):
-        ax.axvline(ev["x"], color="black", lw=1.0, alpha=0.8)
-        key = (ev.get("kind"), ev.get("device"), round(ev["x"]))
+        # each policy meets the event between two of its own rounds: one line per policy, in
+        # its colour; the label once
+        ax.axvline(ev["x"], color=colors.get(ev.get("policy"), "black"), lw=1.8, alpha=0.9)
+        key = (ev.get("kind"), ev.get("device"), round(ev["x"] / 5))
         if key not in labelled:
             labelled.add(key)
             ax.text(ev["x"], 0.98, " " + _event_label(ev), rotation=90, va="top", ha="left",
                     fontsize=8, transform=ax.get_xaxis_transform())
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], color="grey", ls=":"), Line2D([], [], color="grey", ls="--"),
-                Line2D([], [], color="black")]
-    labels += ["predicted (model)", "re-plan", "scheduled event"]
+                Line2D([], [], color="grey", lw=1.8)]
+    labels += ["predicted (model)", "re-plan", "scheduled event (when each policy met it)"]
     ax.legend(handles, labels, loc="lower right", fontsize=8)
     ax.set_xlabel("time since the policy started measuring (s)")
     ax.set_ylabel(f"goodput (tokens/s, last {window_rounds} rounds)")

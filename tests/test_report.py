@@ -164,3 +164,65 @@ def test_pieces_fit_writer_view_summary_report(tmp_path: Path, capsys):
     assert pols[0]["goodput_tps"] == pytest.approx(summary["policies"][0]["goodput_tps"])
     assert view.finished[0][2] == pytest.approx(pols[0]["goodput_tps"])
     assert "multispin-homogeneous round 8: goodput 30.0 tok/s now" in console.export_text()
+
+
+def _response_events() -> list[dict]:
+    """Two policies, 0.5 s rounds: 10 tokens a round until dev-a's SNR drops after round 9,
+    then 4 a round; the heterogeneous policy re-plans after round 10 (a small gain, changing
+    nothing) and after round 13, and gets 8 a round (its new plan predicts 17 tok/s);
+    agnostic-fixed never re-plans and stays at 4."""
+    events = [{"type": "run_start", "t": 0.0, "run": "r", "policies": ["het", "fixed"]}]
+    t = 0.0
+    for pol in ("het", "fixed"):
+        events.append({"type": "policy_start", "t": t, "policy": pol, "plan": {}})
+        events.append({"type": "round", "t": t + 0.5, "policy": pol, "round": 0, "warmup": True,
+                       "round_s": 0.5, "tokens": 99})
+        t += 0.5
+        tokens, predicted = 10, 20.0
+        for i in range(24):
+            t += 0.5
+            events.append({"type": "round", "t": t, "policy": pol, "round": i, "round_s": 0.5,
+                           "tokens": tokens, "predicted_goodput_tps": predicted})
+            if i == 9:
+                events.append({"type": "event", "t": t, "policy": pol, "kind": "snr_change",
+                               "device": "dev-a", "detail": {"snr_db": 2.0}})
+                tokens = 4
+            if i == 10 and pol == "het":     # too early to have seen the drop: not the answer
+                events.append({"type": "replan", "t": t, "policy": pol, "reason": "gain",
+                               "predicted_gain": 0.02})
+            if i == 13 and pol == "het":
+                events.append({"type": "replan", "t": t, "policy": pol, "reason": "gain",
+                               "predicted_gain": 0.6})
+                tokens, predicted = 8, 17.0
+        t += 1.0
+    return events
+
+
+def test_event_responses_windows():
+    from testbed.report import event_responses
+    het, fixed = event_responses(_response_events(), before_s=3.0)
+    assert (het["policy"], het["kind"], het["device"]) == ("het", "snr_change", "dev-a")
+    assert het["at_s"] == pytest.approx(5.0)                       # end of round 9
+    assert het["before_tps"] == pytest.approx(20.0) and het["before_rounds"] == 6   # 3 s
+    assert het["after_event_tps"] == pytest.approx(8.0) and het["after_event_rounds"] == 4
+    assert het["replan_after_s"] == pytest.approx(2.0)
+    assert het["replan_predicted_gain"] == pytest.approx(0.6)
+    assert het["after_replan_tps"] == pytest.approx(16.0) and het["after_replan_rounds"] == 10
+    assert het["after_replan_predicted_tps"] == pytest.approx(17.0)
+    assert het["recovery"] == pytest.approx(1.0)
+    # No re-plan: the "after event" window runs to the end, nothing after a re-plan.
+    assert fixed["after_event_tps"] == pytest.approx(8.0) and fixed["after_event_rounds"] == 14
+    assert fixed["replan_after_s"] is None and fixed["after_replan_tps"] is None
+    assert fixed["recovery"] is None
+
+
+def test_response_table_and_json(tmp_path: Path):
+    from testbed.report import RunData, report_json, response_table
+    run = RunData(path=tmp_path, run_id="r", summary={"policies": []},
+                  events=_response_events(), manifest=None)
+    text = _text(response_table(run))
+    assert "dev-a SNR 2 dB" in text and "+100%" in text and "16.0" in text
+    responses = report_json([run])["runs"][0]["responses"]
+    assert [r["policy"] for r in responses] == ["het", "fixed"]
+    assert response_table(RunData(path=tmp_path, run_id="r", summary={"policies": []},
+                                  events=[], manifest=None)) is None

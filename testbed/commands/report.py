@@ -3,8 +3,9 @@
 Prints a table per policy (goodput, gains over agnostic-fixed and server-only, predicted vs
 measured, round-time breakdown, overhead) and a per-device table, and writes two PNG plots per
 run (goodput over time with events and re-plans; per-device tokens/s and share) into the run
-folder or ``--out``. ``--json`` prints ``{"runs": [{"run", "policies": [...], "plots"}]}``
-instead of the tables. A missing or garbled run folder is one line on stderr, exit 2.
+folder or ``--out``. With scheduled events, a table of how each policy answered each of
+them (goodput before, after, and after the re-plan). ``--json`` prints
+``{"runs": [{"run", "policies": [...], "responses": [...], "plots"}]}`` instead of the tables. A missing or garbled run folder is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def run(args) -> int:
     from rich.markup import escape
 
     from ..report import (breakdown_table, comparison_table, device_table, load_run,
-                          report_json, write_plots)
+                          report_json, response_table, write_plots)
 
     runs = [load_run(r) for r in args.runs]
     plots: dict[str, list[str]] = {}
@@ -43,6 +44,8 @@ def run(args) -> int:
         print(json.dumps(report_json(runs, plots), indent=2))
         return 0
     console = Console()
+    if not console.is_terminal:           # a file or a pipe: no terminal to fit, keep numbers whole
+        console = Console(width=120)
     console.print(comparison_table(runs))
     console.print(breakdown_table(runs))
     for r in runs:
@@ -54,6 +57,9 @@ def run(args) -> int:
             console.print(f"run {r.run_id}: status {r.summary.get('status')}"
                           f"{f' ({message})' if message else ''}", style="yellow", markup=False)
         console.print(device_table(r))
+        responses = response_table(r)
+        if responses is not None:
+            console.print(responses)
         for p in plots.get(r.run_id, []):
             console.print(f"wrote {p}", markup=False, highlight=False)
     return 0
