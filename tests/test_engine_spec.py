@@ -182,3 +182,27 @@ def _bins(samples, p, trials):
         observed[-1] += rest_obs
         exp[-1] += rest_exp
     return observed, exp
+
+
+def test_catch_up_keeps_an_idle_device_current(paths, references):
+    """A device that does not draft (L = 0) still gets the server's tokens; catch_up decodes
+    them as they come, so that its next draft decodes only the last one."""
+    from testbed.agents import DeviceAgent
+    prompt, _ = references[PROMPTS[1]]
+    # The upload client connects lazily: with L = 0 nothing is uploaded, so no server is needed.
+    agent = DeviceAgent("dev-x", str(paths["smollm2-135m-q4_0"]), "127.0.0.1", 9, n_ctx=512)
+    d = agent.worker
+    try:
+        agent.start(prompt)
+        for i in range(6):                                       # six idle rounds
+            out = agent.step(i, 0, None if i == 0 else (0, 100 + i))
+            assert out["n_drafted"] == 0
+        agent.step(6, 0, (0, 106))
+        agent._join_catch_up()
+        assert d.ctx.seq_pos_max(0) == len(d.tokens) - 2          # all but the pending last
+        assert d.tokens[-6:] == [101, 102, 103, 104, 105, 106]
+        before = d.ctx.n_tokens_decoded
+        d.draft(2)
+        assert d.ctx.n_tokens_decoded - before == 2               # the last token + 1 draft
+    finally:
+        agent.close()

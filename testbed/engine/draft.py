@@ -14,7 +14,8 @@ holds the accepted prefix. A round is:
    re-evaluation).
 
 Invariant: the KV cache holds a prefix of ``tokens`` that leaves at least the last token pending,
-so the next ``draft`` always has logits to start from. Drafting stops early at an end-of-generation
+so the next ``draft`` always has logits to start from. ``catch_up()`` decodes what is pending
+but the last, for a device that is not drafting (see agents.DeviceAgent). Drafting stops early at an end-of-generation
 token. The clock is injectable for tests.
 
 Limits: one sequence per worker; the context holds ``n_ctx`` tokens (prompt + output + L).
@@ -164,6 +165,17 @@ class DraftWorker:
         ids, w = pl.quantize_dist(dist_from_logits(logits, self.sampling), self.payload_k)
         q = Dist.from_weights(ids, w)      # exactly the q the verifier will decode
         return sample(q, self.rng), q, (ids, w)
+
+    def catch_up(self) -> float:
+        """Decode the tokens accepted since the last draft (all but the last, which stays
+        pending), so that a device that does not draft for a while is not left with all of
+        them to decode when it drafts again; returns the seconds it took."""
+        t0 = self.clock()
+        if self._drafted:
+            self._drafted = []
+            self._trim_to(self.tokens)
+        self._decode_pending(keep_last=True)
+        return self.clock() - t0
 
     def accept(self, n_accepted: int, next_token: int) -> None:
         """Keep ``n_accepted`` drafted tokens, append the server's ``next_token``, roll the KV
