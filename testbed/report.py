@@ -216,12 +216,15 @@ def _window_tps(rounds: list[tuple[float, dict]], lo: float, hi: float) -> tuple
     return sum(round_tokens(ev) for ev in picked) / secs, len(picked)
 
 
-def event_responses(events: list[dict], before_s: float = 20.0) -> list[dict]:
+def event_responses(events: list[dict], before_s: float = 20.0,
+                    answer_s: float = 15.0) -> list[dict]:
     """How each policy answered each scheduled event: goodput before it, after it (until the
     re-plan that answered it), and after that re-plan (until the next event or the policy's
-    end); when the re-plan came and what it predicted. The re-plan that answered an event is,
-    of the policy's re-plans between it and the next event, the one that predicted the largest
-    gain (a re-plan right after an event may still come from estimates that have not seen it).
+    end); when the re-plan came and what it predicted. The re-plan that answered an event is
+    the one the runner made for it (reason ``<kind>: ...``, e.g. a workload switch), else, of
+    the policy's re-plans within ``answer_s`` after it (and before the next event), the one
+    that predicted the largest gain: a re-plan right after an event may still come from
+    estimates that have not seen it, and one long after it answers something else.
 
     Times are seconds since the policy started measuring. ``before`` covers at most
     ``before_s`` seconds, and never reaches back past the previous event. A policy that never
@@ -245,7 +248,10 @@ def event_responses(events: list[dict], before_s: float = 20.0) -> list[dict]:
         prev = max([e for e in same if e < x], default=0.0)
         nxt = min([e for e in same if e > x], default=ends.get(pol, x))
         answers = [r for r in replans if r.get("policy") == pol and x <= r["x"] < nxt]
-        rp = max(answers, key=lambda r: r.get("predicted_gain") or 0.0, default=None)
+        named = [r for r in answers if str(r.get("reason", "")).startswith(f"{ev.get('kind')}:")]
+        soon = [r for r in answers if r["x"] <= x + answer_s]
+        rp = named[0] if named else max(soon, key=lambda r: r.get("predicted_gain") or 0.0,
+                                        default=None)
         pol_rounds = rounds.get(pol, [])
         before, n_before = _window_tps(pol_rounds, max(prev, x - before_s), x)
         after, n_after = _window_tps(pol_rounds, x, rp["x"] if rp else nxt)
@@ -273,8 +279,8 @@ def response_table(run: RunData) -> Table | None:
     table = _table(f"response to events — run {run.run_id} (goodput, tok/s)", [
         "policy", "event", "at s", "before", "after", "re-plan", "then", "pred.", "gain"],
         caption="before: up to 20 s before the event; after: from the event to the re-plan that "
-                "answered it (of those before the next event, the one predicting the largest "
-                "gain; re-plan: seconds after the event); then: until "
+                "answered it (the one made for it, else of those within 15 s the one predicting "
+                "the largest gain; re-plan: seconds after the event); then: until "
                 "the next event or the end; pred.: the model's goodput for the plans then in "
                 "force; gain: then / after - 1")
     for r in rows:

@@ -214,6 +214,23 @@ def test_event_responses_windows():
     assert fixed["after_event_tps"] == pytest.approx(8.0) and fixed["after_event_rounds"] == 14
     assert fixed["replan_after_s"] is None and fixed["after_replan_tps"] is None
     assert fixed["recovery"] is None
+    # a re-plan long after the event answers something else
+    (late, _) = event_responses(_response_events(), before_s=3.0, answer_s=1.0)
+    assert late["replan_predicted_gain"] == pytest.approx(0.02)
+
+
+def test_event_responses_prefer_the_replan_made_for_the_event():
+    from testbed.report import event_responses
+    events = _response_events()
+    i = next(k for k, e in enumerate(events) if e.get("type") == "event")
+    events[i] = {**events[i], "kind": "workload_switch", "detail": {"workload": "code"}}
+    events.insert(i + 1, {"type": "replan", "t": events[i]["t"], "policy": "het",
+                          "reason": "workload_switch: gain", "predicted_gain": 0.07})
+    het = event_responses(events, before_s=3.0)[0]
+    assert het["replan_after_s"] == pytest.approx(0.0)
+    assert het["replan_predicted_gain"] == pytest.approx(0.07)
+    assert het["after_event_tps"] is None          # no round between the event and its re-plan
+    assert het["after_replan_rounds"] == 14
 
 
 def test_response_table_and_json(tmp_path: Path):
