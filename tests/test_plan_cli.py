@@ -153,3 +153,17 @@ def test_profile_with_inventory_channel_is_planned(capsys, tmp_path):
                     "--policy", "multispin-heterogeneous")
     assert [d["name"] for d in plan["devices"]] == ["dev-a", "dev-b"]
     assert plan["goodput_tps"] > 0
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`testbed ... --json | head`: the pipe closes under us; exit 0, no traceback. The broken
+    pipe is raised by hand (a mock, said so): whether a real one happens depends on pipe sizes."""
+    code = ("import sys, testbed.commands.inventory as m\n"
+            "def boom(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "m.run = boom\n"
+            "from testbed.cli import main\n"
+            "sys.exit(main(['inventory', 'show', 'inventory/local.yaml']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
