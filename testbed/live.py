@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -83,6 +84,7 @@ class LiveLab:
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(inv.devices)))
         self._ray = None
         self._round = 0
+        self._shaping: list = []          # futures of the uplink shaping in progress
         self._target_vocab: dict | None = None
         self.failed: dict[str, str] = {}          # open(keep_going=True): device -> "step: why"
 
@@ -203,6 +205,7 @@ class LiveLab:
             st.rate_bps = rates[name]
         names = [n for n, st in self.devices.items() if st.active]
         futures = {n: self._pool.submit(one, n) for n in names}
+        self._shaping = list(futures.values())
         for name, fut in futures.items():
             self._guard(keep_going, name, "shape", fut.result)
 
@@ -321,6 +324,9 @@ class LiveLab:
     def close(self) -> list[str]:
         """Restore the links, stop the agents; returns the problems met (never raises)."""
         problems: list[str] = []
+        # Shaping still under way (Ctrl-C during `_shape_all`) must finish first: a device
+        # whose shaping completed after the list below was made would stay shaped.
+        wait_futures(self._shaping, timeout=60)
 
         def unshape(st: DeviceState) -> None:
             try:
