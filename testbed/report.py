@@ -146,7 +146,9 @@ def breakdown_table(runs: list[RunData]) -> Table:
 
 def device_table(run: RunData) -> Table:
     table = _table(f"devices — run {run.run_id}", [
-        "policy", "device", "tok/s", "accept", "mean L", "share", "kbit/s"])
+        "policy", "device", "tok/s", "acc/drafted", "mean L", "share", "kbit/s"],
+        caption="acc/drafted: accepted / drafted tokens (lower than the per-token acceptance "
+                "for long drafts: positions after the first rejection count as drafted)")
     for p in run.summary["policies"]:
         for d in p.get("devices") or []:
             table.add_row(p["policy"], str(d.get("name")), _fmt(d.get("tokens_per_s"), ".1f"),
