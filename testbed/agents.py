@@ -35,6 +35,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Mapping, Sequence
 
@@ -84,27 +85,15 @@ class DeviceAgent:
         self.worker = DraftWorker(model_path, n_ctx=n_ctx, threads=threads, seed=seed,
                                   payload=payload, payload_k=top_k)
         self.client = UploadClient(name, server_host, data_port)
-        self._catch_up: threading.Thread | None = None
-        self._catch_up_s = 0.0
-        self._catch_up_error: BaseException | None = None
+        self._background = ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix=f"catch-up-{name}")
+        self._catch_up: Future | None = None
 
     def _join_catch_up(self) -> float:
-        """Wait for the background catch-up started by the last idle step; its seconds."""
-        t = self._catch_up
-        if t is None:
-            return 0.0
-        t.join()
-        self._catch_up = None
-        if self._catch_up_error is not None:
-            err, self._catch_up_error = self._catch_up_error, None
-            raise err
-        return self._catch_up_s
-
-    def _run_catch_up(self) -> None:
-        try:
-            self._catch_up_s = self.worker.catch_up()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the next call
-            self._catch_up_error = exc
+        """Wait for the background catch-up started by the last idle step; its seconds (its
+        error, if it failed, is raised here)."""
+        fut, self._catch_up = self._catch_up, None
+        return fut.result() if fut is not None else 0.0
 
     def where(self) -> dict:
         return where()
@@ -137,9 +126,7 @@ class DeviceAgent:
         accept_s = time.perf_counter() - t0
         if draft_len <= 0:
             self.worker.draft(0)
-            self._catch_up = threading.Thread(target=self._run_catch_up, daemon=True,
-                                              name=f"catch-up-{self.name}")
-            self._catch_up.start()
+            self._catch_up = self._background.submit(self.worker.catch_up)
             return {"name": self.name, "accept_s": accept_s, "draft_s": 0.0, "upload_s": 0.0,
                     "n_drafted": 0, "payload_bytes": 0, "wire_bytes": 0,
                     "catch_up_s": catch_up_s}
@@ -167,6 +154,7 @@ class DeviceAgent:
         try:
             self._join_catch_up()
         finally:
+            self._background.shutdown(wait=True)
             self.client.close()
             self.worker.close()
 

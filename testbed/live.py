@@ -40,6 +40,7 @@ from .inventory import Channel, Inventory, Node
 from .remote import Runner, ShellSession, SSHRunner, runner_for
 
 Progress = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 def _quiet(_msg: str) -> None:
@@ -51,7 +52,8 @@ class DeviceState:
     node: Node
     actor: object | None = None
     runner: Runner | None = None
-    shell: Runner | None = None               # for live tc changes: a ShellSession over SSH
+    shell: Runner | None = None               # live tc changes: a ShellSession over SSH, else
+                                              # the runner itself; set together with runner
     verdict: tuple[int, int] | None = None   # last round's (n_accepted, next_token), not yet applied
     generated: int = 0                        # tokens generated for the current prompt
     rate_bps: float | None = None
@@ -224,13 +226,12 @@ class LiveLab:
             rate = max(float(rate), shaping.MIN_RATE_BPS)
             if st.rate_bps is not None and abs(rate - st.rate_bps) < 1.0:
                 return
-            shaping.change(st.shell or st.runner, st.node.interface, rate)
+            shaping.change(st.shell, st.node.interface, rate)
             st.rate_bps = rate
             if read_back is not None:
-                read_back[name] = shaping.read_rate_bps(st.shell or st.runner,
-                                                        st.node.interface)
+                read_back[name] = shaping.read_rate_bps(st.shell, st.node.interface)
         list(self._pool.map(one, [(n, r) for n, r in rates_bps.items()
-                                  if self.devices[n].runner is not None]))
+                                  if self.devices[n].shell is not None]))
         return time.perf_counter() - t0
 
     def start_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
@@ -301,8 +302,9 @@ class LiveLab:
         if st.actor is not None:
             try:
                 self._ray.kill(st.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - an actor that already died is fine
-                pass
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
+                # An actor that already died (the reason it is leaving, often) is gone anyway.
+                _log.debug("%s: stopping its agent: %s", name, _first_line(exc))
         st.actor = None
         st.active = False
         st.verdict = None

@@ -262,13 +262,12 @@ class ExperimentRunner:
     def _profiled_acceptance(self, device: str, workload: str) -> float | None:
         """The profile's acceptance of ``device`` on ``workload``'s task, if it measured it."""
         task = self.exp.workloads[workload].prompt_set.task
-        for d in self.profile.get("devices") or []:
-            if isinstance(d, dict) and d.get("name") == device:
-                per = ((d.get("acceptance") or {}).get("per_workload") or {}).get(task) or {}
-                rate = per.get("rate")
-                if isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0:
-                    return float(rate)
-        return None
+        try:
+            problem = problem_from_profile(self.profile, self.exp.channel, {device: task},
+                                           source="profile")
+        except ProblemError:            # the profile did not measure that task on the device
+            return None
+        return next((d.acceptance for d in problem.devices if d.name == device), None)
 
     def _observe(self, est: Estimator, ev: dict) -> None:
         for row in ev["devices"]:

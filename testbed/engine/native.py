@@ -22,6 +22,7 @@ Limits: CPU only (no GPU offload is requested); one token belongs to exactly one
 from __future__ import annotations
 
 import collections
+import logging
 import ctypes
 import os
 import threading
@@ -81,7 +82,29 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     return p
 
 
-class Model:
+class _Owned:
+    """A holder of llama.cpp memory: ``close()`` frees it; a context manager; freed on garbage
+    collection too, where a failure (at interpreter exit, llama_cpp may already be torn down)
+    can only be logged."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - nothing to raise to from a finaliser
+            logging.getLogger(__name__).debug("freeing a %s failed: %s", type(self).__name__,
+                                              exc)
+
+
+class Model(_Owned):
     """A loaded GGUF model (or only its vocabulary). Free with ``close()``."""
 
     def __init__(self, path: Path, ptr, vocab_only: bool):
@@ -151,20 +174,9 @@ class Model:
             C.llama_model_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort at interpreter exit
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
-class Batch:
+class Batch(_Owned):
     """A reusable llama_batch of at most ``capacity`` tokens, one sequence id per token."""
 
     def __init__(self, capacity: int):
@@ -199,24 +211,13 @@ class Batch:
             C.llama_batch_free(self._b)
             self._b = None
 
-    def __enter__(self) -> "Batch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def flash_attn_type(enabled: bool) -> int:
     return C.LLAMA_FLASH_ATTN_TYPE_ENABLED if enabled else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
-class Context:
+class Context(_Owned):
     """A llama.cpp context: ``n_seq_max`` sequences in one unified KV cache of ``n_ctx`` cells."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_seq_max: int = 1, threads: int = 1,
@@ -280,17 +281,6 @@ class Context:
             C.llama_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def prefill(ctx: Context, batch: Batch, seq: int, tokens: list[int], pos0: int,
