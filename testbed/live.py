@@ -26,11 +26,12 @@ sequence and start a new prompt when they rejoin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -86,7 +87,10 @@ class LiveLab:
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(inv.devices)))
         self._ray = None
         self._round = 0
-        self._shaping: list = []          # futures of the uplink shaping in progress
+        # Shaping (tc) work runs on the pool; ``close`` must not race it (see ``_tc_work``).
+        self._tc_gate = threading.Condition()
+        self._tc_busy = 0
+        self._closing = False
         self._target_vocab: dict | None = None
         self.failed: dict[str, str] = {}          # open(keep_going=True): device -> "step: why"
 
@@ -197,6 +201,10 @@ class LiveLab:
                  for n, st in self.devices.items()}
 
         def one(name: str) -> None:
+            with self._tc_work():
+                shape(name)
+
+        def shape(name: str) -> None:
             st = self.devices[name]
             if st.runner is None:
                 st.runner = runner_for(st.node, self.inv)
@@ -207,9 +215,26 @@ class LiveLab:
             st.rate_bps = rates[name]
         names = [n for n, st in self.devices.items() if st.active]
         futures = {n: self._pool.submit(one, n) for n in names}
-        self._shaping = list(futures.values())
         for name, fut in futures.items():
             self._guard(keep_going, name, "shape", fut.result)
+
+    @contextlib.contextmanager
+    def _tc_work(self):
+        """Bracket one device's ``tc`` work on the pool. Once ``close`` has begun, new work is
+        refused (``RunError``) and ``close`` waits for the work in flight before it clears the
+        links. A Ctrl-C can land while the main thread is still submitting shaping jobs; without
+        this gate a job that started after ``close`` listed the shaped devices left its qdisc
+        behind."""
+        with self._tc_gate:
+            if self._closing:
+                raise RunError("the lab is closing: tc change not made")
+            self._tc_busy += 1
+        try:
+            yield
+        finally:
+            with self._tc_gate:
+                self._tc_busy -= 1
+                self._tc_gate.notify_all()
 
     # -- control -----------------------------------------------------------------------------
 
@@ -226,10 +251,11 @@ class LiveLab:
             rate = max(float(rate), shaping.MIN_RATE_BPS)
             if st.rate_bps is not None and abs(rate - st.rate_bps) < 1.0:
                 return
-            shaping.change(st.shell, st.node.interface, rate)
-            st.rate_bps = rate
-            if read_back is not None:
-                read_back[name] = shaping.read_rate_bps(st.shell, st.node.interface)
+            with self._tc_work():
+                shaping.change(st.shell, st.node.interface, rate)
+                st.rate_bps = rate
+                if read_back is not None:
+                    read_back[name] = shaping.read_rate_bps(st.shell, st.node.interface)
         list(self._pool.map(one, [(n, r) for n, r in rates_bps.items()
                                   if self.devices[n].shell is not None]))
         return time.perf_counter() - t0
@@ -326,9 +352,11 @@ class LiveLab:
     def close(self) -> list[str]:
         """Restore the links, stop the agents; returns the problems met (never raises)."""
         problems: list[str] = []
-        # Shaping still under way (Ctrl-C during `_shape_all`) must finish first: a device
-        # whose shaping completed after the list below was made would stay shaped.
-        wait_futures(self._shaping, timeout=60)
+        # No tc work starts from now on; what is in flight finishes first (see ``_tc_work``).
+        with self._tc_gate:
+            self._closing = True
+            if not self._tc_gate.wait_for(lambda: self._tc_busy == 0, timeout=60):
+                problems.append("tc changes still running after 60 s: links cleared anyway")
 
         def unshape(st: DeviceState) -> None:
             try:
