@@ -448,12 +448,9 @@ class _Policy:
         tokens = sum(round_tokens(ev) for ev in self.rounds)
         per_round = [round_tokens(ev) / p["round_s"] for ev, p in zip(self.rounds, parts)
                      if p["round_s"] > 0]
-        predicted = [_num(ev["predicted_goodput_tps"]) for ev in self.rounds
-                     if isinstance(ev.get("predicted_goodput_tps"), (int, float))]
-        predicted_round = [_num(ev["predicted_round_s"]) for ev in self.rounds
-                           if isinstance(ev.get("predicted_round_s"), (int, float))]
+        pred, pred_round = _predicted(self.rounds, "predicted_goodput_tps", "predicted_round_s")
+        planned, _ = _predicted(self.rounds, "plan_goodput_tps", "plan_round_s")
         goodput = tokens / duration if duration > 0 else None
-        pred = _mean(predicted)
         devices = []
         for name, acc in self.devices.items():
             k = acc["rounds"]
@@ -468,13 +465,29 @@ class _Policy:
             "policy": self.name, "rounds": n, "complete": self.complete,
             "duration_s": duration, "tokens": tokens, "goodput_tps": goodput,
             "goodput_std": _std(per_round), "predicted_goodput_tps": pred,
-            "predicted_round_s": _mean(predicted_round),
+            "predicted_round_s": pred_round,
             "prediction_error": (goodput - pred) / pred if goodput is not None and pred else None,
+            "planned_goodput_tps": planned,
+            "plan_prediction_error": ((goodput - planned) / planned
+                                      if goodput is not None and planned else None),
             "overhead_frac": (sum(p["overhead_s"] for p in parts) / duration
                               if duration > 0 else None),
             "breakdown": {key: _mean([p[key] for p in parts]) for key in
                           ("round_s", "draft_upload_s", "verify_s", "downlink_s", "overhead_s")},
             "gain_vs": {}, "replans": self.replans, "events": self.events, "devices": devices}
+
+
+def _predicted(rounds: list[dict], tps_key: str, round_key: str) -> tuple[float | None,
+                                                                          float | None]:
+    """(goodput, mean round time) the model predicted over ``rounds``: predicted tokens over
+    predicted time, summed over the rounds that carry both values (None when none does)."""
+    pairs = [(_num(ev[tps_key]), _num(ev[round_key])) for ev in rounds
+             if isinstance(ev.get(tps_key), (int, float))
+             and isinstance(ev.get(round_key), (int, float))]
+    time_s = sum(r for _, r in pairs)
+    if not pairs or time_s <= 0:
+        return None, None
+    return sum(g * r for g, r in pairs) / time_s, time_s / len(pairs)
 
 
 def summarize(events: Iterable[dict]) -> dict:

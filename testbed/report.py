@@ -106,10 +106,12 @@ def comparison_table(runs: list[RunData]) -> Table:
     title = (f"run {runs[0].run_id} ({runs[0].summary.get('status')}): goodput" if not several
              else f"{len(runs)} runs: goodput")
     table = _table(title, (["run"] if several else []) + [
-        "policy", "rounds", "tok/s", "± std", "x fixed", "x server", "pred.", "error"],
+        "policy", "rounds", "tok/s", "± std", "x fixed", "x server", "pred.", "error",
+        "planned", "error"],
         caption="x fixed, x server: goodput over agnostic-fixed and server-only of the same run; "
-                "pred.: the model's goodput for the plans in force; error: (measured - pred.) / "
-                "pred.")
+                "pred.: the model's forecast for the plans in force, each round from the rounds "
+                "before it; planned: the plans' goodput when the controller chose them; error: "
+                "(measured - value) / value")
     for run in runs:
         for p in run.summary["policies"]:
             gains = p.get("gain_vs") or {}
@@ -120,7 +122,9 @@ def comparison_table(runs: list[RunData]) -> Table:
                           _fmt(p.get("goodput_std"), ".1f"),
                           fixed, server,
                           _fmt(p.get("predicted_goodput_tps"), ".1f"),
-                          _fmt(p.get("prediction_error"), "+.1%"))
+                          _fmt(p.get("prediction_error"), "+.1%"),
+                          _fmt(p.get("planned_goodput_tps"), ".1f"),
+                          _fmt(p.get("plan_prediction_error"), "+.1%"))
     return table
 
 

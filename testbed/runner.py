@@ -7,7 +7,8 @@ for each policy in turn, on the same prompts with the same seeds:
    draft lengths are simply the next round's argument), starts every device on its first prompt;
 2. runs synchronous rounds (draft -> upload through the shaped link -> one batched verification)
    until the policy's budget is spent, recording every round with the model's prediction for the
-   plan in force;
+   plan in force: a forecast made before the round, from the estimates of the rounds so far
+   (``predicted_*``), next to the plan's value when it was chosen (``plan_*``);
 3. feeds every round to the online estimator and, every ``replan.interval_rounds``, re-plans;
    a new plan replaces the old one only when the re-plan rule says so (hysteresis); with
    ``replan.surprise`` also right after a round that took far longer than predicted;
@@ -37,6 +38,7 @@ from typing import Callable
 
 from . import records
 from .control.estimator import Estimator, RoundObservation
+from .control.model import arrays, evaluate
 from .control.problem import Plan, Problem, plan_to_dict, problem_from_profile
 from .control.replan import Replanner
 from .errors import ProblemError, RunError
@@ -299,9 +301,23 @@ class ExperimentRunner:
 
     # -- one round ---------------------------------------------------------------------------
 
+    def _forecast(self, st: PolicyState, est: Estimator) -> tuple[float, float]:
+        """(round_s, goodput_tps) the model predicts for the next round: the plan in force
+        (its lengths and shares) valued under the estimates from the rounds so far. This is a
+        forecast from past rounds only; the plan's own values (``plan_*`` in the records) are
+        what the controller expected when it chose the plan, from the estimates of that time."""
+        problem = self._problem_for(st, est)
+        if not problem.devices:
+            return st.plan.round_s, st.plan.goodput_tps
+        by_name = {d.name: d for d in st.plan.devices}
+        lengths = [by_name[n].draft_len if n in by_name else 0 for n in problem.names]
+        shares = [by_name[n].bandwidth_share if n in by_name else 0.0 for n in problem.names]
+        return evaluate(arrays(problem), lengths, shares)
+
     def _one_round(self, st: PolicyState, est: Estimator, *, warmup: bool) -> dict:
         lengths = {d.name: d.draft_len for d in st.plan.devices}
         present = [n for n, d in st.devices.items() if d.present]
+        predicted_round_s, predicted_tps = self._forecast(st, est)
         out = self.lab.round({n: lengths.get(n, 0) for n in present}, keep_going=True)
         for name, why in out["failed"].items():
             self._lose(st, name, why)
@@ -332,8 +348,9 @@ class ExperimentRunner:
         event = {"type": "round", "policy": st.policy, "round": st.rounds, "round_s": round_s,
                  "devices": rows, "verify_real_s": ver["compute_s"],
                  "verify_emulated_s": ver["emulated_s"], "downlink_s": ver["downlink_s"],
-                 "batch_tokens": ver["n_tokens"], "predicted_round_s": st.plan.round_s,
-                 "predicted_goodput_tps": st.plan.goodput_tps, "tokens": tokens_total,
+                 "batch_tokens": ver["n_tokens"], "predicted_round_s": predicted_round_s,
+                 "predicted_goodput_tps": predicted_tps, "plan_round_s": st.plan.round_s,
+                 "plan_goodput_tps": st.plan.goodput_tps, "tokens": tokens_total,
                  "goodput_tps": tokens_total / round_s if round_s > 0 else 0.0,
                  "overhead_s": overhead}
         if warmup:

@@ -21,7 +21,8 @@ OVERHEAD_S = 0.01
 # policy -> round time, tokens per device per round, draft lengths, shares, predicted goodput
 POLICIES = {
     "multispin-heterogeneous": dict(round_s=0.25, tokens=(4, 3, 2, 1), L=(4, 3, 2, 0),
-                                    share=(0.4, 0.35, 0.25, 0.0), predicted=42.0),
+                                    share=(0.4, 0.35, 0.25, 0.0), predicted=42.0,
+                                    planned=50.0),
     "multispin-homogeneous": dict(round_s=0.30, tokens=(3, 3, 2, 1), L=(3, 3, 3, 3),
                                   share=(0.1, 0.2, 0.3, 0.4), predicted=31.0),
     "agnostic-fixed": dict(round_s=0.40, tokens=(4, 3, 2, 1), L=(4, 4, 4, 4),
@@ -71,6 +72,7 @@ def _round(policy: str, i: int, t: float, warmup: bool = False) -> dict:
           "verify_emulated_s": verify_s(policy), "downlink_s": DOWNLINK_S,
           "batch_tokens": sum(L + 1 for L in p["L"]),
           "predicted_round_s": p["round_s"], "predicted_goodput_tps": p["predicted"],
+          "plan_round_s": p["round_s"], "plan_goodput_tps": p.get("planned", p["predicted"]),
           "tokens": tokens, "goodput_tps": tokens / p["round_s"], "overhead_s": OVERHEAD_S}
     if warmup:
         ev["warmup"] = True

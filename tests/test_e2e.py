@@ -122,9 +122,14 @@ def test_run_two_policies_with_events_then_nothing_left(tmp_path: Path):
         after = [r for r in rounds if r["round"] >= 5]
         assert all("dev-d" not in {d["name"] for d in r["devices"]} for r in after)
         assert all(len(r["devices"]) == 3 for r in after)
-        # every round carries the model's prediction and the measured parts
+        # every round carries the model's forecast, the plan's own value and the measured
+        # parts; before any round was observed the forecast is the plan's value
+        first = next(e for e in events if e["type"] == "round" and e["policy"] == policy)
+        assert first["predicted_goodput_tps"] == pytest.approx(first["plan_goodput_tps"])
+        assert first["predicted_round_s"] == pytest.approx(first["plan_round_s"])
         for r in rounds:
             assert r["predicted_round_s"] > 0 and r["round_s"] > 0
+            assert r["plan_round_s"] > 0 and r["plan_goodput_tps"] > 0
             assert r["verify_real_s"] > 0 and r["verify_emulated_s"] >= r["verify_real_s"] * 0.5
     replans = [e for e in events if e["type"] == "replan"]
     assert any(e["reason"].startswith("leave") for e in replans)

@@ -195,3 +195,33 @@ def test_runner_calls_a_round_surprising_only_past_the_threshold():
     assert not check(me, {"round_s": 9.0, "predicted_round_s": None})
     off = SimpleNamespace(exp=SimpleNamespace(replan=Replan()))
     assert not check(off, {"round_s": 9.0, "predicted_round_s": 1.0})
+
+
+def test_runner_forecast_is_the_plan_in_force_under_the_current_estimates():
+    from types import SimpleNamespace
+
+    from testbed.control.estimator import Estimator, RoundObservation
+    from testbed.control.policies import solve
+    from testbed.control.problem import Device, Problem, Server
+    from testbed.runner import ExperimentRunner
+
+    devs = (Device("a", 0.01, 0.03, 0.9, 20.0), Device("b", 0.02, 0.06, 0.6, 8.0))
+    problem = Problem(100_000.0, 48.0, 512.0, 8, 4, Server(0.3, 0.001, 0.004), devs)
+    plan = solve(problem, "multispin-heterogeneous")
+    est = Estimator(problem, ewma=0.5)
+    me = SimpleNamespace()
+    me._problem_for = lambda st, e: ExperimentRunner._problem_for(me, st, e)
+    st = SimpleNamespace(plan=plan, devices={"a": SimpleNamespace(present=True),
+                                             "b": SimpleNamespace(present=True)})
+    # No rounds yet: the estimates are the profile's, so the forecast is the plan's own value.
+    assert ExperimentRunner._forecast(me, st, est) == pytest.approx((plan.round_s,
+                                                                    plan.goodput_tps))
+    # Device a turns out to accept nothing: the forecast for the same plan falls, the plan's
+    # own value (what the controller expected when choosing it) does not.
+    for _ in range(10):
+        est.observe(RoundObservation("a", plan.devices[0].draft_len, 0))
+    round_s, tps = ExperimentRunner._forecast(me, st, est)
+    assert tps < 0.8 * plan.goodput_tps and round_s == pytest.approx(plan.round_s, rel=0.05)
+    # A device that left is out of the forecast.
+    st.devices["b"].present = False
+    assert ExperimentRunner._forecast(me, st, est)[1] < tps

@@ -224,3 +224,23 @@ def test_write_summary_from_folder(tmp_path: Path):
     assert back["policies"][0]["rounds"] == 5 and back == json.loads(json.dumps(s))
     with pytest.raises(RecordsError, match='expected schema "testbed.manifest/1"'):
         read_json(tmp_path / SUMMARY, MANIFEST_SCHEMA)
+
+
+def test_predicted_goodput_is_predicted_tokens_over_predicted_time_and_plan_values_apart():
+    # Two rounds forecast at 10 tok/s over 1 s and 40 tok/s over 0.5 s: the model expected
+    # 10 + 20 tokens in 1.5 s, i.e. 20 tok/s (a plain mean of the rates would say 25).
+    events = make_events(policies=["multispin-heterogeneous"], rounds=2)
+    rounds = [e for e in events if e["type"] == "round" and not e.get("warmup")]
+    for ev, (tps, sec) in zip(rounds, [(10.0, 1.0), (40.0, 0.5)]):
+        ev.update(predicted_goodput_tps=tps, predicted_round_s=sec,
+                  plan_goodput_tps=50.0, plan_round_s=0.2)
+    p = summarize(events)["policies"][0]
+    assert p["predicted_goodput_tps"] == pytest.approx(20.0)
+    assert p["predicted_round_s"] == pytest.approx(0.75)
+    assert p["prediction_error"] == pytest.approx((p["goodput_tps"] - 20.0) / 20.0)
+    assert p["planned_goodput_tps"] == pytest.approx(50.0)
+    assert p["plan_prediction_error"] == pytest.approx((p["goodput_tps"] - 50.0) / 50.0)
+    for ev in rounds:                          # records written before the plan_* fields
+        del ev["plan_goodput_tps"], ev["plan_round_s"]
+    p = summarize(events)["policies"][0]
+    assert p["planned_goodput_tps"] is None and p["plan_prediction_error"] is None

@@ -39,11 +39,12 @@ def test_table_numbers(tmp_path: Path):
     text = _text(comparison_table([run]))
     rows = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.split() and
             ln.split()[0] in POLICIES}
-    # policy rounds tok/s std xfixed xserver pred error
+    # policy rounds tok/s std xfixed xserver pred error planned error
     assert rows["multispin-heterogeneous"][1:] == ["20", "40.0", "0.0", "1.60x", "2.00x",
-                                                   "42.0", "-4.8%"]
+                                                   "42.0", "-4.8%", "50.0", "-20.0%"]
     assert rows["agnostic-fixed"][2:6] == ["25.0", "0.0", "1.00x", "1.25x"]
-    assert rows["server-only"][2:] == ["20.0", "0.0", "0.80x", "1.00x", "20.0", "+0.0%"]
+    assert rows["server-only"][2:] == ["20.0", "0.0", "0.80x", "1.00x", "20.0", "+0.0%",
+                                       "20.0", "+0.0%"]
     text = _text(breakdown_table([run]))
     het = next(ln.split() for ln in text.splitlines()
                if ln.split()[:1] == ["multispin-heterogeneous"])
