@@ -164,12 +164,12 @@ class ServerAgent:
 
     def __init__(self, model_path: str, host: str, data_port: int, devices: Sequence[str], *,
                  threads: int = 2, n_ctx: int = 2048, seed: int = 0, emulation=None,
-                 max_draft_len: int = 16):
+                 max_draft_len: int = 16, gpu_layers: int = 0):
         self.seq = {name: i for i, name in enumerate(devices)}
         self.emulation = emulation
         self.verifier = Verifier(model_path, n_seq_max=max(1, len(devices)), n_ctx=n_ctx,
                                  threads=threads, seed=seed, emulation=emulation,
-                                 max_draft_len=max_draft_len)
+                                 max_draft_len=max_draft_len, gpu_layers=gpu_layers)
         self.receiver = UploadReceiver(host, data_port)
         self._empty = pl.encode("ids", [], id_bytes=pl.id_bytes_for(self.verifier.model.n_vocab))
         # The actor runs two calls at once (max_concurrency 2, for ``abandon``), but one llama.cpp

@@ -139,8 +139,13 @@ def options_for_device(name: str) -> dict:
     return {"resources": {device_resource(name): 0.001}, "num_cpus": 0}
 
 
-def options_for_server() -> dict:
-    return {"resources": {"server": 0.001}, "num_cpus": 0}
+def options_for_server(gpu_layers: int = 0) -> dict:
+    """The server actor's Ray options. With ``gpu_layers`` it asks for the server's GPU: Ray
+    hides every GPU (an empty ``CUDA_VISIBLE_DEVICES``) from an actor that asks for none."""
+    opts = {"resources": {"server": 0.001}, "num_cpus": 0}
+    if gpu_layers:
+        opts["num_gpus"] = 1
+    return opts
 
 
 def head_argv(inv: Inventory) -> list[str]:

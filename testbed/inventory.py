@@ -82,6 +82,7 @@ class Node:
     snr_db: float | None = None    # devices: uplink SNR in dB
     cpu_quota: float | None = None  # emulated lab: CPU share in cores (0.25 = a quarter core)
     emulation: Emulation | None = None  # emulated lab, server only
+    gpu_layers: int = 0            # server: target layers offloaded to a GPU (0 none, -1 all)
 
     @property
     def python_bin(self) -> str:
@@ -273,6 +274,18 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         link.done()
     elif "link" in sec.data:
         raise sec.error("link", "only devices have an uplink")
+    gpu_layers = 0
+    if "gpu_layers" in sec.data:
+        if role != "server":
+            raise sec.error("gpu_layers", "only the server runs the target model on a GPU")
+        if sec.data["gpu_layers"] == "all":
+            sec.raw("gpu_layers")
+            gpu_layers = -1
+        elif not isinstance(sec.data["gpu_layers"], int) or isinstance(sec.data["gpu_layers"], bool):
+            raise sec.error("gpu_layers", f'expected "all" or a whole number of layers, '
+                                          f'got {sec.data["gpu_layers"]!r}')
+        else:
+            gpu_layers = sec.integer("gpu_layers", min=0, max=100000)
     cpu_quota = None
     if "cpu_quota" in sec.data:
         if kind != "emulated":
@@ -290,7 +303,7 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
     sec.done()
     return Node(name=name, role=role, host=host, connection=connection, ssh=ssh, python=python,
                 venv=os.path.expanduser(venv), interface=interface, model=model, threads=threads,
-                snr_db=snr_db, cpu_quota=cpu_quota, emulation=emulation)
+                snr_db=snr_db, cpu_quota=cpu_quota, emulation=emulation, gpu_layers=gpu_layers)
 
 
 def load_inventory(path: str | Path) -> Inventory:

@@ -116,6 +116,11 @@ class LiveLab:
                      configure_logging=False)
         device_cls, server_cls = self._classes()
         target = resolve_model(self.inv.server)
+        if self.inv.server.gpu_layers and ray.cluster_resources().get("GPU", 0) < 1:
+            # The actor would wait forever for a GPU that no node has.
+            raise ClusterError(f"{self.inv.path}: server.gpu_layers is set but Ray found no GPU "
+                               f"in the cluster: check `nvidia-smi` on {self.inv.server.name}, "
+                               f"then `testbed down` and `testbed up` again")
         self.progress("loading the target model on the server and the draft models on the "
                       "devices")
         s = self.inv.server
@@ -124,11 +129,11 @@ class LiveLab:
         # drafting. All agents load at once; each is checked when it is up.
         with cluster._raised_quotas(self.inv):
             # max_concurrency 2: ``abandon`` must run while ``verify_round`` waits for uploads.
-            self.server = server_cls.options(**cluster.options_for_server(),
+            self.server = server_cls.options(**cluster.options_for_server(s.gpu_layers),
                                              max_concurrency=2).remote(
                 target, s.host, self.inv.data_port, [d.name for d in self.inv.devices],
                 threads=s.threads, n_ctx=self.n_ctx, seed=self.seed, emulation=s.emulation,
-                max_draft_len=self.channel.max_draft_len)
+                max_draft_len=self.channel.max_draft_len, gpu_layers=s.gpu_layers)
             for i, st in enumerate(self.devices.values()):
                 self._create(st, i)
             self.server_info = ray.get(self.server.where.remote())

@@ -243,6 +243,8 @@ def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
     names = ["python", "ray", "llama-cpp", "testbed", "memory", "disk", "model"]
     if node.cpu_quota is not None:
         names.append("cpu quota")
+    if node.gpu_layers:
+        names.append("gpu")
     if not facts.reachable:
         return checks + [Check(node.name, n, SKIP, "node not reachable") for n in names]
     p = facts.probe
@@ -291,7 +293,19 @@ def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
     checks.append(_model_check(node, p, target, inventory, facts))
     if node.cpu_quota is not None:
         checks.append(_quota_check(node, p, inventory))
+    if node.gpu_layers:
+        checks.append(_gpu_check(node, p, pip))
     return checks
+
+
+def _gpu_check(node: Node, p: dict, pip: str) -> Check:
+    """The server's llama.cpp must have a GPU backend when the inventory offloads layers."""
+    if p.get("llama_gpu_offload"):
+        return Check(node.name, "gpu", OK, "llama.cpp can offload to a GPU")
+    return Check(node.name, "gpu", FAIL,
+                 "gpu_layers is set but this llama-cpp-python was built without a GPU backend",
+                 f'on node {node.name}: CMAKE_ARGS="-DGGML_CUDA=on" {pip} install --force-reinstall '
+                 f"--no-cache-dir --no-binary llama-cpp-python llama-cpp-python=={p.get('llama_cpp')}")
 
 
 def _gib(n: int | None) -> str:

@@ -2,7 +2,8 @@
 
     VENV/bin/python -m testbed.probe [--model PATH ...]
 
-Reports hostname, IPv4 addresses, interface names, Python, Ray, llama-cpp-python and testbed versions, CPU count,
+Reports hostname, IPv4 addresses, interface names, Python, Ray, llama-cpp-python (and whether it
+can offload to a GPU) and testbed versions, CPU count,
 memory, free disk (of the venv and of the home folder), load average, the cgroup version and this
 process's CPU quota, kernel, ``tc`` version, and for each ``--model`` its size and sha256 (or an
 error). Nothing here raises: what cannot be found is ``null`` with an ``*_error`` string beside it.
@@ -39,12 +40,14 @@ def _version(dist: str) -> tuple[str | None, str | None]:
         return None, f"{dist} is not installed in {sys.prefix}"
 
 
-def _llama_cpp() -> tuple[str | None, str | None]:
+def _llama_cpp() -> tuple[str | None, str | None, bool | None]:
+    """(version, error, whether the build can offload to a GPU)."""
     try:
         import llama_cpp  # noqa: F401 - the import itself is the check (loads the library)
-        return str(getattr(llama_cpp, "__version__", None) or _version("llama_cpp_python")[0]), None
+        version = str(getattr(llama_cpp, "__version__", None) or _version("llama_cpp_python")[0])
+        return version, None, bool(llama_cpp.llama_supports_gpu_offload())
     except Exception as exc:  # ImportError, OSError from a missing shared library, ...
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {exc}", None
 
 
 def _memory() -> dict:
@@ -179,7 +182,7 @@ def model_info(path: str) -> dict:
 
 def probe(models: list[str] = ()) -> dict:
     ray, ray_err = _version("ray")
-    llama, llama_err = _llama_cpp()
+    llama, llama_err, gpu_offload = _llama_cpp()
     testbed, testbed_err = _version("testbed")
     tc, tc_err = _tc_version()
     try:
@@ -197,7 +200,7 @@ def probe(models: list[str] = ()) -> dict:
         "python_executable": sys.executable,
         "venv": sys.prefix,
         "ray": ray, "ray_error": ray_err,
-        "llama_cpp": llama, "llama_cpp_error": llama_err,
+        "llama_cpp": llama, "llama_cpp_error": llama_err, "llama_gpu_offload": gpu_offload,
         "testbed": testbed, "testbed_error": testbed_err,
         "psutil": _version("psutil")[0],
         "cpu_count": os.cpu_count(),

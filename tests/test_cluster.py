@@ -59,6 +59,9 @@ def test_pinning_options():
     assert cluster.options_for_device("dev-a") == {"resources": {"device:dev-a": 0.001},
                                                    "num_cpus": 0}
     assert cluster.options_for_server()["resources"] == {"server": 0.001}
+    # a GPU server's actor asks Ray for the GPU (Ray hides GPUs from actors that ask for none)
+    assert "num_gpus" not in cluster.options_for_server(0)
+    assert cluster.options_for_server(-1)["num_gpus"] == 1
 
 
 def test_version_check_names_the_node_and_the_fix(inv):
@@ -162,6 +165,20 @@ def test_pinned_actors_report_their_device_address_and_cpu_quota(inv, ray_driver
     assert got["server"][0] == inv.server.host
     for a in actors.values():
         ray.kill(a)
+
+
+def test_a_gpu_server_without_a_gpu_is_refused_before_any_actor(inv, ray_driver):
+    """``server.gpu_layers`` on a cluster where Ray found no GPU: one clear error, instead of an
+    actor that waits forever for a GPU."""
+    import dataclasses
+    from testbed.errors import ClusterError
+    from testbed.live import LiveLab
+    assert ray_driver.cluster_resources().get("GPU", 0) == 0      # this machine has none
+    gpu_inv = dataclasses.replace(inv, server=dataclasses.replace(inv.server, gpu_layers=-1))
+    live = LiveLab(gpu_inv)
+    with pytest.raises(ClusterError, match="gpu_layers is set but Ray found no GPU"):
+        live.open()
+    assert live.server is None
 
 
 def test_a_device_actor_uploads_through_its_shaped_link(inv, ray_driver):

@@ -192,3 +192,12 @@ def test_logits_are_bit_identical_alone_batched_and_beside_other_sequences(targe
         ctx.decode(b)
         for j in range(n):
             assert np.array_equal(single[j], ctx.logits(j)), j
+
+
+def test_gpu_layers_on_a_cpu_build_is_a_clear_error(target_path):
+    from testbed.engine.native import gpu_offload_supported
+    if gpu_offload_supported():
+        pytest.skip("this llama-cpp-python has a GPU backend: the error path is not reachable")
+    with pytest.raises(EngineError, match="no GPU backend.*DGGML_CUDA=on"):
+        Verifier(target_path, n_seq_max=1, gpu_layers=-1)
+

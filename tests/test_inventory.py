@@ -75,6 +75,15 @@ def test_line_numbers_point_at_the_value(tmp_path: Path):
     assert str(info.value) == f'{p}:{want_line}: devices[2].link.snr_db: expected a number, got "high"'
 
 
+def test_server_gpu_layers(tmp_path: Path):
+    text = (ROOT / "inventory/local.yaml").read_text()
+    assert load_inventory(ROOT / "inventory/local.yaml").server.gpu_layers == 0
+    for value, want in (("all", -1), ("24", 24), ("0", 0)):
+        p = tmp_path / f"inv-{value}.yaml"
+        p.write_text(text.replace("  threads: 2\n", f"  threads: 2\n  gpu_layers: {value}\n", 1))
+        assert load_inventory(p).server.gpu_layers == want
+
+
 def test_inventory_show_json(capsys):
     from testbed.cli import main
     assert main(["inventory", "show", str(ROOT / "inventory/local.yaml"), "--json"]) == 0

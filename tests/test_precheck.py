@@ -237,6 +237,20 @@ def test_memory_disk_and_quota_rules(tmp_path):
         assert c["cpu quota"].status == status, (quota, visible)
 
 
+def test_gpu_server_needs_a_gpu_build(tmp_path):
+    inv = inventory(tmp_path, [rpi()], ModelRef(path="/m.gguf"))
+    server = dataclasses.replace(inv.server, gpu_layers=-1)
+    c = {c.name: c for c in evaluate(facts_for(server, llama_gpu_offload=False), REF, TARGET, inv)}
+    assert c["gpu"].status == FAIL
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in c["gpu"].fix and "==0.3.36" in c["gpu"].fix
+    c = {c.name: c for c in evaluate(facts_for(server, llama_gpu_offload=True), REF, TARGET, inv)}
+    assert c["gpu"].status == OK
+    # a CPU server is not asked about GPUs at all
+    c = {c.name: c for c in evaluate(facts_for(inv.server, llama_gpu_offload=False), REF, TARGET,
+                                     inv)}
+    assert "gpu" not in c
+
+
 def test_unreachable_node_skips_the_rest(tmp_path):
     inv = inventory(tmp_path, [rpi()], ModelRef(path="/m.gguf"))
     facts = NodeFacts(rpi(), [], reachable=False)

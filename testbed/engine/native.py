@@ -104,6 +104,11 @@ class _Owned:
                                               exc)
 
 
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build can offload layers to a GPU (CUDA, Metal, Vulkan...)."""
+    return bool(C.llama_supports_gpu_offload())
+
+
 class Model(_Owned):
     """A loaded GGUF model (or only its vocabulary). Free with ``close()``."""
 
@@ -116,11 +121,18 @@ class Model(_Owned):
         self.vocab_type = int(C.llama_vocab_type(self._vocab))
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, vocab_only: bool = False) -> "Model":
+    def open(cls, path: str | os.PathLike, *, vocab_only: bool = False,
+             gpu_layers: int = 0) -> "Model":
+        """``gpu_layers``: layers to offload to a GPU (0: none, -1: all); needs a llama.cpp
+        built with a GPU backend (``gpu_offload_supported()``)."""
         p = check_gguf_file(path)
         quiet()
+        if gpu_layers and not vocab_only and not gpu_offload_supported():
+            raise EngineError(
+                f"gpu_layers is {gpu_layers} but this llama-cpp-python has no GPU backend: "
+                "reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (docs/real-lab.md)")
         params = C.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = 0 if vocab_only else gpu_layers
         params.vocab_only = vocab_only
         _log_lines.clear()
         ptr = C.llama_model_load_from_file(str(p).encode(), params)
@@ -259,6 +271,9 @@ class Context(_Owned):
         self.n_tokens_decoded += batch.n
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc} ({batch.n} tokens): {last_log()}")
+        # A GPU backend returns before the computation ends; wait here, so that the caller's
+        # timing of the decode is the decode (a no-op on the CPU backend, which is synchronous).
+        C.llama_synchronize(self._ptr)
 
     def logits(self, i: int) -> np.ndarray:
         """Logits (float32, length n_vocab) of batch index ``i`` of the last decode (a copy)."""

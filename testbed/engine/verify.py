@@ -22,6 +22,11 @@ Timing: ``compute_s`` is the real duration of the step. With an emulation profil
 ``n_tokens`` is the number of tokens in the batch (sum of L + 1 over the sequences); both durations
 are returned. The clock and the sleep are injectable.
 
+GPU: ``gpu_layers`` (0: none, -1: all) offloads the target to a GPU when llama.cpp was built with
+a GPU backend (docs/gpu-server.md has what was measured on one). The greedy verdicts then still
+follow the target's argmax, but GPU kernels need not give bit-identical logits across batch
+shapes, so a near-tie can resolve differently than in a one-sequence decode.
+
 Limits: sequence ids are 0..n_seq_max-1; the unified cache holds ``n_ctx`` tokens per sequence.
 """
 
@@ -82,7 +87,7 @@ class Verifier:
     def __init__(self, model_path, *, n_seq_max: int = 8, n_ctx: int = 2048, threads: int = 2,
                  seed: int = 0, sampling: SamplingParams | None = None, emulation=None,
                  max_draft_len: int = 16, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, gpu_layers: int = 0):
         if n_seq_max < 1:
             raise InputError(f"must be >= 1, got {n_seq_max}", field="n_seq_max")
         self.sampling = sampling or SamplingParams()
@@ -90,7 +95,7 @@ class Verifier:
         self.seed = seed
         self.clock, self.sleep = clock, sleep
         self.n_ctx_seq = n_ctx
-        self.model = Model.open(model_path)
+        self.model = Model.open(model_path, gpu_layers=gpu_layers)
         self.ctx = Context(self.model, n_ctx=n_ctx * n_seq_max, n_seq_max=n_seq_max,
                            threads=threads, n_batch=max(512, n_seq_max * (max_draft_len + 1)))
         self.batch = Batch(self.ctx.n_batch)
