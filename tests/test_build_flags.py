@@ -1,0 +1,73 @@
+"""scripts/llama_build_flags.py: the CMake flags install.sh builds llama-cpp-python with."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "llama_build_flags.py"
+spec = importlib.util.spec_from_file_location("llama_build_flags", SCRIPT)
+flags_mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(flags_mod)
+
+# The flags line of the Xeon (Sapphire Rapids, Firecracker guest) whose native build crashed.
+SPR = ("fpu sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c bmi1 avx2 bmi2 avx512f avx512dq "
+       "avx512ifma avx512cd avx512bw avx512vl avx_vnni avx512_bf16 avx512vbmi avx512_vbmi2 "
+       "avx512_vnni avx512_bitalg avx512_vpopcntdq amx_bf16 avx512_fp16 amx_tile amx_int8")
+HASWELL = "fpu sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c bmi1 avx2 bmi2"
+
+
+def args_of(flags: str, machine: str = "x86_64") -> dict[str, str]:
+    out = flags_mod.cmake_args(machine, set(flags.split()))
+    return dict(a[2:].split("=", 1) for a in out)
+
+
+def test_amx_cpu_gets_every_extension_but_amx():
+    a = args_of(SPR)
+    assert a["GGML_NATIVE"] == "OFF"
+    for opt in ("GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_AVX512", "GGML_AVX512_VNNI",
+                "GGML_AVX512_BF16", "GGML_AVX512_VBMI", "GGML_AVX_VNNI"):
+        assert a[opt] == "ON", opt
+    for opt in ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16"):
+        assert a[opt] == "OFF", opt
+
+
+def test_avx2_cpu_gets_no_avx512():
+    a = args_of(HASWELL)
+    assert a["GGML_AVX2"] == "ON" and a["GGML_BMI2"] == "ON"
+    assert a["GGML_AVX512"] == "OFF" and a["GGML_AVX_VNNI"] == "OFF"
+
+
+def test_avx512_needs_all_five_subsets():
+    a = args_of(HASWELL + " avx512f avx512cd avx512vl avx512dq")     # no avx512bw
+    assert a["GGML_AVX512"] == "OFF"
+
+
+def test_arm_keeps_the_native_build_and_its_key_follows_the_cpu():
+    assert flags_mod.cmake_args("aarch64", {"asimd", "fphp"}) == []
+    k1 = flags_mod.key("aarch64", {"asimd"}, [])
+    k2 = flags_mod.key("aarch64", {"asimd", "sve"}, [])
+    assert k1 != k2
+
+
+def test_key_changes_with_the_flags_not_with_unused_cpu_flags():
+    a = flags_mod.cmake_args("x86_64", set(HASWELL.split()))
+    b = flags_mod.cmake_args("x86_64", set(SPR.split()))
+    assert flags_mod.key("x86_64", set(), a) != flags_mod.key("x86_64", set(), b)
+    # on x86-64 the key is the flags': a CPU flag that changes no option changes no wheel
+    assert flags_mod.key("x86_64", {"sse"}, a) == flags_mod.key("x86_64", {"ssse3"}, a)
+
+
+def test_cpu_flags_reads_the_first_flags_line():
+    text = "processor\t: 0\nflags\t\t: fpu avx2\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    assert flags_mod.cpu_flags(text) == {"fpu", "avx2"}
+    assert flags_mod.cpu_flags("nothing here") == set()
+
+
+def test_command_line():
+    run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), *a], capture_output=True,
+                                    text=True)
+    assert run("bogus").returncode == 2
+    key = run("key")
+    assert key.returncode == 0 and len(key.stdout.strip()) == 16
