@@ -53,6 +53,13 @@ def trailer_bytes(name: str) -> int:
     return len(frame(END, 0, name))
 
 
+def metered_bits(name: str, step_wire_bytes: int) -> float:
+    """Bits the shaper meters for one upload of device ``name`` whose data-path step reported
+    ``step_wire_bytes`` (trailer frame included): the unit of the profile's ``header_bits`` and
+    ``bits_per_draft_token``, so the one every estimate of a link rate must use too."""
+    return 8.0 * wire_bytes(step_wire_bytes - trailer_bytes(name))
+
+
 def device_summary(rounds: Sequence[dict], name: str) -> dict:
     """The ``draft`` and ``acceptance`` blocks of one device from the rounds it drafted in."""
     xs, ys, by_len, accept_s = [], [], {}, []
@@ -92,7 +99,7 @@ def payload_summary(rounds: Sequence[dict]) -> dict:
         for name, step in r["steps"].items():
             if step["n_drafted"] == 0:
                 continue
-            b = 8 * wire_bytes(step["wire_bytes"] - trailer_bytes(name))
+            b = metered_bits(name, step["wire_bytes"])
             xs.append(step["n_drafted"])
             bits.append(b)
             ratios.append(step["upload_s"] / (b / r["rates_bps"][name]))

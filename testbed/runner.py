@@ -44,6 +44,7 @@ from .control.replan import Replanner
 from .errors import ProblemError, RunError
 from .experiment import Experiment
 from .live import LiveLab
+from .profile_format import metered_bits
 from .shaping import uplink_rate_bps
 
 Listener = Callable[[dict], None]
@@ -276,7 +277,8 @@ class ExperimentRunner:
             est.observe(RoundObservation(
                 device=row["name"], draft_len=row["n_drafted"], accepted=row["n_accepted"],
                 draft_s=row["draft_s"] if row["n_drafted"] > 0 else None,
-                upload_bits=8.0 * row["upload_bytes"] if row["n_drafted"] > 0 else None,
+                upload_bits=(metered_bits(row["name"], row["upload_bytes"])
+                             if row["n_drafted"] > 0 else None),
                 upload_s=row["upload_s"] if row["n_drafted"] > 0 else None,
                 share=row["share"] if row["n_drafted"] > 0 else None))
         # The server's cost is NOT re-estimated from live rounds: a plan's rounds all have one

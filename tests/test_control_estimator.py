@@ -267,3 +267,41 @@ def test_ignore_dwell_still_needs_the_hysteresis():
     d = r.decide(plan, bad, 1, ignore_dwell=True)
     assert d.replace and d.reason == "gain"
     assert not r.decide(d.plan, bad, 2, ignore_dwell=True).replace   # no gain: kept
+
+
+def test_a_recorded_upload_gives_the_profiles_rate_and_reproduces_its_time():
+    """The runner observes uploads in the profile's unit (bits the shaper meters, framing
+    included), so the rate it learns is the link's and the model's upload time for the draft
+    length is the measured one. With payload bytes alone (the bug found 2026-11-30) the rate
+    came out 1.8x too low for 4-token drafts and every forecast upload 1.8x too long."""
+    from testbed.control.model import arrays
+    from testbed.datapath import DRAFT, END, frame
+    from testbed.engine.payload import encode
+    from testbed.profile_format import payload_summary
+    from testbed.runner import ExperimentRunner
+
+    name, rate, share = "b", 5860.0, 0.25
+
+    def step_bytes(L):       # what a device's data-path step reports: DRAFT frame + END frame
+        body = encode("ids", list(range(100, 100 + L)))
+        return len(frame(DRAFT, 7, name, body)) + len(frame(END, 7, name))
+
+    def metered(L):          # the shaper's count: the DRAFT frame plus TCP/IP/Ethernet headers
+        return 8.0 * (len(frame(DRAFT, 7, name, encode("ids", list(range(100, 100 + L))))) + 66)
+
+    rounds = [{"steps": {name: {"n_drafted": L, "wire_bytes": step_bytes(L),
+                                "upload_s": metered(L) / (rate * share)}},
+               "rates_bps": {name: rate * share}} for L in (1, 2, 4, 8)]
+    fit = payload_summary(rounds)
+    assert fit["upload_time_over_model"]["mean"] == pytest.approx(1.0)
+    problem = prior(header_bits=fit["header_bits"], bits_per_draft_token=fit["bits_per_draft_token"])
+    est = Estimator(problem, ewma=0.2, rate_ewma=1.0)     # rate: the last round's alone
+    L = 4
+    upload_s = metered(L) / (rate * share)
+    ev = {"devices": [{"name": name, "n_drafted": L, "n_accepted": 2, "draft_s": 0.1,
+                       "upload_bytes": step_bytes(L), "upload_s": upload_s, "share": share}]}
+    ExperimentRunner._observe(None, est, ev)
+    assert est.estimate(name).rate_bps == pytest.approx(rate, rel=1e-6)
+    arr = arrays(est.problem())
+    k = est.problem().names.index(name)
+    assert arr.upload_s[k, L] / share == pytest.approx(upload_s, rel=1e-6)

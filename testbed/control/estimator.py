@@ -12,7 +12,9 @@ the newest round (the experiment's ``replan.ewma``):
   likelihood estimate for geometric prefixes); per position i the same counts are kept for the
   rounds that reached i;
 - drafting time t0 + tau*L, by exponentially weighted least squares over (L, seconds);
-- the full-band rate R = bits / (seconds * share), as an EWMA of per-round values started at
+- the full-band rate R = bits / (seconds * share), with bits in the problem's own unit (what
+  the shaper meters: ``profile_format.metered_bits``; payload bytes alone made R 1.8x too
+  low for short drafts, seen 2026-11-30), as an EWMA of per-round values started at
   the prior's rate (with its own weight ``rate_ewma`` when given: upload times are far less
   noisy than acceptance), and from it the SNR the model uses (R = B log2(1 + SNR));
 - the server's v0 + v1*n, by the same weighted least squares.
@@ -51,7 +53,7 @@ class RoundObservation:
     draft_len: int                  # tokens drafted (0: the device did not draft)
     accepted: int                   # of them accepted (the longest agreeing prefix)
     draft_s: float | None = None    # seconds spent drafting
-    upload_bits: float | None = None  # payload bits uploaded
+    upload_bits: float | None = None  # bits on the wire, in the problem's unit (metered_bits)
     upload_s: float | None = None   # seconds the upload took
     share: float | None = None      # band share in force during the upload
 
