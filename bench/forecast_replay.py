@@ -27,13 +27,12 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.control.estimator import Estimator, RoundObservation  # noqa: E402
+from testbed.control.estimator import Estimator  # noqa: E402
 from testbed.control.model import arrays, evaluate  # noqa: E402
 from testbed.errors import TestbedError  # noqa: E402
-from testbed.profile_format import metered_bits  # noqa: E402
 from testbed.experiment import load_experiment  # noqa: E402
 from testbed.records import read_events, read_manifest  # noqa: E402
-from testbed.runner import ExperimentRunner  # noqa: E402
+from testbed.runner import ExperimentRunner, observation  # noqa: E402
 
 
 def replay(run_dir: Path, ewmas: list[float] | None) -> list[dict]:
@@ -80,13 +79,7 @@ def _forecast(base, rounds: list[dict], ewma: float, rate_ewma: float | None) ->
         if e.get("warmup"):
             continue                      # the runner does not learn from warm-up rounds
         for n in names:
-            d = by[n]
-            drafted = d["n_drafted"] > 0
-            est.observe(RoundObservation(
-                n, d["n_drafted"], d["n_accepted"], draft_s=d["draft_s"] if drafted else None,
-                upload_bits=metered_bits(n, d["upload_bytes"]) if drafted else None,
-                upload_s=d["upload_s"] if drafted else None,
-                share=d["share"] if drafted else None))
+            est.observe(observation(by[n]))
     return tokens / time_s if time_s > 0 else float("nan")
 
 

@@ -5,7 +5,7 @@
 A build whose CPU kernels do not run here (see ``scripts/llama_build_flags.py``: ggml's AMX
 kernels on a guest that advertises AMX) crashes in ``llama_decode``; ``install.sh`` runs this
 in its own process and turns a crash into one clear line instead of failures all over the
-test suite. Prints the tokens/s it saw; exit code 0 when the tokens came out.
+test suite. Prints how many tokens came out in how long; exit code 0 when they did.
 """
 from __future__ import annotations
 

@@ -74,6 +74,19 @@ class PolicyState:
     devices: dict[str, DeviceRun] = field(default_factory=dict)
 
 
+def observation(row: dict) -> RoundObservation:
+    """The estimator's observation of one device row of a round record (``events.jsonl``):
+    upload bits in the profile's unit (``metered_bits``). The live runner and
+    ``bench/forecast_replay.py`` both learn from rows through this."""
+    drafted = row["n_drafted"] > 0
+    return RoundObservation(
+        device=row["name"], draft_len=row["n_drafted"], accepted=row["n_accepted"],
+        draft_s=row["draft_s"] if drafted else None,
+        upload_bits=metered_bits(row["name"], row["upload_bytes"]) if drafted else None,
+        upload_s=row["upload_s"] if drafted else None,
+        share=row["share"] if drafted else None)
+
+
 class ExperimentRunner:
     """Runs one experiment on an open LiveLab; see the module docstring."""
 
@@ -274,13 +287,7 @@ class ExperimentRunner:
 
     def _observe(self, est: Estimator, ev: dict) -> None:
         for row in ev["devices"]:
-            est.observe(RoundObservation(
-                device=row["name"], draft_len=row["n_drafted"], accepted=row["n_accepted"],
-                draft_s=row["draft_s"] if row["n_drafted"] > 0 else None,
-                upload_bits=(metered_bits(row["name"], row["upload_bytes"])
-                             if row["n_drafted"] > 0 else None),
-                upload_s=row["upload_s"] if row["n_drafted"] > 0 else None,
-                share=row["share"] if row["n_drafted"] > 0 else None))
+            est.observe(observation(row))
         # The server's cost is NOT re-estimated from live rounds: a plan's rounds all have one
         # batch size, which cannot separate the base cost from the per-token cost, and a fit
         # from them extrapolates wildly to other plans (seen: flapping between drafting and

@@ -282,12 +282,14 @@ def test_a_recorded_upload_gives_the_profiles_rate_and_reproduces_its_time():
 
     name, rate, share = "b", 5860.0, 0.25
 
+    def draft_frame(L):
+        return len(frame(DRAFT, 7, name, encode("ids", list(range(100, 100 + L)))))
+
     def step_bytes(L):       # what a device's data-path step reports: DRAFT frame + END frame
-        body = encode("ids", list(range(100, 100 + L)))
-        return len(frame(DRAFT, 7, name, body)) + len(frame(END, 7, name))
+        return draft_frame(L) + len(frame(END, 7, name))
 
     def metered(L):          # the shaper's count: the DRAFT frame plus TCP/IP/Ethernet headers
-        return 8.0 * (len(frame(DRAFT, 7, name, encode("ids", list(range(100, 100 + L))))) + 66)
+        return 8.0 * (draft_frame(L) + 66)
 
     rounds = [{"steps": {name: {"n_drafted": L, "wire_bytes": step_bytes(L),
                                 "upload_s": metered(L) / (rate * share)}},
