@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -32,3 +33,12 @@ def require_tools(*names: str) -> None:
     for name in names:
         require(shutil.which(name) is not None or os.path.exists(f"/usr/sbin/{name}"),
                 f"needs {name} on PATH")
+
+
+def tc_line() -> str:
+    """What ``tc -V`` prints first, found on PATH or in /usr/sbin (the test's own reading, to
+    check what the code under test reports)."""
+    tc = shutil.which("tc") or shutil.which("tc", path="/usr/sbin:/sbin")
+    assert tc, "tc not found"
+    return subprocess.run([tc, "-V"], capture_output=True, text=True, timeout=30,
+                          check=True).stdout.splitlines()[0].strip()

@@ -78,7 +78,7 @@ def leftovers(inv: Inventory) -> list[str]:
     return out
 
 
-def wait_until(condition, timeout_s: float = 10.0, interval_s: float = 0.05):
+def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05):
     """Poll ``condition()`` until it is truthy or the deadline passes; return its last value."""
     end = time.monotonic() + timeout_s
     while True:

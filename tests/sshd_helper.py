@@ -110,7 +110,7 @@ def pids_running(*argv: str) -> list[int]:
     return out
 
 
-def wait_until(condition, timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:
+def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05) -> bool:
     """Poll ``condition()`` until true or the deadline; return its last value."""
     deadline = time.monotonic() + timeout_s
     while True:

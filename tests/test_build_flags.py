@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -69,5 +70,13 @@ def test_command_line():
     run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), *a], capture_output=True,
                                     text=True)
     assert run("bogus").returncode == 2
-    key = run("key")
-    assert key.returncode == 0 and len(key.stdout.strip()) == 16
+    # What the script prints is what its functions give for this machine's CPU.
+    machine = platform.machine()
+    flags = flags_mod.cpu_flags(Path("/proc/cpuinfo").read_text())
+    args = flags_mod.cmake_args(machine, flags)
+    cmake, key = run("cmake"), run("key")
+    assert cmake.returncode == 0 and cmake.stdout.split() == args
+    assert key.returncode == 0 and key.stdout.strip() == flags_mod.key(machine, flags, args)
+    if machine == "x86_64":
+        assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AMX_TILE=OFF" in args
+        assert ("-DGGML_AVX2=ON" in args) == ("avx2" in flags)

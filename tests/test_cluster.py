@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import time
 
 import pytest
@@ -208,11 +209,27 @@ def test_a_device_actor_uploads_through_its_shaped_link(inv, ray_driver):
             shaping.clear(r, node.interface)
 
 
-def test_down_stops_every_ray_process_of_the_lab_and_only_those(inv, up, ray_driver):
+def _start_other_labs_head(tmp) -> tuple[str, list[int]]:
+    """A real Ray head of another lab on this machine (its own name, so its own temp dir, on
+    loopback with its own port, no auth): what ``down`` must leave alone. Returns its temp dir
+    (the marker on each of its processes) and its pids."""
+    other = write_inventory(tmp, name="otherlab", octet=9, prefix="tbo-", bridge="tbo0",
+                            cgroup="tbotest", ray_port=6388, data_port=47188,
+                            devices=[("dev-a", 0.5, 20.0)])
+    argv = [a if not a.startswith("--node-ip-address=") else "--node-ip-address=127.0.0.1"
+            for a in cluster.head_argv(other)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    marker = cluster.temp_dir(other, other.server) + "/"
+    pids = procs.with_args_containing(marker)
+    assert res.returncode == 0 and pids, res.stdout[-2000:] + res.stderr[-2000:]
+    return marker, pids
+
+
+def test_down_stops_every_ray_process_of_the_lab_and_only_those(inv, up, ray_driver,
+                                                                  tmp_path):
     ray_driver.shutdown()
-    # A stand-in for another lab's Ray process on this machine: it must survive.
-    bystander = LocalRunner().start_detached(
-        ["sleep", "300"], os.path.join(str(inv.state_dir), "bystander.log"))
+    marker, bystanders = _start_other_labs_head(tmp_path)
     try:
         t0 = time.monotonic()
         stopped = cluster.down(inv)
@@ -225,10 +242,10 @@ def test_down_stops_every_ray_process_of_the_lab_and_only_those(inv, up, ray_dri
                                                              lab.netns_name(inv, d))
                     if procs.alive(p)]
             assert all(c and "sshd" in c[0] for c in left), left
-        assert procs.alive(bystander)
+        assert [p for p in bystanders if not procs.alive(p)] == []   # the other lab's Ray
         assert lab.status(inv).ok                    # the lab itself is untouched
         assert cluster.down(inv) == []               # twice is fine
         assert not cluster.state_path(inv).exists()
     finally:
-        procs.terminate([bystander])
+        procs.terminate(procs.with_args_containing(marker))
     assert json.dumps(cluster.load_state(inv)) == "null"

@@ -119,20 +119,51 @@ def test_sampling_results_do_not_depend_on_the_other_devices(target_path, cases)
         single.close()
 
 
-def test_emulated_step_lasts_base_plus_per_token(target_path, cases):
+class StepClock:
+    """A clock for the verifier that a test controls: every reading advances it by ``tick``
+    seconds (so the real step "lasts" a known time, whatever this CPU's speed), and ``sleep``
+    moves it forward and records what the verifier asked for."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick, self.slept = 100.0, tick, []
+
+    def clock(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.parametrize("tick, padded", [(0.001, True), (0.2, False)])
+def test_emulated_step_lasts_base_plus_per_token(target_path, cases, tick, padded):
+    """A verify of n tokens lasts max(real compute, base + per_token * n) for its caller: the
+    verifier sleeps the remainder when the real step is shorter, and adds nothing when the real
+    step outlasts the emulation (then the real duration is what counts)."""
     emu = Emulation(verify_base_s=0.25, verify_per_token_s=0.01)
-    v = Verifier(target_path, n_seq_max=2, n_ctx=256, threads=THREADS, emulation=emu)
+    fake = StepClock(tick)
+    v = Verifier(target_path, n_seq_max=2, n_ctx=256, threads=THREADS, emulation=emu,
+                 clock=fake.clock, sleep=fake.sleep)
     try:
         v.add_sequence(0, cases[0][0])
         v.add_sequence(1, cases[1][0])
-        t0 = time.perf_counter()
+        t0 = fake.clock()
         step = v.verify({0: _draft(cases[0][1], 0, 4, None), 1: _draft(cases[1][1], 0, 2, None)})
-        wall = time.perf_counter() - t0
-        assert step.n_tokens == 8
-        assert step.compute_s < 0.25 + 0.08                 # real CPU work of 8 tokens
-        assert step.emulated_s == pytest.approx(max(step.compute_s, 0.33))
+        waited = fake.clock() - t0
+        assert step.n_tokens == 8 and step.n_decodes == 1
+        want = 0.25 + 0.01 * 8
+        assert tick <= step.compute_s <= 10 * tick           # the real step, in clock readings
+        if padded:
+            assert step.compute_s < want
+            assert step.emulated_s == pytest.approx(want) and len(fake.slept) == 1
+        else:
+            assert step.compute_s > want                     # the real step outlasts the model
+            assert step.emulated_s == step.compute_s and fake.slept == []
         assert step.step_s == step.emulated_s
-        assert wall >= step.emulated_s                      # the step really lasted that long
+        # The caller waited the emulated duration, plus a few clock readings (each a tick here)
+        # outside the part the verifier measures.
+        assert step.emulated_s <= waited <= step.emulated_s + 4 * tick
     finally:
         v.close()
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import require_root, require_tools
 from lab_helper import leftovers, wait_until, write_inventory
 from testbed import cgroups, lab, shaping
+from testbed import profile_format as pf
 from testbed.linkprobe import Sink, send_from
 from testbed.remote import runner_for
 
@@ -147,12 +148,23 @@ def test_commands_over_ssh_run_in_the_device_cgroup_under_its_quota(inv, runners
              "share = (time.process_time() - c0) / (time.monotonic() - t0)\n"
              "print(json.dumps([own_quota_cores(), share]))")
     for node in inv.devices:
+        stat = os.path.join(cgroups.group(inv.lab.cgroup, lab.netns_name(inv, node)).path,
+                            "cpu.stat")
+        throttled_before = _cpu_stat(stat)["nr_throttled"]
         out = runners[node.name].run([node.python_bin, "-c", probe]).stdout
         (group, quota), share = json.loads(out.strip().splitlines()[-1])
         assert group == f"/{inv.lab.cgroup}/{lab.netns_name(inv, node)}"
         assert quota == pytest.approx(node.cpu_quota)
-        # A busy loop gets about its quota of one core (measured: 21% under a 25% quota).
-        assert 0.5 * node.cpu_quota < share < 1.15 * node.cpu_quota, (node.name, share)
+        # The kernel held the loop back: its group was throttled, and the loop got no more
+        # than its quota of one core (+15% for the accounting at period edges). It may get less
+        # when the machine is busy, so the lower bound is loose: it ran at all.
+        assert _cpu_stat(stat)["nr_throttled"] > throttled_before, node.name
+        assert 0.2 * node.cpu_quota < share < 1.15 * node.cpu_quota, (node.name, share)
+
+
+def _cpu_stat(path: str) -> dict[str, int]:
+    with open(path) as f:
+        return {k: int(v) for k, v in (line.split() for line in f if line.strip())}
 
 
 def test_up_again_keeps_what_is_there(inv):
@@ -183,6 +195,13 @@ def _measure(inv, runners, sink, seconds: float = 1.6) -> dict[str, float]:
     return {name: f.rate_bps for name, f in flows.items()}
 
 
+def payload_bps(rate_bps: float) -> float:
+    """The payload rate a shaped class of ``rate_bps`` carries for a bulk TCP flow: htb meters
+    whole frames, so each full segment's TCP/IP/Ethernet headers take their part of the rate
+    (measured here: 4.5-6% below the configured rate)."""
+    return rate_bps * pf.MSS_BYTES / pf.wire_bytes(pf.MSS_BYTES)
+
+
 def test_shaped_throughput_matches_the_configured_rate_and_follows_a_live_change(
         inv, runners, sink):
     rates = {"dev-a": 300_000, "dev-b": 1_000_000}
@@ -193,7 +212,7 @@ def test_shaped_throughput_matches_the_configured_rate_and_follows_a_live_change
     print(f"\nconfigured {rates} -> measured payload bit/s "
           f"{ {k: round(v) for k, v in measured.items()} }")
     for name, rate in rates.items():
-        assert measured[name] == pytest.approx(rate, rel=0.10), name
+        assert measured[name] == pytest.approx(payload_bps(rate), rel=0.10), name
 
     # Live: tc class change only (no teardown); the shares swap.
     moved = {"dev-a": 1_000_000, "dev-b": 300_000}
@@ -205,7 +224,7 @@ def test_shaped_throughput_matches_the_configured_rate_and_follows_a_live_change
     print(f"after tc class change {moved} -> measured "
           f"{ {k: round(v) for k, v in measured.items()} }")
     for name, rate in moved.items():
-        assert measured[name] == pytest.approx(rate, rel=0.10), name
+        assert measured[name] == pytest.approx(payload_bps(rate), rel=0.10), name
 
 
 def test_control_traffic_is_not_shaped(inv, runners, sink):

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from testbed.cli import main
+from testbed.control.exhaustive import exhaustive_heterogeneous, exhaustive_homogeneous
 from testbed.control.model import arrays, evaluate
 from testbed.control.policies import POLICIES
-from testbed.control.problem import load_problem
+from testbed.control.problem import load_problem, problem_from_profile
 
 PROBLEM = {
     "schema": "testbed.problem/1",
@@ -63,7 +64,9 @@ def test_json_default_is_all_five_policies(capsys, problem_file):
 def test_json_one_policy_is_an_object_several_a_list(capsys, problem_file):
     one = run_json(capsys, problem_file, "--policy", "multispin-homogeneous")
     assert isinstance(one, dict) and one["policy"] == "multispin-homogeneous"
-    assert len({d["draft_len"] for d in one["devices"]}) == 1
+    best_L, best_g = exhaustive_homogeneous(arrays(load_problem(problem_file)))
+    assert [d["draft_len"] for d in one["devices"]] == list(best_L)   # one L, the best one
+    assert one["goodput_tps"] == pytest.approx(best_g, rel=1e-6)
     two = run_json(capsys, problem_file, "--policy", "server-only", "--policy", "agnostic-fixed")
     assert [p["policy"] for p in two] == ["server-only", "agnostic-fixed"]
     assert all(d["draft_len"] == 0 and d["bandwidth_share"] == 0 for d in two[0]["devices"])
@@ -152,7 +155,14 @@ def test_profile_with_inventory_channel_is_planned(capsys, tmp_path):
     plan = run_json(capsys, str(path), "--inventory", str(inventory),
                     "--policy", "multispin-heterogeneous")
     assert [d["name"] for d in plan["devices"]] == ["dev-a", "dev-b"]
-    assert plan["goodput_tps"] > 0
+    # The plan is the profile's problem under the inventory's channel, solved exactly.
+    arr = arrays(problem_from_profile(profile, channel))
+    best_L, best_g = exhaustive_heterogeneous(arr)
+    assert [d["draft_len"] for d in plan["devices"]] == list(best_L)
+    assert plan["goodput_tps"] == pytest.approx(best_g, rel=1e-6)
+    L = [d["draft_len"] for d in plan["devices"]]
+    b = [d["bandwidth_share"] for d in plan["devices"]]
+    assert evaluate(arr, L, b)[1] == pytest.approx(plan["goodput_tps"], rel=1e-6)
 
 
 def test_a_reader_that_goes_away_is_not_an_error():

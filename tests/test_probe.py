@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_root
+from conftest import require_root, require_tools, tc_line
 
 PROBE = Path(__file__).resolve().parents[1] / "testbed" / "probe.py"
 
@@ -49,7 +49,8 @@ def test_probe_reports_this_environment(tmp_path):
     assert len(p["load_avg"]) == 3
     assert p["cgroup_version"] in (1, 2)
     assert p["kernel"] == platform.release()
-    assert p["tc"] is None or "iproute2" in p["tc"]
+    require_tools("tc")                    # iproute2 is a dependency: install.sh installs it
+    assert p["tc"] == tc_line() and "iproute2-" in p["tc"]
     good, missing = p["models"]
     assert good == {"path": str(model), "size_bytes": 3_000_000, "error": None,
                     "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
