@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from testbed.datapath import UploadClient, UploadReceiver, frame
+from testbed.datapath import DRAFT, END, UploadClient, UploadReceiver, frame
 from testbed.errors import RemoteError
 
 
@@ -38,7 +38,9 @@ def test_uploads_from_several_devices_are_collected_by_round(receiver):
         t.join()
     for i, c in enumerate(clients):
         assert got[c.name].payload == bytes([i]) * (100 + i)
-        assert got[c.name].wire_bytes == sent[c.name].wire_bytes
+        # the DRAFT frame and its END trailer, as both ends counted them
+        want = len(frame(DRAFT, 5, c.name, bytes([i]) * (100 + i))) + len(frame(END, 5, c.name))
+        assert got[c.name].wire_bytes == sent[c.name].wire_bytes == want
         assert sent[c.name].upload_s > 0
         c.close()
     # popped: a second wait for the same round times out
