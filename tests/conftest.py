@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -42,3 +43,14 @@ def tc_line() -> str:
     assert tc, "tc not found"
     return subprocess.run([tc, "-V"], capture_output=True, text=True, timeout=30,
                           check=True).stdout.splitlines()[0].strip()
+
+
+def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05):
+    """Poll ``condition()`` until it is truthy or the generous deadline passes; return its last
+    value. A condition to wait for, never a fixed sleep: it returns as soon as it holds."""
+    end = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(interval_s)

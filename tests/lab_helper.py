@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -77,13 +76,4 @@ def leftovers(inv: Inventory) -> list[str]:
             continue
     return out
 
-
-def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05):
-    """Poll ``condition()`` until it is truthy or the deadline passes; return its last value."""
-    end = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(interval_s)
 

@@ -110,16 +110,6 @@ def pids_running(*argv: str) -> list[int]:
     return out
 
 
-def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05) -> bool:
-    """Poll ``condition()`` until true or the deadline; return its last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval_s)
-
-
 @pytest.fixture(scope="module")
 def sshd_server(tmp_path_factory):
     """A real sshd on 127.0.0.1 for one test module (needs root; stopped at the end)."""

@@ -8,7 +8,6 @@ position, next token = the target's token there.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import require_root, require_tools
-from lab_helper import leftovers, wait_until, write_inventory
+from conftest import require_root, require_tools, wait_until
+from lab_helper import leftovers, write_inventory
 from testbed import cgroups, lab, shaping
 from testbed import profile_format as pf
 from testbed.linkprobe import Sink, send_from

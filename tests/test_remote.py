@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from conftest import require_root
-from sshd_helper import free_port, pids_running, sshd_server, wait_until  # noqa: F401 (fixture)
+from conftest import wait_until
+from sshd_helper import free_port, pids_running, sshd_server  # noqa: F401 (fixture)
 from testbed import sshd as sshd_mod
 from testbed.errors import HostKeyError, RemoteError
 from testbed.inventory import Channel, Inventory, LabSpec, ModelRef, Node, SSHSpec
