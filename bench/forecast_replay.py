@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,14 +31,13 @@ from testbed.control.model import arrays, evaluate  # noqa: E402
 from testbed.errors import TestbedError  # noqa: E402
 from testbed.experiment import load_experiment  # noqa: E402
 from testbed.records import read_events, read_manifest  # noqa: E402
-from testbed.runner import ExperimentRunner, observation  # noqa: E402
+from testbed.runner import observation, profile_problem  # noqa: E402
 
 
 def replay(run_dir: Path, ewmas: list[float] | None) -> list[dict]:
     manifest = read_manifest(run_dir)
     exp = load_experiment(manifest["experiment_path"])
-    base = ExperimentRunner._profile_problem(SimpleNamespace(exp=exp,
-                                                             profile=manifest["profile"]))
+    base = profile_problem(exp, manifest["profile"])
     weights = ewmas or [exp.replan.ewma]
     events = read_events(run_dir / "events.jsonl")
     out = []

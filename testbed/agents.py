@@ -21,6 +21,10 @@ Each verdict says whether its tokens hold an end-of-generation token (``eog``: t
 prompt). For the profiler: ``ServerAgent.verify_grid`` times synthetic batches (K sequences x L
 draft tokens) and both agents have ``probe()`` (the node's facts, ``testbed.probe``).
 
+``where()`` says where an agent runs (Ray's node IP, hostname, pid, CPU quota) and which model
+file it loaded (``model``: path, size_bytes, sha256, hashed on the node when the agent starts),
+so the run manifest records what really ran on every node, in a real lab as in the emulated one.
+
 Both classes are plain Python (unit-testable in process); ``remote_classes()`` wraps them for Ray.
 Control (which round, which L, the verdicts) travels over Ray; draft payloads travel only over
 the data path, so only they cross the shaped class.
@@ -47,13 +51,25 @@ from .engine.sampling import SamplingParams
 from .engine.verify import Verifier
 
 
-def where() -> dict:
-    """Where this process runs: Ray's node IP, hostname, pid and CPU quota."""
+def where(model: dict | None = None) -> dict:
+    """Where this process runs: Ray's node IP, hostname, pid and CPU quota; with ``model`` (see
+    ``model_file``) also the model file the agent loaded."""
     import ray
 
     from .probe import cpu_quota  # the node probe reads cgroup v1 and v2
-    return {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
-            "pid": os.getpid(), "cpu_quota": cpu_quota()["cpu_quota_cores"]}
+    out = {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+           "pid": os.getpid(), "cpu_quota": cpu_quota()["cpu_quota_cores"]}
+    if model is not None:
+        out["model"] = dict(model)
+    return out
+
+
+def model_file(path: str | os.PathLike) -> dict:
+    """The model file an agent loads, as this node sees it: path (as given), size_bytes and
+    sha256 (``models.sha256_file``). For the run manifest: computed where the agent runs, so a
+    real lab's manifest holds the hash of the file each node really has."""
+    from .models import sha256_file
+    return {"path": str(path), "size_bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def vocab_digest(model: Model) -> dict:
@@ -84,6 +100,7 @@ class DeviceAgent:
         self.name = name
         self.worker = DraftWorker(model_path, n_ctx=n_ctx, threads=threads, seed=seed,
                                   payload=payload, payload_k=top_k)
+        self.model = model_file(model_path)
         self.client = UploadClient(name, server_host, data_port)
         self._background = ThreadPoolExecutor(max_workers=1,
                                               thread_name_prefix=f"catch-up-{name}")
@@ -96,7 +113,7 @@ class DeviceAgent:
         return fut.result() if fut is not None else 0.0
 
     def where(self) -> dict:
-        return where()
+        return where(self.model)
 
     def tokenize(self, text: str) -> list[int]:
         return self.worker.model.tokenize(text)
@@ -170,6 +187,7 @@ class ServerAgent:
         self.verifier = Verifier(model_path, n_seq_max=max(1, len(devices)), n_ctx=n_ctx,
                                  threads=threads, seed=seed, emulation=emulation,
                                  max_draft_len=max_draft_len, gpu_layers=gpu_layers)
+        self.model = model_file(model_path)
         self.receiver = UploadReceiver(host, data_port)
         self._empty = pl.encode("ids", [], id_bytes=pl.id_bytes_for(self.verifier.model.n_vocab))
         # The actor runs two calls at once (max_concurrency 2, for ``abandon``), but one llama.cpp
@@ -178,7 +196,7 @@ class ServerAgent:
         self._engine = threading.Lock()
 
     def where(self) -> dict:
-        return where()
+        return where(self.model)
 
     def tokenize(self, text: str) -> list[int]:
         return self.verifier.model.tokenize(text)

@@ -276,7 +276,7 @@ def up(inv: Inventory, progress: Progress = _quiet) -> dict:
         down(inv, progress)
     runners = {n.name: runner_for(n, inv) for n in inv.nodes}
     try:
-        with _raised_quotas(inv):
+        with raised_quotas(inv):
             progress("checking Python and Ray versions on every node")
             versions = check_versions(inv, runners)
             state = {"schema": SCHEMA, "inventory": inv.name, "address": address(inv),
@@ -329,11 +329,14 @@ def _start(inv: Inventory, state: dict, node: Node, runner: Runner, argv: list[s
         raise ClusterError(f"node {node.name}: ray start failed: {exc}") from None
 
 
-class _raised_quotas:
-    """Emulated lab: raise each device's CPU quota while Ray starts; restore it on exit."""
+class raised_quotas:
+    """Emulated lab: raise the devices' CPU quotas (all, or those named) while Ray starts or
+    agents load their models: under a 0.15-core quota that takes tens of seconds and says
+    nothing about drafting. Restores each quota on exit. Does nothing on a real lab."""
 
-    def __init__(self, inv: Inventory):
+    def __init__(self, inv: Inventory, names: list[str] | None = None):
         self.inv = inv
+        self.names = names
         self.groups: list[tuple[cgroups.CpuGroup, float | None]] = []
 
     def __enter__(self):
@@ -341,6 +344,8 @@ class _raised_quotas:
             return self
         version, mount = cgroups.detect()
         for node in self.inv.devices:
+            if self.names is not None and node.name not in self.names:
+                continue
             g = cgroups.CpuGroup(version, mount, lab.cgroup_rel(self.inv, node))
             if node.cpu_quota is not None and node.cpu_quota < START_QUOTA_CORES:
                 self.groups.append((g, node.cpu_quota))

@@ -7,6 +7,7 @@ the target's vocabulary, and shapes each device's uplink with ``tc`` through tha
 (SSH; sudo on a real lab). Then:
 
 - ``start_sequence(name, prompt, sampling)``: a new prompt on both sides (prefill, not a round);
+  raises ``DeviceFailed`` when the device's agent fails meanwhile (it died: the device is lost);
 - ``set_rates({name: bit/s})``: ``tc class change`` on the devices, in parallel, each through
   a long-lived shell on the device (``remote.ShellSession``: no SSH login per change); returns
   the time from decision to effect;
@@ -15,6 +16,10 @@ the target's vocabulary, and shapes each device's uplink with ``tc`` through tha
   what every part measured; when some devices' steps fail it raises ``DeviceFailed`` naming
   them (the others then need new sequences);
 - ``remove_device`` / ``add_device``: a device leaves (its Ray actor is killed) or rejoins.
+
+What the agents reported when they started (``where()``: address, pid, CPU quota and the model
+file they loaded, with its sha256 hashed on the node) is kept in ``server_info`` and in each
+device's ``info``; ``models()`` gathers the model files for the run manifest.
 
 Agents load their models all at once; in the emulated lab with the devices' CPU quotas raised
 meanwhile (as ``cluster.up`` does for ``ray start``). ``open(keep_going=True)`` leaves out a
@@ -127,7 +132,7 @@ class LiveLab:
         # Emulated lab: devices load their models with their CPU quota raised (as for `ray
         # start`): under a 0.15-core quota loading takes tens of seconds and says nothing about
         # drafting. All agents load at once; each is checked when it is up.
-        with cluster._raised_quotas(self.inv):
+        with cluster.raised_quotas(self.inv):
             # max_concurrency 2: ``abandon`` must run while ``verify_round`` waits for uploads.
             self.server = server_cls.options(**cluster.options_for_server(s.gpu_layers),
                                              max_concurrency=2).remote(
@@ -273,7 +278,12 @@ class LiveLab:
         tokens = ray.get(self.server.tokenize.remote(prompt))
         s_ref = self.server.start.remote(name, tokens, seed=seed, sampling=sampling)
         d_ref = st.actor.start.remote(tokens, seed=seed, sampling=sampling)
-        prefill_s = max(ray.get([s_ref, d_ref]))
+        try:
+            device_s = ray.get(d_ref)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
+            ray.get(s_ref)        # the server's side must not fail (that fails the run)
+            raise DeviceFailed(None, {name: _first_line(exc)}) from None
+        prefill_s = max(ray.get(s_ref), device_s)
         st.verdict = None
         st.generated = 0
         return prefill_s
@@ -345,12 +355,24 @@ class LiveLab:
         """The device rejoins: a fresh agent (it must then start a new sequence)."""
         t0 = time.perf_counter()
         index = list(self.devices).index(name)
-        self._spawn(self.devices[name], index)
+        with cluster.raised_quotas(self.inv, [name]):     # as in ``open``: loading is not drafting
+            self._spawn(self.devices[name], index)
         self._ray.get(self.server.readmit.remote(name))
         return time.perf_counter() - t0
 
     def active(self) -> list[str]:
         return [n for n, st in self.devices.items() if st.active]
+
+    def models(self) -> dict[str, dict]:
+        """The model file each node's agent reported it loaded (``agents.model_file``: path,
+        size_bytes, sha256), by node name; a node whose agent never started is left out."""
+        out = {}
+        if "model" in self.server_info:
+            out[self.inv.server.name] = dict(self.server_info["model"])
+        for name, st in self.devices.items():
+            if "model" in st.info:
+                out[name] = dict(st.info["model"])
+        return out
 
     # -- tear-down ---------------------------------------------------------------------------
 
@@ -396,13 +418,15 @@ class LiveLab:
 
 class DeviceFailed(RunError):
     """Some devices' steps failed in a round (an agent died, a draft failed): ``failed`` maps
-    each to its error. The round has no verdicts: the other devices' sequences must restart."""
+    each to its error. The round has no verdicts: the other devices' sequences must restart.
+    ``round_id`` None: the device failed while starting a sequence (``start_sequence``)."""
 
-    def __init__(self, round_id: int, failed: Mapping[str, str]):
+    def __init__(self, round_id: int | None, failed: Mapping[str, str]):
         self.round_id = round_id
         self.failed = dict(failed)
-        super().__init__(f"round {round_id}: " + "; ".join(f"{n}: {m}" for n, m in
-                                                            self.failed.items()))
+        where = "starting a sequence" if round_id is None else f"round {round_id}"
+        super().__init__(f"{where}: " + "; ".join(f"{n}: {m}" for n, m in
+                                                  self.failed.items()))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,11 +20,22 @@ for each policy in turn, on the same prompts with the same seeds:
    the profile measured it) and the policy re-plans at once if that gains more than the
    hysteresis.
 
+A device whose agent fails (it died mid-round or while starting a prompt) is lost: a ``lost``
+event, a re-plan without it, and the run goes on; ``run`` then exits with ``EXIT_LOST_DEVICES``.
+
 Everything goes to the run folder through ``records.EventWriter`` (flushed per line), which also
 feeds the live view. Ctrl-C and failures restore the links, stop the agents and finalise the
-records (``LiveLab.close`` in a ``finally``).
+records (``LiveLab.close`` in a ``finally``). The manifest is written at the start and written
+again once the agents are up, with the model file each node's agent loaded (path, size, sha256
+hashed on that node: ``manifest_models``).
 
-Limits: the server's cost is taken from the profile, not re-estimated live (see _observe);
+The runner's pure decisions are free functions, used by the runner, the tests and
+``bench/forecast_replay.py`` alike: ``profile_problem`` (the profile as the controller's
+problem), ``observation`` / ``observe_round`` (what the estimator learns from a round record),
+``forecast`` (the plan in force under the current estimates) and ``surprising`` (the
+``replan.surprise`` rule).
+
+Limits: the server's cost is taken from the profile, not re-estimated live (see observe_round);
 rounds are synchronous (the slowest device sets the pace, as in the model); prefills of
 new prompts happen between rounds and are recorded as events, not rounds.
 """
@@ -43,7 +54,8 @@ from .control.problem import Plan, Problem, plan_to_dict, problem_from_profile
 from .control.replan import Replanner
 from .errors import ProblemError, RunError
 from .experiment import Experiment
-from .live import LiveLab
+from .inventory import Inventory
+from .live import DeviceFailed, LiveLab
 from .profile_format import metered_bits
 from .shaping import uplink_rate_bps
 
@@ -87,6 +99,55 @@ def observation(row: dict) -> RoundObservation:
         share=row["share"] if drafted else None)
 
 
+def observe_round(est: Estimator, event: dict) -> None:
+    """Feed one round record's device rows to the estimator (``observation`` each)."""
+    for row in event["devices"]:
+        est.observe(observation(row))
+    # The server's cost is NOT re-estimated from live rounds: a plan's rounds all have one
+    # batch size, which cannot separate the base cost from the per-token cost, and a fit
+    # from them extrapolates wildly to other plans (seen: flapping between drafting and
+    # server-only). The profile's fit over a grid of batch sizes is kept.
+
+
+def profile_problem(exp: Experiment, profile: dict) -> Problem:
+    """The profile as the controller's problem for ``exp``: acceptance of each device's starting
+    workload (by its prompt set's task) when the profile measured it, else the pooled
+    acceptance; each device at its inventory SNR."""
+    snr = {d.name: d.snr_db for d in exp.inventory.devices}
+    tasks = {n: exp.workloads[w].prompt_set.task for n, w in exp.device_workloads.items()}
+    try:
+        return problem_from_profile(profile, exp.channel, tasks, snr_db=snr, source="profile")
+    except ProblemError:
+        return problem_from_profile(profile, exp.channel, None, snr_db=snr, source="profile")
+
+
+def forecast(plan: Plan, problem: Problem) -> tuple[float, float]:
+    """(round_s, goodput_tps) the model predicts for a round of ``plan`` (its lengths and shares)
+    under ``problem`` (the estimates so far, present devices only: a device of the plan that is
+    not in the problem is left out, one of the problem that the plan lacks does not draft).
+    With no device left: the plan's own values."""
+    if not problem.devices:
+        return plan.round_s, plan.goodput_tps
+    by_name = {d.name: d for d in plan.devices}
+    lengths = [by_name[n].draft_len if n in by_name else 0 for n in problem.names]
+    shares = [by_name[n].bandwidth_share if n in by_name else 0.0 for n in problem.names]
+    return evaluate(arrays(problem), lengths, shares)
+
+
+def surprising(round_s: float, predicted_round_s: float | None, surprise: float | None) -> bool:
+    """The ``replan.surprise`` rule: the round took more than ``1 + surprise`` times its
+    prediction. Off (False) when ``surprise`` is None or there was no prediction."""
+    return (surprise is not None and bool(predicted_round_s)
+            and round_s > (1.0 + surprise) * predicted_round_s)
+
+
+def manifest_models(inv: Inventory, reported: dict[str, dict]) -> dict[str, dict]:
+    """The manifest's ``models``: per node of the inventory its model's label, with the file its
+    agent reported loading (``LiveLab.models()``: path, size_bytes, sha256) when there is one."""
+    return {n.name: {"model": n.model.label, **reported.get(n.name, {})}
+            for n in inv.nodes}
+
+
 class ExperimentRunner:
     """Runs one experiment on an open LiveLab; see the module docstring."""
 
@@ -101,22 +162,9 @@ class ExperimentRunner:
         self.lost: list[str] = []
         self._rules: dict[str, Replanner] = {}
         self._pending_replan = False
-        self.base_problem = self._profile_problem()
+        self.base_problem = profile_problem(exp, profile)
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _profile_problem(self) -> Problem:
-        """The profile as a problem: acceptance of each device's starting workload (by its
-        prompt set's task) when the profile measured it, else the pooled acceptance."""
-        exp = self.exp
-        snr = {d.name: d.snr_db for d in exp.inventory.devices}
-        tasks = {n: exp.workloads[w].prompt_set.task for n, w in exp.device_workloads.items()}
-        try:
-            return problem_from_profile(self.profile, exp.channel, tasks, snr_db=snr,
-                                        source="profile")
-        except ProblemError:
-            return problem_from_profile(self.profile, exp.channel, None, snr_db=snr,
-                                        source="profile")
 
     def t(self) -> float:
         return self.clock() - self.t_start
@@ -147,9 +195,13 @@ class ExperimentRunner:
         w = self.exp.workloads[dev.workload]
         text = w.prompt_set.render(dev.index + dev.prompt_index)
         seed = self.exp.seed * 100_003 + dev.index * 1009 + dev.prompt_index
-        prefill_s = self.lab.start_sequence(
-            dev.name, text, seed=seed,
-            sampling={"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p})
+        try:
+            prefill_s = self.lab.start_sequence(
+                dev.name, text, seed=seed,
+                sampling={"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p})
+        except DeviceFailed as exc:         # its agent died: lost, like a failure mid-round
+            self._lose(st, dev.name, exc.failed[dev.name])
+            return
         self.emit({"type": "prefill", "policy": st.policy, "device": dev.name,
                    "workload": dev.workload, "prompt": dev.prompt_index,
                    "prefill_s": prefill_s})
@@ -196,23 +248,17 @@ class ExperimentRunner:
             out = self._one_round(st, est, warmup=round_i < 0)
             if self._pending_replan:
                 self._pending_replan = False
-                self._maybe_replan(st, est, rule, reason="device lost")
+                self._maybe_replan(st, est, rule, reason="lost")      # "lost: devices changed"
             if round_i >= 0:
-                self._observe(est, out)
+                observe_round(est, out)
                 st.rounds += 1
                 if (st.rounds - st.last_plan_round) >= exp.replan.interval_rounds:
                     self._maybe_replan(st, est, rule, reason="interval")
-                elif self._surprising(out):
+                elif surprising(out["round_s"], out.get("predicted_round_s"),
+                                exp.replan.surprise):
                     self._maybe_replan(st, est, rule, reason="surprise", ignore_dwell=True)
             round_i += 1
         self.emit({"type": "policy_end", "policy": policy, "rounds": st.rounds})
-
-    def _surprising(self, out: dict) -> bool:
-        """The round took far longer than its plan predicted (``replan.surprise``)."""
-        surprise = self.exp.replan.surprise
-        predicted = out.get("predicted_round_s")
-        return (surprise is not None and bool(predicted)
-                and out["round_s"] > (1.0 + surprise) * predicted)
 
     def _budget_spent(self, st: PolicyState, round_i: int) -> bool:
         if self.exp.rounds is not None:
@@ -285,14 +331,6 @@ class ExperimentRunner:
             return None
         return next((d.acceptance for d in problem.devices if d.name == device), None)
 
-    def _observe(self, est: Estimator, ev: dict) -> None:
-        for row in ev["devices"]:
-            est.observe(observation(row))
-        # The server's cost is NOT re-estimated from live rounds: a plan's rounds all have one
-        # batch size, which cannot separate the base cost from the per-token cost, and a fit
-        # from them extrapolates wildly to other plans (seen: flapping between drafting and
-        # server-only). The profile's fit over a grid of batch sizes is kept.
-
     def _maybe_replan(self, st: PolicyState, est: Estimator, rule: Replanner, *,
                       reason: str, ignore_dwell: bool = False) -> None:
         problem = self._problem_for(st, est)
@@ -310,23 +348,12 @@ class ExperimentRunner:
 
     # -- one round ---------------------------------------------------------------------------
 
-    def _forecast(self, st: PolicyState, est: Estimator) -> tuple[float, float]:
-        """(round_s, goodput_tps) the model predicts for the next round: the plan in force
-        (its lengths and shares) valued under the estimates from the rounds so far. This is a
-        forecast from past rounds only; the plan's own values (``plan_*`` in the records) are
-        what the controller expected when it chose the plan, from the estimates of that time."""
-        problem = self._problem_for(st, est)
-        if not problem.devices:
-            return st.plan.round_s, st.plan.goodput_tps
-        by_name = {d.name: d for d in st.plan.devices}
-        lengths = [by_name[n].draft_len if n in by_name else 0 for n in problem.names]
-        shares = [by_name[n].bandwidth_share if n in by_name else 0.0 for n in problem.names]
-        return evaluate(arrays(problem), lengths, shares)
-
     def _one_round(self, st: PolicyState, est: Estimator, *, warmup: bool) -> dict:
         lengths = {d.name: d.draft_len for d in st.plan.devices}
         present = [n for n, d in st.devices.items() if d.present]
-        predicted_round_s, predicted_tps = self._forecast(st, est)
+        # The forecast is from past rounds only (the estimates so far); the plan's own values
+        # (``plan_*``) are what the controller expected when it chose the plan.
+        predicted_round_s, predicted_tps = forecast(st.plan, self._problem_for(st, est))
         out = self.lab.round({n: lengths.get(n, 0) for n in present}, keep_going=True)
         for name, why in out["failed"].items():
             self._lose(st, name, why)
@@ -357,7 +384,8 @@ class ExperimentRunner:
         event = {"type": "round", "policy": st.policy, "round": st.rounds, "round_s": round_s,
                  "devices": rows, "verify_real_s": ver["compute_s"],
                  "verify_emulated_s": ver["emulated_s"], "downlink_s": ver["downlink_s"],
-                 "batch_tokens": ver["n_tokens"], "predicted_round_s": predicted_round_s,
+                 "batch_tokens": ver["n_tokens"], "verify_decodes": ver["n_decodes"],
+                 "predicted_round_s": predicted_round_s,
                  "predicted_goodput_tps": predicted_tps, "plan_round_s": st.plan.round_s,
                  "plan_goodput_tps": st.plan.goodput_tps, "tokens": tokens_total,
                  "goodput_tps": tokens_total / round_s if round_s > 0 else 0.0,
@@ -371,7 +399,9 @@ class ExperimentRunner:
         return event
 
     def _lose(self, st: PolicyState, name: str, why: str) -> None:
-        """A device failed mid-round (not a scheduled leave): drop it, say so, re-plan."""
+        """A device's agent failed, mid-round or while starting a prompt (not a scheduled
+        leave): drop it, say so (a ``lost`` event) and re-plan after the round (reason
+        ``lost: ...``, the ``<kind>: ...`` form the report matches events with)."""
         self.lab.remove_device(name)
         st.devices[name].present = False
         if name not in self.lost:
@@ -393,11 +423,10 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
         argv: list[str] | None = None, progress=lambda _m: None) -> tuple[Path, int]:
     """Run the experiment; returns the run folder and the exit code (see EXIT_*)."""
     run_id, run_dir = records.create_run_dir(out_root, exp.name)
-    models = {n.name: {"model": n.model.label} for n in exp.inventory.nodes}
     manifest = records.make_manifest(
         run_id=run_id, experiment=exp.to_dict(), experiment_path=exp.path,
         inventory=exp.inventory, inventory_digest=exp.inventory.digest, profile=profile,
-        models=models, seeds={"experiment": exp.seed}, argv=argv)
+        models=manifest_models(exp.inventory, {}), seeds={"experiment": exp.seed}, argv=argv)
     records.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
     with records.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
@@ -405,6 +434,9 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
         runner = None
         try:
             lab.open()
+            # The agents are up: the manifest gets the model files they really loaded.
+            manifest["models"] = records.jsonable(manifest_models(exp.inventory, lab.models()))
+            records.write_manifest(run_dir, manifest)
             runner = ExperimentRunner(exp, profile, lab, writer)
             runner.emit({"type": "run_start", "run": run_dir.name,
                          "policies": list(exp.policies), "t": 0.0})

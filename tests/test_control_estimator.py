@@ -278,7 +278,7 @@ def test_a_recorded_upload_gives_the_profiles_rate_and_reproduces_its_time():
     from testbed.datapath import DRAFT, END, frame
     from testbed.engine.payload import encode
     from testbed.profile_format import payload_summary
-    from testbed.runner import ExperimentRunner
+    from testbed.runner import observe_round
 
     name, rate, share = "b", 5860.0, 0.25
 
@@ -302,7 +302,7 @@ def test_a_recorded_upload_gives_the_profiles_rate_and_reproduces_its_time():
     upload_s = metered(L) / (rate * share)
     ev = {"devices": [{"name": name, "n_drafted": L, "n_accepted": 2, "draft_s": 0.1,
                        "upload_bytes": step_bytes(L), "upload_s": upload_s, "share": share}]}
-    ExperimentRunner._observe(None, est, ev)
+    observe_round(est, ev)
     assert est.estimate(name).rate_bps == pytest.approx(rate, rel=1e-6)
     arr = arrays(est.problem())
     k = est.problem().names.index(name)

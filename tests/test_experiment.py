@@ -185,43 +185,35 @@ def test_replan_rate_weight_and_surprise(tmp_path: Path):
 
 
 def test_runner_calls_a_round_surprising_only_past_the_threshold():
-    from types import SimpleNamespace
-
-    from testbed.runner import ExperimentRunner
-    me = SimpleNamespace(exp=SimpleNamespace(replan=Replan(surprise=0.5)))
-    check = ExperimentRunner._surprising
-    assert check(me, {"round_s": 1.6, "predicted_round_s": 1.0})
-    assert not check(me, {"round_s": 1.4, "predicted_round_s": 1.0})
-    assert not check(me, {"round_s": 9.0, "predicted_round_s": None})
-    off = SimpleNamespace(exp=SimpleNamespace(replan=Replan()))
-    assert not check(off, {"round_s": 9.0, "predicted_round_s": 1.0})
+    from testbed.runner import surprising
+    assert surprising(1.6, 1.0, 0.5)
+    assert not surprising(1.4, 1.0, 0.5)
+    assert not surprising(1.5, 1.0, 0.5)           # "more than" 1 + surprise times
+    assert not surprising(9.0, None, 0.5)          # no forecast: nothing to be surprised by
+    assert not surprising(9.0, 0.0, 0.5)
+    assert not surprising(9.0, 1.0, Replan().surprise)    # off unless the experiment asks
 
 
 def test_runner_forecast_is_the_plan_in_force_under_the_current_estimates():
-    from types import SimpleNamespace
-
     from testbed.control.estimator import Estimator, RoundObservation
     from testbed.control.policies import solve
     from testbed.control.problem import Device, Problem, Server
-    from testbed.runner import ExperimentRunner
+    from testbed.runner import forecast
 
     devs = (Device("a", 0.01, 0.03, 0.9, 20.0), Device("b", 0.02, 0.06, 0.6, 8.0))
     problem = Problem(100_000.0, 48.0, 512.0, 8, 4, Server(0.3, 0.001, 0.004), devs)
     plan = solve(problem, "multispin-heterogeneous")
     est = Estimator(problem, ewma=0.5)
-    me = SimpleNamespace()
-    me._problem_for = lambda st, e: ExperimentRunner._problem_for(me, st, e)
-    st = SimpleNamespace(plan=plan, devices={"a": SimpleNamespace(present=True),
-                                             "b": SimpleNamespace(present=True)})
     # No rounds yet: the estimates are the profile's, so the forecast is the plan's own value.
-    assert ExperimentRunner._forecast(me, st, est) == pytest.approx((plan.round_s,
+    assert forecast(plan, est.problem(["a", "b"])) == pytest.approx((plan.round_s,
                                                                     plan.goodput_tps))
     # Device a turns out to accept nothing: the forecast for the same plan falls, the plan's
     # own value (what the controller expected when choosing it) does not.
     for _ in range(10):
         est.observe(RoundObservation("a", plan.devices[0].draft_len, 0))
-    round_s, tps = ExperimentRunner._forecast(me, st, est)
+    round_s, tps = forecast(plan, est.problem(["a", "b"]))
     assert tps < 0.8 * plan.goodput_tps and round_s == pytest.approx(plan.round_s, rel=0.05)
     # A device that left is out of the forecast.
-    st.devices["b"].present = False
-    assert ExperimentRunner._forecast(me, st, est)[1] < tps
+    assert forecast(plan, est.problem(["a"]))[1] < tps
+    # No device left: the plan's own values.
+    assert forecast(plan, est.problem([])) == (plan.round_s, plan.goodput_tps)
