@@ -4,7 +4,7 @@ A live run leaves three files (format in docs/records.md):
 
 - ``manifest.json`` (schema ``testbed.manifest/1``): what ran, on what, from which code: the
   resolved experiment and inventory, profile, model hashes, versions, git commit, seeds, host.
-  Written atomically at the start.
+  Written atomically at the start, and again once the agents report the model files they loaded.
 - ``events.jsonl``: one JSON object per line (``type`` and ``t``, seconds since the run start),
   appended and flushed line by line, so a crash loses at most the line being written.
 - ``summary.json`` (schema ``testbed.summary/1``): per policy and device, computed from the

@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import require_tools, tc_line
 from synthetic_runs import OVERHEAD_S, POLICIES, expected_goodput, make_events, verify_s
 from testbed.errors import RecordsError
 from testbed.records import (EVENTS, MANIFEST_SCHEMA, SUMMARY, EventWriter, atomic_write_json,
@@ -44,14 +46,33 @@ def test_run_dir_names_and_clash(tmp_path: Path):
 
 
 def test_manifest_facts(tmp_path: Path):
+    import hashlib
+
+    from testbed.agents import model_file
     from testbed.inventory import load_inventory
+    from testbed.runner import manifest_models
     inv = load_inventory(ROOT / "inventory/local.yaml")
+    # What the runner writes: each node's model label, with the file its agent reported
+    # loading (agents.model_file, hashed where the agent runs); dev-b's agent reported nothing.
+    blobs = {"server": b"GGUF target" * 1000, "dev-a": b"GGUF draft a", "dev-c": b"GGUF c",
+             "dev-d": b"GGUF draft a"}
+    reported = {}
+    for name, data in blobs.items():
+        (tmp_path / f"{name}.gguf").write_bytes(data)
+        reported[name] = model_file(tmp_path / f"{name}.gguf")
     m = make_manifest(run_id="r1", experiment={"name": "x"}, experiment_path="e.yaml",
                       inventory=inv, inventory_digest=inv.digest, profile=None,
-                      models={"server": {"path": "/m.gguf", "sha256": "ab"}}, seeds={"run": 7},
+                      models=manifest_models(inv, reported), seeds={"run": 7},
                       argv=["testbed", "run"])
     write_manifest(tmp_path, m)
     back = read_manifest(tmp_path)
+    assert back["models"]["server"] == {
+        "model": "smollm2-135m-q4_1", "path": str(tmp_path / "server.gguf"),
+        "size_bytes": 11_000, "sha256": hashlib.sha256(blobs["server"]).hexdigest()}
+    assert back["models"]["dev-a"]["sha256"] == back["models"]["dev-d"]["sha256"] == \
+        hashlib.sha256(b"GGUF draft a").hexdigest()
+    assert back["models"]["dev-c"]["model"] == "smollm2-135m-q2_k"
+    assert back["models"]["dev-b"] == {"model": "smollm2-135m-q4_0"}
     assert back["schema"] == MANIFEST_SCHEMA and back["run"] == "r1"
     assert back["inventory"]["devices"][3]["name"] == "dev-d"
     assert back["inventory"]["lab"]["subnet"] == "10.77.0.0/24"
@@ -71,8 +92,10 @@ def test_git_info_outside_a_repo(tmp_path: Path):
 
 
 def test_versions_tc_line():
+    require_tools("tc")                    # iproute2 is a dependency: install.sh installs it
     tc = versions()["tc"]
-    assert tc is None or "iproute2" in tc or "tc" in tc
+    assert re.search(r"\biproute2-\d+\.\d+", tc), tc
+    assert tc == tc_line()
 
 
 def test_event_writer_flushes_each_line_and_stamps_time(tmp_path: Path):
