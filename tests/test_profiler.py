@@ -508,9 +508,12 @@ def test_ctrl_c_leaves_no_file_and_keeps_the_old_one(lab_inv, tmp_path):
     from testbed import cluster
     out = tmp_path / "p.json"
     out.write_text('{"old": true}\n')
+    # Unbuffered: the line that says the profile is under way must reach us when it is printed,
+    # not when a pipe buffer fills or the process ends (then the Ctrl-C would come too late).
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "profile", str(lab_inv.path),
                              "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen, deadline = [], time.monotonic() + 180
     try:
         for line in proc.stdout:                 # wait until the profile is under way
