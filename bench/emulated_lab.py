@@ -27,10 +27,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from testbed import cluster, lab, shaping
-from testbed.inventory import load_inventory
-from testbed.linkprobe import Sink, send_from
-from testbed.remote import runner_for
+from testbed.inputs.inventory import load_inventory
+from testbed.lab import cluster, emulated, shaping
+from testbed.lab.linkprobe import Sink, send_from
+from testbed.lab.remote import runner_for
 
 INVENTORY = """\
 schema: testbed.inventory/1
@@ -82,7 +82,7 @@ def main() -> int:
     path = tmp / "bench.yaml"
     path.write_text(INVENTORY.format(state=tmp / "state"))
     inv = load_inventory(path)
-    lab.clean(inv)
+    emulated.clean(inv)
     timings = Table(title="emulated lab: timings (2 devices)")
     timings.add_column("step")
     timings.add_column("seconds", justify="right")
@@ -91,9 +91,9 @@ def main() -> int:
     for col in ("configured bit/s", "measured bit/s", "measured / configured", "how set"):
         links.add_column(col, justify="right")
     try:
-        t, _ = timed(lab.up, inv)
+        t, _ = timed(emulated.up, inv)
         timings.add_row("lab up", f"{t:.2f}")
-        t, _ = timed(lab.up, inv)
+        t, _ = timed(emulated.up, inv)
         timings.add_row("lab up again (idempotent)", f"{t:.2f}")
         dev = inv.devices[0]
         runners = {d.name: runner_for(d, inv) for d in inv.devices}
@@ -153,7 +153,7 @@ def main() -> int:
             timings.add_row("cluster down", f"{t:.2f}")
     finally:
         cluster.down(inv)
-        t, _ = timed(lab.down, inv)
+        t, _ = timed(emulated.down, inv)
         timings.add_row("lab down", f"{t:.2f}")
     console.print(timings)
     console.print(links)

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from testbed.control.estimator import Estimator  # noqa: E402
 from testbed.control.model import arrays, evaluate  # noqa: E402
 from testbed.errors import TestbedError  # noqa: E402
-from testbed.experiment import load_experiment  # noqa: E402
-from testbed.records import read_events, read_manifest  # noqa: E402
-from testbed.runner import observation, profile_problem  # noqa: E402
+from testbed.inputs.experiment import load_experiment  # noqa: E402
+from testbed.live.loop import observation, profile_problem  # noqa: E402
+from testbed.records.runs import read_events, read_manifest  # noqa: E402
 
 
 def replay(run_dir: Path, ewmas: list[float] | None) -> list[dict]:

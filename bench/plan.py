@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.control.policies import POLICIES, solve  # noqa: E402
 from testbed.control.model import arrays  # noqa: E402
+from testbed.control.policies import POLICIES, solve  # noqa: E402
 from testbed.control.problem import Device, Problem, Server  # noqa: E402
 
 # Device distributions per scenario: uniform ranges (tau log-uniform), per device.

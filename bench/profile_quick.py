@@ -25,8 +25,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from testbed import cluster, lab
-from testbed.inventory import load_inventory
+from testbed.inputs.inventory import load_inventory
+from testbed.lab import cluster, emulated
+from testbed.lab.bringup import bring_up
 
 TARGET_S = 180.0
 
@@ -41,14 +42,12 @@ def main() -> int:
     inv = load_inventory(args.inventory)
     console = Console()
     if args.keep_up:
-        if inv.kind == "emulated" and not lab.status(inv).ok:
-            lab.up(inv)
-        if not cluster.is_up(inv):
-            cluster.up(inv)
+        with bring_up(inv, keep=True):             # up if not up, and left up afterwards
+            pass
     else:
         cluster.down(inv)
         if inv.kind == "emulated":
-            lab.down(inv)
+            emulated.down(inv)
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "testbed.cli", "profile", args.inventory,
                           "--quick", "--out", args.out], capture_output=True, text=True)

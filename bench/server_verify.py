@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from testbed.engine import payload as pl  # noqa: E402
 from testbed.engine.native import gpu_offload_supported  # noqa: E402
 from testbed.engine.verify import Verifier  # noqa: E402
-from testbed.profile_stats import fit_line  # noqa: E402
-from testbed.prompts import load_prompts  # noqa: E402
+from testbed.inputs.prompts import load_prompts  # noqa: E402
+from testbed.profiling.stats import fit_line  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -68,7 +68,7 @@ def _resolve(target: str) -> Path:
     p = Path(target).expanduser()
     if p.suffix == ".gguf" or p.exists():
         return p
-    from testbed import models      # the registry (needs the project's dependencies)
+    from testbed.inputs import models  # the registry (needs the project's dependencies)
     return models.resolve(target)
 
 

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama_cpp  # noqa: E402
 from llama_cpp.llama_speculative import LlamaDraftModel  # noqa: E402
 
-from testbed import models  # noqa: E402
 from testbed.engine.draft import DraftWorker  # noqa: E402
 from testbed.engine.native import quiet  # noqa: E402
 from testbed.engine.spec import speculate  # noqa: E402
 from testbed.engine.verify import Verifier  # noqa: E402
-from testbed.prompts import load_prompts  # noqa: E402
+from testbed.inputs import models  # noqa: E402
+from testbed.inputs.prompts import load_prompts  # noqa: E402
 
 
 class GGUFDraft(LlamaDraftModel):

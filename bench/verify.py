@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed import models  # noqa: E402
 from testbed.engine import payload as pl  # noqa: E402
 from testbed.engine.verify import Verifier  # noqa: E402
-from testbed.prompts import load_prompts  # noqa: E402
+from testbed.inputs import models  # noqa: E402
+from testbed.inputs.prompts import load_prompts  # noqa: E402
 
 KS = (1, 2, 4, 8)
 LS = (1, 2, 4, 8)

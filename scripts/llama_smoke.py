@@ -13,8 +13,8 @@ import time
 
 from testbed.engine import native
 from testbed.engine.spec import target_only
-from testbed.models import packaged_target
-from testbed.prompts import render_prompt
+from testbed.inputs.models import packaged_target
+from testbed.inputs.prompts import render_prompt
 
 
 def main() -> int:

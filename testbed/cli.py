@@ -17,8 +17,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
-from .errors import InputError, TestbedError
+from testbed import __version__
+from testbed.errors import InputError, TestbedError
 
 # Order is the order shown in --help.
 COMMANDS = ["demo", "inventory", "experiment", "lab", "check", "up", "down", "models", "spec", "plan", "profile", "run",

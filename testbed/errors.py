@@ -60,6 +60,11 @@ class RecordsError(InputError):
     """A run folder (manifest, events, summary) is missing, of another schema, or garbled."""
 
 
+class StateError(InputError):
+    """A state file that testbed keeps for a lab or its cluster (``lab.json``, ``cluster.json``)
+    is garbled or of another schema: remove it after ``testbed lab clean`` / ``testbed down``."""
+
+
 class ProblemError(InputError):
     """A problem or profile file given to the controller is malformed or inconsistent."""
 

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import InputError
+from testbed.errors import InputError
+from testbed.files import read_text
 
 _MISSING = object()
 
@@ -61,14 +62,7 @@ def _scalar(node: yaml.ScalarNode) -> Any:
 def load_yaml(path: str | Path, error_cls: type[InputError]) -> "Section":
     """Read and parse ``path``; syntax errors and unreadable files raise ``error_cls``."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error_cls("file not found", source=source) from None
-    except IsADirectoryError:
-        raise error_cls("is a directory, expected a YAML file", source=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error_cls(f"cannot read: {exc}", source=source) from None
+    text = read_text(path, error_cls, "YAML")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:

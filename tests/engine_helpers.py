@@ -1,6 +1,6 @@
 """Helpers shared by the model/engine tests: the prepared demo models, and a GGUF token patcher.
 
-``prepared()`` runs ``testbed.models.prepare()`` once per test process (cached in the models
+``prepared()`` runs ``testbed.inputs.models.prepare()`` once per test process (cached in the models
 folder: $TESTBED_MODELS or ~/.cache/testbed/models) and returns {name: path}.
 ``patch_token_text`` writes a copy of a GGUF whose vocabulary differs in one token's text, by
 parsing the GGUF header (v2/v3) and overwriting the token's bytes with a same-length string, so
@@ -14,7 +14,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from testbed import models
+from testbed.inputs import models
 
 PROMPTS = [
     "What is the capital of France?",

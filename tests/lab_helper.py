@@ -4,7 +4,7 @@
 cgroup, subnet, ports, state folder) differ from the shipped ``inventory/local.yaml`` so a test
 lab never touches the user's or the demo's lab. ``leftovers`` lists whatever of a lab still
 exists (namespaces, links, bridge, qdiscs, cgroups, sshd and Ray processes). Traffic helpers
-are in ``testbed/linkprobe.py``.
+are in ``testbed/lab/linkprobe.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from testbed import cluster
-from testbed.inventory import Inventory, load_inventory
+from testbed.inputs.inventory import Inventory, load_inventory
+from testbed.lab import cluster
 
 
 def write_inventory(folder: Path, *, name: str, octet: int, prefix: str, bridge: str,

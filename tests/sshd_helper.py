@@ -1,4 +1,4 @@
-"""A real sshd on 127.0.0.1 for tests (testbed/sshd.py does the setup; this starts and stops it).
+"""A real sshd on 127.0.0.1 for tests (testbed/lab/sshd.py does the setup; this starts and stops it).
 
 ``PrivateSSHD(folder)`` generates a client key and a host key, writes authorized_keys, an
 sshd_config and a known_hosts naming ``[127.0.0.1]:PORT``, starts ``sshd -D`` on a free high port
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import require_root, require_tools
-from testbed import sshd
+
+from testbed.lab import sshd
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from testbed.records import EVENTS, MANIFEST, MANIFEST_SCHEMA, write_summary
+from testbed.records.runs import EVENTS, MANIFEST, MANIFEST_SCHEMA, write_summary
 
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-d")
 VERIFY_S = 0.15

@@ -16,12 +16,12 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import require_root, require_tools
 from lab_helper import leftovers, write_inventory
-from testbed import cluster, lab, procs, shaping
-from testbed.linkprobe import Sink
-from testbed.remote import LocalRunner, runner_for
+
+from testbed.lab import cluster, emulated, procs, shaping
+from testbed.lab.linkprobe import Sink
+from testbed.lab.remote import LocalRunner, runner_for
 
 DEVICES = [("dev-a", 0.5, 20.0), ("dev-b", 0.15, 5.0)]
 
@@ -87,16 +87,16 @@ def up(inv):
     require_root()
     require_tools("ip", "tc", "sshd")
     cluster.down(inv)
-    lab.clean(inv)
+    emulated.clean(inv)
     t0 = time.monotonic()
-    lab.up(inv)
+    emulated.up(inv)
     t1 = time.monotonic()
     state = cluster.up(inv)
     t2 = time.monotonic()
     print(f"\nlab up {t1 - t0:.1f} s, cluster up {t2 - t1:.1f} s")
     yield state
     cluster.down(inv)
-    lab.down(inv)
+    emulated.down(inv)
     assert leftovers(inv) == []
 
 
@@ -149,7 +149,8 @@ def test_pinned_actors_report_their_device_address_and_cpu_quota(inv, ray_driver
     class Where:
         def report(self):
             import ray as r
-            from testbed.cgroups import own_quota_cores
+
+            from testbed.lab.cgroups import own_quota_cores
             return r.util.get_node_ip_address(), own_quota_cores()
 
     actors = {d.name: Where.options(**cluster.options_for_device(d.name)).remote()
@@ -161,7 +162,7 @@ def test_pinned_actors_report_their_device_address_and_cpu_quota(inv, ray_driver
     for d in inv.devices:
         ip, (group, quota) = got[d.name]
         assert ip == d.host
-        assert group == f"/{inv.lab.cgroup}/{lab.netns_name(inv, d)}"
+        assert group == f"/{inv.lab.cgroup}/{emulated.netns_name(inv, d)}"
         assert quota == pytest.approx(d.cpu_quota)     # restored after start-up
     assert got["server"][0] == inv.server.host
     for a in actors.values():
@@ -172,11 +173,12 @@ def test_a_gpu_server_without_a_gpu_is_refused_before_any_actor(inv, ray_driver)
     """``server.gpu_layers`` on a cluster where Ray found no GPU: one clear error, instead of an
     actor that waits forever for a GPU."""
     import dataclasses
+
     from testbed.errors import ClusterError
-    from testbed.live import LiveLab
+    from testbed.live.session import LiveSession
     assert ray_driver.cluster_resources().get("GPU", 0) == 0      # this machine has none
     gpu_inv = dataclasses.replace(inv, server=dataclasses.replace(inv.server, gpu_layers=-1))
-    live = LiveLab(gpu_inv)
+    live = LiveSession(gpu_inv)
     with pytest.raises(ClusterError, match="gpu_layers is set but Ray found no GPU"):
         live.open()
     assert live.server is None
@@ -238,12 +240,12 @@ def test_down_stops_every_ray_process_of_the_lab_and_only_those(inv, up, ray_dri
         for node in inv.nodes:
             assert procs.with_args_containing(cluster.temp_dir(inv, node) + "/") == []
         for d in inv.devices:   # only sshd is left in each namespace
-            left = [procs.cmdline(p) for p in lab.netns_pids(LocalRunner(),
-                                                             lab.netns_name(inv, d))
+            left = [procs.cmdline(p) for p in emulated.netns_pids(LocalRunner(),
+                                                             emulated.netns_name(inv, d))
                     if procs.alive(p)]
             assert all(c and "sshd" in c[0] for c in left), left
         assert [p for p in bystanders if not procs.alive(p)] == []   # the other lab's Ray
-        assert lab.status(inv).ok                    # the lab itself is untouched
+        assert emulated.status(inv).ok                    # the lab itself is untouched
         assert cluster.down(inv) == []               # twice is fine
         assert not cluster.state_path(inv).exists()
     finally:

@@ -10,7 +10,7 @@ import pytest
 
 from testbed.control.model import (arrays, arrival_time, evaluate, expected_tokens,
                                    goodput_of_lengths, make_plan, optimal_shares,
-                                   spectral_efficiency)
+                                   spectral_efficiency, uplink_rate_bps)
 from testbed.control.policies import POLICIES, solve
 from testbed.control.problem import Device, Problem, Server, plan_to_dict
 
@@ -23,6 +23,19 @@ def make_problem(devices, *, B=100e3, s=800.0, h=512.0, lmax=8, lfix=4,
 
 
 TWO = make_problem([(0.0, 0.05, 0.6, 10.0), (0.005, 0.02, 0.8, 20.0)])
+
+
+def test_uplink_rate_is_shannon_rate_of_the_share():
+    # SNR 0 dB: log2(1 + 1) = 1 bit/s/Hz.
+    assert uplink_rate_bps(0.5, 100_000, 0.0) == pytest.approx(50_000)
+    # 20 dB = 100x: log2(101).
+    assert uplink_rate_bps(0.25, 100_000, 20.0) == pytest.approx(
+        25_000 * math.log2(101))
+    assert uplink_rate_bps(0.0, 100_000, 10.0) == 0.0
+    with pytest.raises(ValueError):
+        uplink_rate_bps(1.5, 100_000, 10.0)
+    with pytest.raises(ValueError):
+        uplink_rate_bps(0.5, 0, 10.0)
 
 
 def test_spectral_efficiency_and_low_snr():

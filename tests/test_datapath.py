@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from testbed.datapath import DRAFT, END, UploadClient, UploadReceiver, frame
 from testbed.errors import RemoteError
+from testbed.live.datapath import DRAFT, END, UploadClient, UploadReceiver, frame
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_root, require_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,10 +195,10 @@ def test_run_with_events_and_a_killed_agent_then_nothing_left(tmp_path: Path):
     require_root()
     require_tools("ip", "tc", "sshd")
     assert PROFILE.exists(), "profiles/local.json must be shipped (testbed profile --quick)"
-    from testbed.inventory import load_inventory
-    from testbed.live import resolve_model
-    from testbed.models import sha256_file
-    from testbed.shaping import uplink_rate_bps
+    from testbed.control.model import uplink_rate_bps
+    from testbed.inputs.inventory import load_inventory
+    from testbed.inputs.models import sha256_file
+    from testbed.live.session import resolve_model
 
     inv_path = _inventory(tmp_path)
     exp = _experiment(tmp_path, inv_path)

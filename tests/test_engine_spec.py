@@ -6,16 +6,17 @@ import json
 
 import numpy as np
 import pytest
+from engine_helpers import PROMPTS, prepared
 from scipy import stats
 
-from engine_helpers import PROMPTS, prepared
-from testbed import cli, models
+from testbed import cli
 from testbed.engine.draft import DraftWorker
 from testbed.engine.native import Batch, Context, Model
 from testbed.engine.sampling import SamplingParams, dist_from_logits
 from testbed.engine.spec import speculate, target_only
 from testbed.engine.verify import Verifier
-from testbed.prompts import render_prompt
+from testbed.inputs import models
+from testbed.inputs.prompts import render_prompt
 
 TARGET = "smollm2-135m-q4_1"
 MAX_TOKENS = 32
@@ -237,7 +238,7 @@ def _bins(samples, p, trials):
 def test_catch_up_keeps_an_idle_device_current(paths, references):
     """A device that does not draft (L = 0) still gets the server's tokens; catch_up decodes
     them as they come, so that its next draft decodes only the last one."""
-    from testbed.agents import DeviceAgent
+    from testbed.live.agents import DeviceAgent
     prompt, _ = references[PROMPTS[1]]
     # The upload client connects lazily: with L = 0 nothing is uploaded, so no server is needed.
     agent = DeviceAgent("dev-x", str(paths["smollm2-135m-q4_0"]), "127.0.0.1", 9, n_ctx=512)
@@ -246,7 +247,7 @@ def test_catch_up_keeps_an_idle_device_current(paths, references):
         agent.start(prompt)
         for i in range(6):                                       # six idle rounds
             out = agent.step(i, 0, None if i == 0 else (0, 100 + i))
-            assert out["n_drafted"] == 0
+            assert out.n_drafted == 0 and out.upload_s == 0.0
         agent.step(6, 0, (0, 106))
         agent._join_catch_up()
         assert d.ctx.seq_pos_max(0) == len(d.tokens) - 2          # all but the pending last

@@ -8,18 +8,17 @@ position, next token = the target's token there.
 
 from __future__ import annotations
 
-
 import pytest
-
 from engine_helpers import PROMPTS, prepared
+
 from testbed.engine import payload as pl
 from testbed.engine.native import Model
 from testbed.engine.sampling import SamplingParams
 from testbed.engine.spec import target_only
 from testbed.engine.verify import Verifier
 from testbed.errors import EngineError, InputError
-from testbed.inventory import Emulation
-from testbed.prompts import render_prompt
+from testbed.inputs.inventory import Emulation
+from testbed.inputs.prompts import render_prompt
 
 TARGET = "smollm2-135m-q4_1"
 THREADS = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import ExperimentError, InventoryError, PromptsError
-from testbed.experiment import POLICIES, Replan, load_experiment
+from testbed.inputs.experiment import POLICIES, Replan, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((ROOT / "tests/data/bad_experiments").glob("*.yaml"))
@@ -185,7 +185,7 @@ def test_replan_rate_weight_and_surprise(tmp_path: Path):
 
 
 def test_runner_calls_a_round_surprising_only_past_the_threshold():
-    from testbed.runner import surprising
+    from testbed.live.loop import surprising
     assert surprising(1.6, 1.0, 0.5)
     assert not surprising(1.4, 1.0, 0.5)
     assert not surprising(1.5, 1.0, 0.5)           # "more than" 1 + surprise times
@@ -198,7 +198,7 @@ def test_runner_forecast_is_the_plan_in_force_under_the_current_estimates():
     from testbed.control.estimator import Estimator, RoundObservation
     from testbed.control.policies import solve
     from testbed.control.problem import Device, Problem, Server
-    from testbed.runner import forecast
+    from testbed.live.loop import forecast
 
     devs = (Device("a", 0.01, 0.03, 0.9, 20.0), Device("b", 0.02, 0.06, 0.6, 8.0))
     problem = Problem(100_000.0, 48.0, 512.0, 8, 4, Server(0.3, 0.001, 0.004), devs)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import InventoryError
-from testbed.inventory import load_inventory
+from testbed.inputs.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((ROOT / "tests/data/bad_inventories").glob("*.yaml"))

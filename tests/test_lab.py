@@ -17,13 +17,13 @@ import threading
 import time
 
 import pytest
-
 from conftest import require_root, require_tools, wait_until
 from lab_helper import leftovers, write_inventory
-from testbed import cgroups, lab, shaping
-from testbed import profile_format as pf
-from testbed.linkprobe import Sink, send_from
-from testbed.remote import runner_for
+
+from testbed.lab import cgroups, emulated, shaping
+from testbed.lab.linkprobe import Sink, send_from
+from testbed.lab.remote import runner_for
+from testbed.live import datapath as dp
 
 MOUNTS_V1 = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
@@ -80,10 +80,10 @@ def test_names_fit_interface_limits_and_start_script_quotes(tmp_path):
                           cgroup="tbntest", ray_port=6395, data_port=47195,
                           devices=[("dev-a", 0.5, 10), ("a-very-long-name", 0.5, 10)])
     a, long = inv.devices
-    assert lab.netns_name(inv, a) == "tbn-dev-a" == lab.veth_host_name(inv, a)
-    name = lab.veth_host_name(inv, long)
+    assert emulated.netns_name(inv, a) == "tbn-dev-a" == emulated.veth_host_name(inv, a)
+    name = emulated.veth_host_name(inv, long)
     assert len(name) <= 15 and name.startswith("tbn-")
-    script = lab.sshd_start_script("/cg/x y/cgroup.procs", "tbn-dev-a",
+    script = emulated.sshd_start_script("/cg/x y/cgroup.procs", "tbn-dev-a",
                                    [["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"]],
                                    ["/usr/sbin/sshd", "-D", "-f", "/st ate/c.conf"])
     # The cgroup is joined first, then the namespace is entered; every value is quoted.
@@ -104,13 +104,13 @@ def inv(tmp_path_factory):
     inv = write_inventory(tmp_path_factory.mktemp("lab"), name="labtest", octet=9,
                           prefix="tbt-", bridge="tbt0", cgroup="tbtest", ray_port=6390,
                           data_port=47190, devices=DEVICES)
-    lab.clean(inv)               # a crashed earlier run of this test may have left it
+    emulated.clean(inv)               # a crashed earlier run of this test may have left it
     t0 = time.monotonic()
-    lab.up(inv)
+    emulated.up(inv)
     print(f"\nlab up ({len(inv.devices)} devices): {time.monotonic() - t0:.2f} s")
     yield inv
     t0 = time.monotonic()
-    lab.down(inv)
+    emulated.down(inv)
     print(f"\nlab down: {time.monotonic() - t0:.2f} s")
     assert leftovers(inv) == []
 
@@ -142,18 +142,18 @@ def test_every_device_answers_over_ssh_at_its_own_address(inv, runners):
 
 
 def test_commands_over_ssh_run_in_the_device_cgroup_under_its_quota(inv, runners):
-    probe = ("import json, time\nfrom testbed.cgroups import own_quota_cores\n"
+    probe = ("import json, time\nfrom testbed.lab.cgroups import own_quota_cores\n"
              "t0, c0 = time.monotonic(), time.process_time()\n"
              "while time.monotonic() - t0 < 1.0:\n    pass\n"
              "share = (time.process_time() - c0) / (time.monotonic() - t0)\n"
              "print(json.dumps([own_quota_cores(), share]))")
     for node in inv.devices:
-        stat = os.path.join(cgroups.group(inv.lab.cgroup, lab.netns_name(inv, node)).path,
+        stat = os.path.join(cgroups.group(inv.lab.cgroup, emulated.netns_name(inv, node)).path,
                             "cpu.stat")
         throttled_before = _cpu_stat(stat)["nr_throttled"]
         out = runners[node.name].run([node.python_bin, "-c", probe]).stdout
         (group, quota), share = json.loads(out.strip().splitlines()[-1])
-        assert group == f"/{inv.lab.cgroup}/{lab.netns_name(inv, node)}"
+        assert group == f"/{inv.lab.cgroup}/{emulated.netns_name(inv, node)}"
         assert quota == pytest.approx(node.cpu_quota)
         # The kernel held the loop back: its group was throttled, and the loop got no more
         # than its quota of one core (+15% for the accounting at period edges). It may get less
@@ -168,12 +168,12 @@ def _cpu_stat(path: str) -> dict[str, int]:
 
 
 def test_up_again_keeps_what_is_there(inv):
-    before = lab.load_state(inv)
-    lab.up(inv)
-    after = lab.load_state(inv)
+    before = emulated.load_state(inv)
+    emulated.up(inv)
+    after = emulated.load_state(inv)
     assert {n: d["sshd_pid"] for n, d in after.devices.items()} == \
         {n: d["sshd_pid"] for n, d in before.devices.items()}
-    st = lab.status(inv)
+    st = emulated.status(inv)
     assert st.ok and all(d.ssh_answers for d in st.devices)
     assert [d.cpu_quota for d in st.devices] == pytest.approx([q for _, q, _ in DEVICES])
 
@@ -199,7 +199,7 @@ def payload_bps(rate_bps: float) -> float:
     """The payload rate a shaped class of ``rate_bps`` carries for a bulk TCP flow: htb meters
     whole frames, so each full segment's TCP/IP/Ethernet headers take their part of the rate
     (measured here: 4.5-6% below the configured rate)."""
-    return rate_bps * pf.MSS_BYTES / pf.wire_bytes(pf.MSS_BYTES)
+    return rate_bps * dp.MSS_BYTES / dp.wire_bytes(dp.MSS_BYTES)
 
 
 def test_shaped_throughput_matches_the_configured_rate_and_follows_a_live_change(
@@ -257,9 +257,9 @@ def _small_lab(tmp_path, name: str):
     inv = write_inventory(tmp_path, name=name, octet=10, prefix="tbd-", bridge="tbd0",
                           cgroup="tbdtest", ray_port=6392, data_port=47192,
                           devices=[("dev-x", 0.3, 10.0)])
-    lab.clean(inv)
-    lab.up(inv)
-    assert lab.status(inv).ok
+    emulated.clean(inv)
+    emulated.up(inv)
+    assert emulated.status(inv).ok
     return inv
 
 
@@ -269,63 +269,63 @@ def test_down_removes_everything_and_is_safe_twice(tmp_path):
     with runner_for(node, inv) as r:
         shaping.apply(r, node.interface, 200_000, inv.server.host, inv.data_port)
     assert leftovers(inv) != []
-    removed = lab.down(inv)
+    removed = emulated.down(inv)
     assert "namespace tbd-dev-x" in removed and "bridge tbd0" in removed
     assert leftovers(inv) == []
-    assert not lab.state_path(inv).exists()
-    assert lab.down(inv) == []
+    assert not emulated.state_path(inv).exists()
+    assert emulated.down(inv) == []
     assert leftovers(inv) == []
 
 
 def test_down_after_a_crash_removes_the_rest(tmp_path):
     inv = _small_lab(tmp_path, "crashtest")
-    state = lab.load_state(inv)
+    state = emulated.load_state(inv)
     d = state.devices["dev-x"]
     os.kill(d["sshd_pid"], signal.SIGKILL)                      # sshd died
     subprocess.run(["ip", "netns", "del", d["netns"]], check=True)  # part of the lab is gone
-    assert wait_until(lambda: not lab.status(inv).ok)
-    lab.down(inv)
+    assert wait_until(lambda: not emulated.status(inv).ok)
+    emulated.down(inv)
     assert leftovers(inv) == []
-    assert lab.down(inv) == []
+    assert emulated.down(inv) == []
 
 
 def test_up_repairs_a_lab_whose_namespace_was_deleted(tmp_path):
     inv = _small_lab(tmp_path, "repair")
     node = inv.devices[0]
-    old = lab.load_state(inv).devices["dev-x"]["sshd_pid"]
+    old = emulated.load_state(inv).devices["dev-x"]["sshd_pid"]
     subprocess.run(["ip", "netns", "del", "tbd-dev-x"], check=True)
-    assert lab.procs.alive(old)            # still running, in the now nameless namespace
-    assert wait_until(lambda: not lab.status(inv).ok)
-    lab.up(inv)
-    new = lab.load_state(inv).devices["dev-x"]["sshd_pid"]
-    assert new != old and not lab.procs.alive(old)
+    assert emulated.procs.alive(old)            # still running, in the now nameless namespace
+    assert wait_until(lambda: not emulated.status(inv).ok)
+    emulated.up(inv)
+    new = emulated.load_state(inv).devices["dev-x"]["sshd_pid"]
+    assert new != old and not emulated.procs.alive(old)
     with runner_for(node, inv) as r:
         assert f" {node.host}/24 " in r.run(["ip", "-o", "-4", "addr", "show"]).stdout
-    lab.down(inv)
+    emulated.down(inv)
     assert leftovers(inv) == []
 
 
 def test_down_after_a_crash_in_the_middle_of_up(tmp_path):
     inv = _small_lab(tmp_path, "midup")
-    lab.down(inv)
+    emulated.down(inv)
     # A crash right after recording a namespace and making it, before anything else.
-    state = lab.LabState(inventory=inv.name, bridge="tbd0")
+    state = emulated.LabState(inventory=inv.name, bridge="tbd0")
     state.devices["dev-x"] = {"netns": "tbd-dev-x", "veth": "tbd-dev-x", "cgroup": None,
                               "host": "10.77.10.11", "ssh_port": 22, "sshd_pid": None}
-    lab.save_state(inv, state)
+    emulated.save_state(inv, state)
     subprocess.run(["ip", "netns", "add", "tbd-dev-x"], check=True)
     assert "namespace tbd-dev-x" in leftovers(inv)
-    lab.down(inv)
+    emulated.down(inv)
     assert leftovers(inv) == []
 
 
 def test_clean_recovers_when_the_state_file_is_lost(tmp_path):
     inv = _small_lab(tmp_path, "cleantest")
-    lab.state_path(inv).unlink()
+    emulated.state_path(inv).unlink()
     assert leftovers(inv) != []
     with pytest.raises(Exception, match="exists but"):
-        lab.up(inv)                       # refuses to adopt what it did not record
-    lab.clean(inv)
+        emulated.up(inv)                       # refuses to adopt what it did not record
+    emulated.clean(inv)
     assert leftovers(inv) == []
 
 

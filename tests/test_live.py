@@ -1,4 +1,4 @@
-"""LiveLab pieces that need no running lab: the gate between tc work and ``close``."""
+"""LiveSession pieces that need no running lab: the gate between tc work and ``close``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import RunError
-from testbed.inventory import load_inventory
-from testbed.live import LiveLab
+from testbed.inputs.inventory import load_inventory
+from testbed.live.session import LiveSession
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_close_waits_for_tc_work_in_flight_and_refuses_new_work():
     # The race this guards: Ctrl-C lands while shaping jobs are still being submitted; a job
     # that started after close() listed the shaped devices used to leave its qdisc behind.
-    lab = LiveLab(load_inventory(ROOT / "inventory" / "local.yaml"))
+    lab = LiveSession(load_inventory(ROOT / "inventory" / "local.yaml"))
     entered, release = threading.Event(), threading.Event()
 
     def in_flight():

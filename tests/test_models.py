@@ -6,12 +6,13 @@ import json
 import shutil
 
 import pytest
-
 from engine_helpers import patch_token_text, prepared
-from testbed import cli, models
+
+from testbed import cli
 from testbed.engine.native import Model
 from testbed.errors import ModelFileError
-from testbed.inventory import ModelRef
+from testbed.inputs import models
+from testbed.inputs.inventory import ModelRef
 
 
 @pytest.fixture(scope="module")

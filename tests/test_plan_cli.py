@@ -140,7 +140,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_profile_with_inventory_channel_is_planned(capsys, tmp_path):
     root = Path(__file__).resolve().parents[1]
     inventory = root / "inventory" / "local.yaml"
-    from testbed.inventory import load_inventory
+    from testbed.inputs.inventory import load_inventory
     channel = load_inventory(inventory).channel
 
     def dev(name, tau, rate, snr):

@@ -16,12 +16,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from sshd_helper import free_port, sshd_server  # noqa: F401 (fixture)
+
 from testbed import cli
-from testbed.inventory import Channel, Inventory, ModelRef, Node, SSHSpec
-from testbed.precheck import (FAIL, OK, SKIP, WARN, ModelTarget, NodeFacts, check_inventory,
-                              evaluate, local_versions)
+from testbed.channel import Channel
+from testbed.inputs.inventory import Inventory, ModelRef, Node, SSHSpec
+from testbed.lab.precheck import (FAIL, OK, SKIP, WARN, ModelTarget, NodeFacts, check_inventory,
+                                  evaluate, local_versions)
 
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -265,7 +266,7 @@ def test_local_versions_are_this_environment():
 
 def test_registry_name_resolves_through_models(tmp_path, monkeypatch):
     # An empty registry folder: the name is a built-in model that is not prepared here.
-    from testbed.precheck import model_target
+    from testbed.lab.precheck import model_target
     monkeypatch.setenv("TESTBED_MODELS", str(tmp_path / "models"))
     node = dataclasses.replace(rpi(), model=ModelRef(name="smollm2-135m-q8_0"))
     t = model_target(node)

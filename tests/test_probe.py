@@ -12,10 +12,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import require_root, require_tools, tc_line
 
-PROBE = Path(__file__).resolve().parents[1] / "testbed" / "probe.py"
+PROBE = Path(__file__).resolve().parents[1] / "testbed" / "lab" / "probe.py"
 
 
 def run_probe(python: str, *args: str, via_stdin: bool = False, prefix: list[str] = ()) -> dict:
@@ -24,7 +23,7 @@ def run_probe(python: str, *args: str, via_stdin: bool = False, prefix: list[str
         proc = subprocess.run(argv, input=PROBE.read_bytes(), capture_output=True, timeout=60,
                               cwd="/")
     else:
-        argv = [*prefix, python, "-m", "testbed.probe", *args]
+        argv = [*prefix, python, "-m", "testbed.lab.probe", *args]
         proc = subprocess.run(argv, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
     lines = proc.stdout.decode().strip().splitlines()
@@ -72,7 +71,7 @@ def test_probe_on_a_bare_python_reports_nulls_instead_of_crashing(tmp_path):
 
 def test_probe_sees_its_cpu_quota(tmp_path):
     require_root()
-    from testbed import cgroups
+    from testbed.lab import cgroups
 
     g = cgroups.group("testbed-probe-test", f"q{os.getpid()}")
     cgroups.create(g)

@@ -30,15 +30,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_root, require_tools
-from testbed import profile_format as pf
-from testbed import profiler
+
 from testbed.control.model import arrays, evaluate
 from testbed.control.problem import problem_from_profile
 from testbed.errors import ProblemError, ProfileError
-from testbed.inventory import Channel, load_inventory
-from testbed.profile_stats import AcceptanceTally, fit_line, mean_sd, wilson
+from testbed.channel import Channel
+from testbed.inputs.inventory import load_inventory
+from testbed.live import datapath as dp
+from testbed.profiling import format as pf
+from testbed.profiling import profiler
+from testbed.profiling.stats import AcceptanceTally, fit_line, mean_sd, wilson
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL = Channel(bandwidth_hz=100_000, payload="topk", max_draft_len=8, baseline_draft_len=4)
@@ -135,16 +137,16 @@ def test_grids_and_wire_bytes():
     assert profiler.draft_grids(8) == ([1, 2, 4, 6, 8], [3, 5, 7])
     assert profiler.draft_grids(4) == ([1, 2, 4], [3])
     assert profiler.draft_grids(2) == ([1, 2], [2])
-    assert pf.wire_bytes(100) == 166                       # one segment: +66 header bytes
-    assert pf.wire_bytes(1448) == 1514
-    assert pf.wire_bytes(1449) == 1449 + 2 * 66
-    assert pf.trailer_bytes("dev-a") == 16
+    assert dp.wire_bytes(100) == 166                       # one segment: +66 header bytes
+    assert dp.wire_bytes(1448) == 1514
+    assert dp.wire_bytes(1449) == 1449 + 2 * 66
+    assert dp.trailer_bytes("dev-a") == 16
 
 
 # -- summaries of measured rounds ------------------------------------------------------------
 
 def synthetic_rounds(n: int = 20, seed: int = 3) -> list[dict]:
-    """Rounds shaped like LiveLab.round's, for two devices with known parameters: dev-a drafts
+    """Rounds shaped like LiveSession.round's, for two devices with known parameters: dev-a drafts
     in 10 ms + 30 ms/token and accepts everything, dev-b in 5 ms + 60 ms/token and accepts the
     first token only; payloads of 4 + 6 L bytes; the server waits, verifies 150 ms + 0.5 ms/token,
     returns after 4 ms of downlink and 10 ms more."""
@@ -157,7 +159,7 @@ def synthetic_rounds(n: int = 20, seed: int = 3) -> list[dict]:
                                                                          min(1, length))):
             payload = 4 + 6 * length
             steps[name] = {"accept_s": 0.001, "draft_s": base + tau * length + rng.gauss(0, 1e-3),
-                           "upload_s": 8 * pf.wire_bytes(payload + 16) / 45_000,
+                           "upload_s": 8 * dp.wire_bytes(payload + 16) / 45_000,
                            "n_drafted": length, "wire_bytes": payload + 16 + 16}
             verdicts[name] = {"n_drafted": length, "n_accepted": acc}
         ready = max(s["accept_s"] + s["draft_s"] + s["upload_s"] for s in steps.values())
@@ -300,7 +302,7 @@ def test_workloads_from_files_and_experiments():
     shipped = profiler.workloads_from_files([])
     assert set(shipped) == {"chat", "code", "qa", "summarise"}
     assert all(w.sampling == {"temperature": 0.0} for w in shipped.values())
-    from testbed.experiment import load_experiment
+    from testbed.inputs.experiment import load_experiment
     exp = load_experiment(ROOT / "experiments/quickstart.yaml")
     wl = profiler.workloads_from_experiment(exp)
     assert set(wl) == set(exp.workloads) and wl["code"].prompts.task == "code"
@@ -311,6 +313,7 @@ def test_workloads_from_files_and_experiments():
 
 def test_progress_reporter_counts_every_stage_and_skips_after_a_failure():
     from rich.console import Console
+
     from testbed.commands.profile import ProgressReporter
     console = Console(file=io.StringIO(), width=100)
     tasks = [profiler.Task("server", "load", 1, 20.0), profiler.Task("dev-a", "link", 4, 1.5),
@@ -379,34 +382,35 @@ def lab_inv(tmp_path_factory):
     require_tools("ip", "tc", "sshd")
     from engine_helpers import prepared
     from lab_helper import leftovers
-    from testbed import cluster, lab
+
+    from testbed.lab import cluster, emulated
     prepared()
     inv = load_inventory(write_test_inventory(tmp_path_factory.mktemp("proflab")))
     assert {d.name: d.cpu_quota for d in inv.devices} == QUOTAS
     cluster.down(inv)
-    lab.clean(inv)
+    emulated.clean(inv)
     try:
-        lab.up(inv)
+        emulated.up(inv)
         cluster.up(inv)
         yield inv
     finally:
         cluster.down(inv)
-        lab.down(inv)
+        emulated.down(inv)
     assert leftovers(inv) == []
 
 
 def _tc_on_devices(inv) -> list[str]:
-    from testbed import lab
+    from testbed.lab import emulated
     out = []
     for d in inv.devices:
-        res = subprocess.run(["ip", "netns", "exec", lab.netns_name(inv, d), "tc", "qdisc",
+        res = subprocess.run(["ip", "netns", "exec", emulated.netns_name(inv, d), "tc", "qdisc",
                               "show", "dev", d.interface], capture_output=True, text=True)
         out += [f"{d.name}: {line}" for line in res.stdout.splitlines() if "htb" in line]
     return out
 
 
 def test_quick_profile_through_the_cli(lab_inv, tmp_path):
-    from testbed import cluster
+    from testbed.lab import cluster
     out = tmp_path / "profiles" / "quick.json"
     res = subprocess.run([sys.executable, "-m", "testbed.cli", "profile", str(lab_inv.path),
                           "--quick", "--out", str(out)], capture_output=True, text=True,
@@ -481,7 +485,7 @@ def test_a_killed_device_is_marked_failed_and_the_others_are_profiled(lab_inv, t
 
         def started(self, node, stage):
             if (node, stage) == ("dev-b", "link"):
-                self.pid = prof.lab.devices["dev-b"].info["pid"]
+                self.pid = prof.session.devices["dev-b"].info["pid"]
                 os.kill(self.pid, signal.SIGKILL)        # the agent process dies for real
 
     tiny = profiler.Budget(rounds_per_segment=2, min_segments=2, fidelity_rounds=2,
@@ -505,7 +509,7 @@ def test_a_killed_device_is_marked_failed_and_the_others_are_profiled(lab_inv, t
 
 
 def test_ctrl_c_leaves_no_file_and_keeps_the_old_one(lab_inv, tmp_path):
-    from testbed import cluster
+    from testbed.lab import cluster
     out = tmp_path / "p.json"
     out.write_text('{"old": true}\n')
     # Unbuffered: the line that says the profile is under way must reach us when it is printed,

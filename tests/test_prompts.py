@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import PromptsError
-from testbed.prompts import load_prompts, render_prompt
+from testbed.inputs.prompts import load_prompts, render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "experiments/prompts").glob("*.yaml"))

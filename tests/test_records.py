@@ -11,14 +11,14 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tools, tc_line
 from synthetic_runs import OVERHEAD_S, POLICIES, expected_goodput, make_events, verify_s
+
 from testbed.errors import RecordsError
-from testbed.records import (EVENTS, MANIFEST_SCHEMA, SUMMARY, EventWriter, atomic_write_json,
-                             atomic_write_text, create_run_dir, git_info, make_manifest,
-                             read_events, read_json, read_manifest, scan_events, summarize,
-                             versions, write_manifest, write_summary)
+from testbed.files import atomic_write_json, atomic_write_text
+from testbed.records.runs import (EVENTS, MANIFEST_SCHEMA, SUMMARY, EventWriter, create_run_dir,
+                                  git_info, make_manifest, read_events, read_json, read_manifest,
+                                  scan_events, summarize, versions, write_manifest, write_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +48,9 @@ def test_run_dir_names_and_clash(tmp_path: Path):
 def test_manifest_facts(tmp_path: Path):
     import hashlib
 
-    from testbed.agents import model_file
-    from testbed.inventory import load_inventory
-    from testbed.runner import manifest_models
+    from testbed.inputs.inventory import load_inventory
+    from testbed.live.agents import model_file
+    from testbed.live.loop import manifest_models
     inv = load_inventory(ROOT / "inventory/local.yaml")
     # What the runner writes: each node's model label, with the file its agent reported
     # loading (agents.model_file, hashed where the agent runs); dev-b's agent reported nothing.
@@ -245,7 +245,7 @@ def test_write_summary_from_folder(tmp_path: Path):
     assert s["truncated_last_line"] is True
     back = read_json(tmp_path / SUMMARY, "testbed.summary/1")
     assert back["policies"][0]["rounds"] == 5 and back == json.loads(json.dumps(s))
-    with pytest.raises(RecordsError, match='expected schema "testbed.manifest/1"'):
+    with pytest.raises(RecordsError, match='schema: expected "testbed.manifest/1"'):
         read_json(tmp_path / SUMMARY, MANIFEST_SCHEMA)
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from conftest import require_root
-from conftest import wait_until
+from conftest import require_root, wait_until
 from sshd_helper import free_port, pids_running, sshd_server  # noqa: F401 (fixture)
-from testbed import sshd as sshd_mod
+
 from testbed.errors import HostKeyError, RemoteError
-from testbed.inventory import Channel, Inventory, LabSpec, ModelRef, Node, SSHSpec
-from testbed.remote import LocalRunner, SSHRunner, runner_for
+from testbed.channel import Channel
+from testbed.inputs.inventory import Inventory, LabSpec, ModelRef, Node, SSHSpec
+from testbed.lab import sshd as sshd_mod
+from testbed.lab.remote import LocalRunner, SSHRunner, runner_for
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_merge_known_hosts_replaces_only_named_entries(tmp_path):
 
 
 def test_shell_session_runs_commands_in_one_shell(server):
-    from testbed.remote import ShellSession
+    from testbed.lab.remote import ShellSession
     ssh = SSHRunner("dev-1", **server.runner_args())
     shell = ShellSession(ssh)
     try:
@@ -269,7 +269,7 @@ def test_shell_session_runs_commands_in_one_shell(server):
 
 
 def test_shell_session_timeout_kills_and_the_next_command_reopens(server):
-    from testbed.remote import ShellSession
+    from testbed.lab.remote import ShellSession
     ssh = SSHRunner("dev-1", **server.runner_args())
     shell = ShellSession(ssh)
     try:

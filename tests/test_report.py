@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-
 from synthetic_runs import POLICIES, expected_goodput, write_run
+
 from testbed.cli import main
 from testbed.errors import RecordsError
-from testbed.report import (breakdown_table, comparison_table, goodput_series, load_run,
-                            write_plots)
+from testbed.records.report import (breakdown_table, comparison_table, goodput_series, load_run,
+                                    write_plots)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def test_goodput_series_marks_policy_time():
     # Time since the policy started measuring (after two warm-up rounds): end of round 0.
     assert het["t"][0] == pytest.approx(0.25) and het["t"][-1] == pytest.approx(10 * 0.25)
     assert het["predicted"] == [42.0] * 10
-    from testbed.report import _marks
+    from testbed.records.report import _marks
     snr = _marks(make_events(rounds=10), "event")
     assert [(m["device"], round(m["x"], 6)) for m in snr] == [("dev-a", 6 * 0.25)]  # after round 5
 
@@ -127,8 +127,8 @@ def test_bad_run_folders(tmp_path: Path, case: str):
     if case == "wrong_schema":
         (run_dir / "summary.json").write_text('{"schema": "other/1", "policies": []}')
     expect = {"missing": "no such run folder", "empty": "not a run folder",
-              "garbled_summary": "not valid JSON", "garbled_events": ":2: not a JSON event",
-              "wrong_schema": 'expected schema "testbed.summary/1"',
+              "garbled_summary": "invalid JSON", "garbled_events": ":2: not a JSON event",
+              "wrong_schema": 'schema: expected "testbed.summary/1"',
               "a_file": "not a run folder"}[case]
     with pytest.raises(RecordsError, match=expect):
         load_run(run_dir)
@@ -146,8 +146,9 @@ def test_pieces_fit_writer_view_summary_report(tmp_path: Path, capsys):
     """What the runner does: events through the writer (live view subscribed), then the
     summary, then the report, all from the same event dicts."""
     from synthetic_runs import make_events
-    from testbed.records import EventWriter, create_run_dir, write_summary
-    from testbed.view import LiveView, RunView
+
+    from testbed.records.runs import EventWriter, create_run_dir, write_summary
+    from testbed.records.view import LiveView, RunView
 
     run_id, run_dir = create_run_dir(tmp_path / "runs", "fit")
     console = Console(record=True, width=160, color_system=None, file=io.StringIO())
@@ -200,7 +201,7 @@ def _response_events() -> list[dict]:
 
 
 def test_event_responses_windows():
-    from testbed.report import event_responses
+    from testbed.records.report import event_responses
     het, fixed = event_responses(_response_events(), before_s=3.0)
     assert (het["policy"], het["kind"], het["device"]) == ("het", "snr_change", "dev-a")
     assert het["at_s"] == pytest.approx(5.0)                       # end of round 9
@@ -221,7 +222,7 @@ def test_event_responses_windows():
 
 
 def test_event_responses_prefer_the_replan_made_for_the_event():
-    from testbed.report import event_responses
+    from testbed.records.report import event_responses
     events = _response_events()
     i = next(k for k, e in enumerate(events) if e.get("type") == "event")
     events[i] = {**events[i], "kind": "workload_switch", "detail": {"workload": "code"}}
@@ -235,7 +236,7 @@ def test_event_responses_prefer_the_replan_made_for_the_event():
 
 
 def test_response_table_and_json(tmp_path: Path):
-    from testbed.report import RunData, report_json, response_table
+    from testbed.records.report import RunData, report_json, response_table
     run = RunData(path=tmp_path, run_id="r", summary={"policies": []},
                   events=_response_events(), manifest=None)
     text = _text(response_table(run))

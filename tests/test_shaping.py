@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from testbed import shaping
+from testbed.lab import shaping
 
 TC_SHOW = """\
 class htb 1:10 root prio 0 rate 1234Kbit ceil 1234Kbit burst 155b cburst 155b 
@@ -22,19 +20,6 @@ class htb 1:20 root prio 0 rate 10Gbit ceil 10Gbit burst 63750b cburst 63750b
  tokens: 15 ctokens: 15
 
 """
-
-
-def test_uplink_rate_is_shannon_rate_of_the_share():
-    # SNR 0 dB: log2(1 + 1) = 1 bit/s/Hz.
-    assert shaping.uplink_rate_bps(0.5, 100_000, 0.0) == pytest.approx(50_000)
-    # 20 dB = 100x: log2(101).
-    assert shaping.uplink_rate_bps(0.25, 100_000, 20.0) == pytest.approx(
-        25_000 * math.log2(101))
-    assert shaping.uplink_rate_bps(0.0, 100_000, 10.0) == 0.0
-    with pytest.raises(ValueError):
-        shaping.uplink_rate_bps(1.5, 100_000, 10.0)
-    with pytest.raises(ValueError):
-        shaping.uplink_rate_bps(0.5, 0, 10.0)
 
 
 def test_shape_commands_classify_only_the_data_path():

@@ -8,9 +8,9 @@ import io
 import re
 
 from rich.console import Console
-
 from synthetic_runs import POLICIES, make_events
-from testbed.view import BLOCKS, LiveView, RunView, sparkline
+
+from testbed.records.view import BLOCKS, LiveView, RunView, sparkline
 
 
 def _text(view: RunView, width: int = 160) -> str:

@@ -1,7 +1,7 @@
 """`testbed check INVENTORY [--trust-new-hosts]`: precheck every node, print a table of checks.
 
 Exit 0 only when every check passes, 1 when one fails, 2 for a bad inventory. The checks and
-their fixes live in ``testbed/precheck.py``; this module only shows them.
+their fixes live in ``testbed/lab/precheck.py``; this module only shows them.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def run(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..inventory import load_inventory
-    from ..precheck import check_inventory
+    from testbed.inputs.inventory import load_inventory
+    from testbed.lab.precheck import check_inventory
 
     inv = load_inventory(args.inventory)
     console = Console()

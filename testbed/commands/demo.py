@@ -2,7 +2,8 @@
 
 Models -> lab up -> Ray cluster up -> quick profile -> the quickstart experiment with the live
 view -> the report -> cluster and lab down. Everything it brought up is taken down again, also
-after a failure or Ctrl-C. Needs root (namespaces, tc, cgroups).
+after a failure or Ctrl-C (``lab.bringup``); a lab that was already up is left up. Needs root
+(namespaces, tc, cgroups).
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ def run(args) -> int:
     from rich.console import Console
     from rich.rule import Rule
 
-    from .. import cluster, lab, models
-    from ..errors import LabError
-    from ..experiment import load_experiment
-    from ..profiler import profile_inventory
-    from ..records import atomic_write_json
-    from ..report import breakdown_table, comparison_table, device_table, load_run, write_plots
-    from ..runner import run as run_experiment
-    from ..view import LiveView, RunView
+    from testbed.errors import LabError
+    from testbed.files import atomic_write_json
+    from testbed.inputs import models
+    from testbed.inputs.experiment import load_experiment
+    from testbed.lab.bringup import bring_up
+    from testbed.live.loop import run as run_experiment
+    from testbed.profiling.profiler import profile_inventory
+    from testbed.records.report import (breakdown_table, comparison_table, device_table, load_run,
+                                        write_plots)
+    from testbed.records.view import LiveView, RunView
 
     console = Console(log_path=False)
     if os.geteuid() != 0:
@@ -50,30 +53,24 @@ def run(args) -> int:
     t0 = time.monotonic()
     console.print(Rule("1/6 models"))
     models.prepare(progress=lambda step: console.log(str(step)))
-    console.print(Rule("2/6 emulated lab"))
+    console.print(Rule("2/6 emulated lab and its Ray cluster"))
     code = 1
-    try:
-        lab.up(inv, console.log)
-        console.print(Rule("3/6 Ray cluster"))
-        cluster.up(inv, console.log)
-        console.print(Rule("4/6 profile (--quick)"))
+    with bring_up(inv, console.log):
+        console.print(Rule("3/6 profile (--quick)"))
         profile = profile_inventory(inv, quick=True, progress=console.log, experiment=exp)
         atomic_write_json(args.profile_out, profile)
         console.log(f"profile written to {args.profile_out}")
-        console.print(Rule(f"5/6 experiment {exp.name}"))
+        console.print(Rule(f"4/6 experiment {exp.name}"))
         view = RunView(duration_s=exp.duration_s, rounds=exp.rounds)
         with LiveView(view, console, live=False if args.no_live else None) as live:
             run_dir, code = run_experiment(exp, profile, Path(args.out), listeners=[live],
                                            progress=console.log)
-        console.print(Rule("6/6 report"))
+        console.print(Rule("5/6 report"))
         data = load_run(run_dir)
         for table in (comparison_table([data]), breakdown_table([data]), device_table(data)):
             console.print(table)
         for png in write_plots(data, None):
             console.log(f"plot: {png}")
-    finally:
-        console.print(Rule("taking the lab down"))
-        cluster.down(inv, console.log)
-        lab.down(inv, console.log)
+        console.print(Rule("6/6 taking down what the demo brought up"))
     console.log(f"demo finished in {time.monotonic() - t0:.0f} s (exit code {code})")
     return code

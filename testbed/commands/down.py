@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import cluster
-    from ..inventory import load_inventory
+    from testbed.inputs.inventory import load_inventory
+    from testbed.lab import cluster
 
     console = Console(log_path=False)
     inv = load_inventory(args.inventory)

@@ -20,7 +20,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..experiment import load_experiment
+    from testbed.inputs.experiment import load_experiment
 
     exp = load_experiment(args.experiment)
     if args.json:

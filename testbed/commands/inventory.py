@@ -33,7 +33,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..inventory import load_inventory
+    from testbed.inputs.inventory import load_inventory
 
     inv = load_inventory(args.inventory)
     if args.json:

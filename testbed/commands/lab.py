@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import cluster, lab
-    from ..inventory import load_inventory
+    from testbed.inputs.inventory import load_inventory
+    from testbed.lab import cluster, emulated
 
     console = Console(log_path=False)
     inv = load_inventory(args.inventory)
@@ -41,18 +41,18 @@ def run(args) -> int:
             console.log(msg)
 
         if args.action == "up":
-            lab.up(inv, progress)
+            emulated.up(inv, progress)
         elif args.action in ("down", "clean"):
             # Always: finds this lab's Ray processes by namespace and temp dir even when the
             # cluster's state file is gone, and the head (root namespace) is not in any group.
             cluster.down(inv, progress)
-            removed = (lab.down if args.action == "down" else lab.clean)(inv, progress)
+            removed = (emulated.down if args.action == "down" else emulated.clean)(inv, progress)
     took = time.monotonic() - t0
     if args.action in ("down", "clean"):
         what = ", ".join(removed) if removed else "nothing (no lab recorded)"
         console.print(f"[green]lab {args.action}[/] in {took:.1f} s; removed: {what}")
         return 0
-    st = lab.status(inv)
+    st = emulated.status(inv)
     show_status(console, inv, st)
     if args.action == "up":
         console.print(f"[green]lab up[/] in {took:.1f} s")

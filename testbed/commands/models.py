@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import models
+    from testbed.inputs import models
 
     console = Console()
     if args.action == "prepare":

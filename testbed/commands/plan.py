@@ -16,7 +16,7 @@ _MAX_ROWS = 64      # devices shown per table; --json has them all
 
 
 def add_parser(sub) -> None:
-    from ..control.problem import POLICY_NAMES as POLICIES     # no numpy: --help stays fast
+    from testbed.control.problem import POLICY_NAMES as POLICIES  # no numpy: --help stays fast
 
     p = sub.add_parser("plan", help="plan draft lengths and band shares for a problem",
                        description="Solve the draft-length and bandwidth problem of FILE with "
@@ -35,16 +35,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..control.policies import BASELINE, POLICIES, solve
-    from ..control.model import arrays
-    from ..control.problem import load_problem, plan_to_dict
+    from testbed.control.model import arrays
+    from testbed.control.policies import BASELINE, POLICIES, solve
+    from testbed.control.problem import load_problem, plan_to_dict
 
     channel = None
     if args.inventory:
-        from ..inventory import load_inventory
+        from testbed.inputs.inventory import load_inventory
         channel = load_inventory(args.inventory).channel
     elif args.experiment:
-        from ..experiment import load_experiment
+        from testbed.inputs.experiment import load_experiment
         channel = load_experiment(args.experiment).channel
     problem = load_problem(args.file, channel)
     policies = list(dict.fromkeys(args.policy or POLICIES))

@@ -6,7 +6,7 @@ bar per node and stage and an overall bar with the time left, then a table of th
 the fidelity figure. The profile is written atomically once complete: an interrupted or failed
 profile leaves no file (and does not touch an older one). Exit code 0; 3 when some devices
 failed (they are in the profile, marked failed with the stage); 2 bad input; 1 failure.
-The measurement itself is ``testbed.profiler``.
+The measurement itself is ``testbed.profiling.profiler``.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import cluster, lab, profiler
-    from ..errors import InputError
-    from ..experiment import load_experiment
-    from ..inventory import load_inventory
+    from testbed.errors import InputError
+    from testbed.inputs.experiment import load_experiment
+    from testbed.inputs.inventory import load_inventory
+    from testbed.lab.bringup import bring_up
+    from testbed.profiling import profiler
 
     console = Console(log_path=False)
     inv = load_inventory(args.inventory)
@@ -66,33 +67,14 @@ def run(args) -> int:
         raise InputError("is a folder, expected a file name", source=str(out), field="--out")
 
     t0 = time.monotonic()
-    brought: list[str] = []
-    try:
-        with console.status("") as spinner:
-            def say(msg: str) -> None:
-                spinner.update(msg)
-                console.log(msg)
-            if inv.kind == "emulated" and not lab.status(inv).ok:
-                say("the emulated lab is not up: bringing it up")
-                brought.append("lab")
-                lab.up(inv, say)
-            if not cluster.is_up(inv):
-                say("the Ray cluster is not up: starting it")
-                brought.append("cluster")
-                cluster.up(inv, say)
+    with bring_up(inv, console.log) as lab_up:
         t_up = time.monotonic() - t0
         budget = profiler.QUICK if args.quick else profiler.FULL
         with ProgressReporter(console) as rep:
             prof = profiler.Profiler(inv, workloads, channel=channel, budget=budget,
                                      quick=args.quick, seed=args.seed, reporter=rep).run()
         profiler.write_profile(out, prof)
-    finally:
-        if "cluster" in brought:
-            console.log("stopping the Ray cluster this command started")
-            cluster.down(inv)
-        if "lab" in brought:
-            console.log("taking down the emulated lab this command built")
-            lab.down(inv)
+    brought = lab_up.brought
     show(console, prof)
     total = time.monotonic() - t0
     console.print(f"[green]profile written[/] to {out}: profiled in {prof['duration_s']:.0f} s"

@@ -31,8 +31,8 @@ def run(args) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..report import (breakdown_table, comparison_table, device_table, load_run,
-                          report_json, response_table, write_plots)
+    from testbed.records.report import (breakdown_table, comparison_table, device_table, load_run,
+                                        report_json, response_table, write_plots)
 
     runs = [load_run(r) for r in args.runs]
     plots: dict[str, list[str]] = {}

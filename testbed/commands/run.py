@@ -7,7 +7,6 @@ records finalised; a second Ctrl-C forces the exit); 2 bad input.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -33,28 +32,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_profile(path: str | Path) -> dict:
-    """Read a profile file (schema testbed.profile/*); ProfileError on anything else."""
-    from ..errors import ProfileError
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ProfileError("file not found", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"cannot read: {exc}", source=str(path)) from None
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"invalid JSON: {exc.msg}", source=str(path), line=exc.lineno) from None
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("testbed.profile/"):
-        raise ProfileError('expected a profile (schema "testbed.profile/1")', source=str(path),
-                           field="schema")
-    return data
-
-
 def _experiment_and_profile(args):
-    from ..errors import InputError
-    from ..experiment import load_experiment
+    from testbed.errors import InputError
+    from testbed.inputs.experiment import load_experiment
+    from testbed.profiling.format import load_profile
     if args.replay:
-        from ..records import read_manifest
+        from testbed.records.runs import read_manifest
         manifest = read_manifest(args.replay)
         exp = load_experiment(manifest["experiment_path"])
         if exp.digest and manifest.get("experiment", {}).get("digest") not in (None, exp.digest):
@@ -74,25 +57,17 @@ def _experiment_and_profile(args):
 def run(args) -> int:
     from rich.console import Console
 
-    from .. import cluster, lab
-    from ..runner import EXIT_INTERRUPTED, run as run_experiment
-    from ..view import LiveView, RunView
+    from testbed.lab.bringup import bring_up
+    from testbed.live.loop import EXIT_INTERRUPTED
+    from testbed.live.loop import run as run_experiment
+    from testbed.records.view import LiveView, RunView
 
     console = Console(log_path=False)
     exp, profile = _experiment_and_profile(args)
     inv = exp.inventory
-    brought_up = []
-    if inv.kind == "emulated" and not lab.status(inv).ok:
-        console.log("bringing the emulated lab up")
-        lab.up(inv, console.log)
-        brought_up.append("lab")
-    if not cluster.is_up(inv):
-        console.log("starting the Ray cluster")
-        cluster.up(inv, console.log)
-        brought_up.append("cluster")
-    try:
+    with bring_up(inv, console.log):
         if profile is None:
-            from ..profiler import profile_inventory
+            from testbed.profiling.profiler import profile_inventory
             console.log("profiling the lab first (--quick)")
             profile = profile_inventory(inv, quick=True, progress=console.log, experiment=exp)
         view = RunView(duration_s=exp.duration_s, rounds=exp.rounds)
@@ -112,10 +87,5 @@ def run(args) -> int:
                                                argv=sys.argv, progress=console.log)
         finally:
             signal.signal(signal.SIGINT, old)
-    finally:
-        if "cluster" in brought_up:
-            cluster.down(inv, console.log)
-        if "lab" in brought_up:
-            lab.down(inv, console.log)
     console.print(f"run folder: {run_dir}  (testbed report {run_dir})")
     return code

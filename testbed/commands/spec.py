@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from ..errors import InputError
+from testbed.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -56,12 +56,12 @@ def _check(args) -> None:
 
 def run(args) -> int:
     _check(args)
-    from .. import models
-    from ..engine.draft import DraftWorker
-    from ..engine.sampling import SamplingParams
-    from ..engine.spec import speculate
-    from ..engine.verify import Verifier
-    from ..prompts import render_prompt
+    from testbed.engine.draft import DraftWorker
+    from testbed.engine.sampling import SamplingParams
+    from testbed.engine.spec import speculate
+    from testbed.engine.verify import Verifier
+    from testbed.inputs import models
+    from testbed.inputs.prompts import render_prompt
 
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)

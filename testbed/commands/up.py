@@ -24,8 +24,9 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .. import cluster, lab
-    from ..inventory import load_inventory
+    from testbed.inputs.inventory import load_inventory
+    from testbed.lab import cluster
+    from testbed.lab.bringup import bring_up
 
     console = Console(log_path=False)
     inv = load_inventory(args.inventory)
@@ -35,10 +36,8 @@ def run(args) -> int:
             spinner.update(f"up: {msg}")
             console.log(msg)
 
-        if inv.kind == "emulated" and not lab.status(inv).ok:
-            progress("the emulated lab is not up: bringing it up")
-            lab.up(inv, progress)
-        state = cluster.up(inv, progress)
+        with bring_up(inv, progress, keep=True, cluster=False):
+            state = cluster.up(inv, progress)
     table = Table(title=f"Ray cluster {state['address']} ({time.monotonic() - t0:.1f} s)")
     for col in ("node", "address", "pinning resource", "python", "ray"):
         table.add_column(col, no_wrap=True)

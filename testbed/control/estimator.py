@@ -2,8 +2,7 @@
 
 Every round each drafting device reports how many tokens it drafted and how many the verifier
 accepted, how long drafting took, and how many bits its upload carried in how many seconds on
-its band share; the server reports how long a batch of n tokens took to verify. The
-``Estimator`` folds these into exponentially weighted estimates, ``ewma`` being the weight of
+its band share. The ``Estimator`` folds these into exponentially weighted estimates, ``ewma`` being the weight of
 the newest round (the experiment's ``replan.ewma``):
 
 - acceptance, pooled and per draft position. Under the contract's i.i.d. model a round with L
@@ -13,11 +12,10 @@ the newest round (the experiment's ``replan.ewma``):
   rounds that reached i;
 - drafting time t0 + tau*L, by exponentially weighted least squares over (L, seconds);
 - the full-band rate R = bits / (seconds * share), with bits in the problem's own unit (what
-  the shaper meters: ``profile_format.metered_bits``; payload bytes alone made R 1.8x too
-  low for short drafts, seen 2026-11-30), as an EWMA of per-round values started at
-  the prior's rate (with its own weight ``rate_ewma`` when given: upload times are far less
-  noisy than acceptance), and from it the SNR the model uses (R = B log2(1 + SNR));
-- the server's v0 + v1*n, by the same weighted least squares.
+  the shaper meters: ``live.datapath.metered_bits``; docs/controller.md says why), as an
+  EWMA of per-round values started at the prior's rate (with its own weight ``rate_ewma``
+  when given: upload times are far less noisy than acceptance), and from it the SNR the model
+  uses (R = B log2(1 + SNR)).
 
 The problem's values are the prior. For acceptance and the time fits they count as
 ``prior_weight`` observations that never decay (1 % of one round by default, against about
@@ -32,7 +30,10 @@ acceptance for the new workload). Deterministic, no I/O; observations are plain 
 script them.
 
 Limits: acceptance by position is reported, but the model (and so the planner) uses the pooled
-value; downlink time is not estimated.
+value. The server's verification cost and the downlink are not estimated: the problem's (the
+profile's fit over a grid of batch sizes) are kept, because every round of one plan has the
+same batch size, which cannot separate the base cost from the per-token cost
+(docs/controller.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from .problem import Device, Problem, Server
+from testbed.control.problem import Device, Problem
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,6 @@ class RoundObservation:
     upload_bits: float | None = None  # bits on the wire, in the problem's unit (metered_bits)
     upload_s: float | None = None   # seconds the upload took
     share: float | None = None      # band share in force during the upload
-
-
-@dataclass(frozen=True)
-class ServerObservation:
-    """One verification: a batch of ``batch_tokens`` tokens took ``verify_s`` seconds."""
-
-    batch_tokens: int
-    verify_s: float
 
 
 @dataclass(frozen=True)
@@ -174,7 +167,7 @@ def _ratio(cell, prior: float, pw: float) -> float:
 
 
 class Estimator:
-    """EWMA estimates of every device's parameters and the server's, seeded by a problem."""
+    """EWMA estimates of every device's parameters, seeded by a problem."""
 
     def __init__(self, problem: Problem, ewma: float = 0.2, prior_weight: float = 0.01,
                  rate_ewma: float | None = None):
@@ -189,10 +182,6 @@ class Estimator:
         self.decay = 1.0 - ewma
         self.devices = {d.name: _DeviceState(d, problem.bandwidth_hz, problem.max_draft_len,
                                              prior_weight) for d in problem.devices}
-        s = problem.server
-        n_lo = float(len(problem.devices))
-        self.server = _LineFit(s.verify_base_s, s.verify_per_token_s,
-                               (n_lo, n_lo * (problem.max_draft_len + 1)), prior_weight)
 
     def observe(self, obs: RoundObservation) -> None:
         try:
@@ -200,11 +189,6 @@ class Estimator:
         except KeyError:
             raise ValueError(f"unknown device {obs.device!r}") from None
         state.observe(obs, self.decay, self.rate_decay)
-
-    def observe_server(self, obs: ServerObservation) -> None:
-        if obs.batch_tokens <= 0 or obs.verify_s < 0:
-            raise ValueError(f"impossible verification: {obs}")
-        self.server.add(float(obs.batch_tokens), float(obs.verify_s), self.decay)
 
     def estimate(self, name: str) -> DeviceEstimate:
         return self.devices[name].estimate()
@@ -231,7 +215,4 @@ class Estimator:
             devices.append(Device(name=name, draft_base_s=e.draft_base_s,
                                   draft_per_token_s=e.draft_per_token_s,
                                   acceptance=e.acceptance, snr_db=e.snr_db))
-        v0, v1 = self.server.fit()
-        server = Server(verify_base_s=v0, verify_per_token_s=v1,
-                        downlink_s=self.base.server.downlink_s)
-        return dataclasses.replace(self.base, server=server, devices=tuple(devices))
+        return dataclasses.replace(self.base, devices=tuple(devices))

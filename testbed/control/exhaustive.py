@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from .model import Arrays
+from testbed.control.model import Arrays
 
 MAX_VECTORS = 2_000_000
 

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import Arrays, arrival_time, goodput_of_lengths
+from testbed.control.model import Arrays, arrival_time, goodput_of_lengths
 
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 _REL = 1e-12                # an improvement smaller than this (relative) is not one

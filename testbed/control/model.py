@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .problem import DevicePlan, Plan, Problem
+from testbed.control.problem import DevicePlan, Plan, Problem
 
 _LN2 = math.log(2.0)
 
@@ -35,6 +35,17 @@ _LN2 = math.log(2.0)
 def spectral_efficiency(snr_db) -> np.ndarray:
     """log2(1 + SNR) in bit/s/Hz, accurate also for very low SNR."""
     return np.log1p(np.power(10.0, np.asarray(snr_db, dtype=float) / 10.0)) / _LN2
+
+
+def uplink_rate_bps(share: float, bandwidth_hz: float, snr_db: float) -> float:
+    """Shannon rate of a share of the band, in bit/s: share * B * log2(1 + 10^(snr_db / 10))
+    (``spectral_efficiency``). The one definition: the controller plans with it and the live
+    session shapes each device's ``tc`` class with it."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    if bandwidth_hz <= 0:
+        raise ValueError(f"bandwidth_hz must be positive, got {bandwidth_hz}")
+    return share * bandwidth_hz * float(spectral_efficiency(snr_db))
 
 
 def expected_tokens(alpha, draft_len):

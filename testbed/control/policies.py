@@ -20,11 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
-from .hetero import solve_heterogeneous
-from .model import (Arrays, arrays, arrival_time, expected_tokens, make_plan, optimal_shares,
-                    spectral_efficiency)
-from .problem import POLICY_NAMES, Plan, Problem
+from testbed.control.hetero import solve_heterogeneous
+from testbed.control.model import (Arrays, arrays, arrival_time, expected_tokens, make_plan,
+                                   optimal_shares, spectral_efficiency)
+from testbed.control.problem import POLICY_NAMES, Plan, Problem
+from testbed.errors import InputError
 
 
 def _heterogeneous(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ time and goodput.
 Main types: ``Problem``, ``Device``, ``Server``, ``Plan``, ``DevicePlan``. Entry points:
 ``load_problem(path)``, ``problem_from_dict(data, source)``, ``problem_to_dict(problem)``,
 ``plan_to_dict(plan)`` and ``problem_from_profile(profile, channel)`` (a profiler's profile
-plus channel settings; format in testbed/profiler.py). Every validation failure raises
+plus channel settings; format in docs/profiles.md). Every validation failure raises
 ``ProblemError`` naming the file, the line (when the file is JSON text) and the field path, e.g.
 ``p.json:9: devices[1].acceptance: must be at most 1, got 1.2``.
 
@@ -19,14 +19,15 @@ draft token must be positive (an upload of a draft always costs band).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProblemError
-from ..yamlio import Section
+from testbed.channel import MAX_DRAFT_LEN
+from testbed.errors import ProblemError
+from testbed.files import read_json
+from testbed.yamlio import Section
 
 SCHEMA = "testbed.problem/1"
 # The policy names of the CLI contract (goodput-model.md, "Policies"); solvers: policies.py.
@@ -34,7 +35,6 @@ POLICY_NAMES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fi
                 "agnostic-tuned", "server-only")
 PROFILE_SCHEMA_PREFIX = "testbed.profile/"
 MAX_DEVICES = 1_000_000
-MAX_DRAFT_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def load_problem(path: str | Path, channel: Any = None) -> Problem:
     come from an inventory's or experiment's channel. Without one it is refused with a pointer
     to the fix; a problem file carries its own channel, so one given with it is refused too.
     """
-    data, lines = read_json_located(path)
+    data, lines = read_json(path, ProblemError, located=True)
     schema = data.get("schema")
     if isinstance(schema, str) and schema.startswith(PROFILE_SCHEMA_PREFIX):
         if channel is None:
@@ -284,103 +284,3 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
                       baseline_draft_len=int(channel.baseline_draft_len), server=server,
                       devices=tuple(devices))
     return problem_from_dict(problem_to_dict(problem), source)
-
-
-# -- JSON with line numbers -------------------------------------------------------------------
-
-def read_json_located(path: str | Path) -> tuple[dict, dict[str, int]]:
-    """Parse a JSON file; return the data and a map from field path to line number.
-
-    Syntax errors name their line; duplicate keys are errors (plain ``json`` keeps the last).
-    """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProblemError("file not found", source=source) from None
-    except IsADirectoryError:
-        raise ProblemError("is a directory, expected a JSON file", source=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProblemError(f"cannot read: {exc}", source=source) from None
-    if not text.strip():
-        raise ProblemError("file is empty", source=source)
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise ProblemError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=source,
-                           line=exc.lineno) from None
-    except ValueError as exc:  # NaN / Infinity
-        raise ProblemError(f"invalid JSON: {exc}", source=source) from None
-    if not isinstance(data, dict):
-        raise ProblemError("expected a JSON object at the top", source=source, line=1)
-    lines: dict[str, int] = {}
-    _Locator(text, source, lines).value("")
-    return data, lines
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-class _Locator:
-    """Walks JSON text that ``json`` already accepted, recording the line of every field path."""
-
-    _WS = " \t\r\n"
-
-    def __init__(self, text: str, source: str, lines: dict[str, int]):
-        self.text, self.i, self.source, self.lines = text, 0, source, lines
-        self.decoder = json.JSONDecoder()
-        self._at, self._line_at = 0, 1          # newlines counted up to _at (positions only grow)
-
-    def _skip(self) -> None:
-        while self.i < len(self.text) and self.text[self.i] in self._WS:
-            self.i += 1
-
-    def _line(self) -> int:
-        self._line_at += self.text.count("\n", self._at, self.i)
-        self._at = self.i
-        return self._line_at
-
-    def value(self, path: str) -> None:
-        self._skip()
-        self.lines[path] = self._line()
-        ch = self.text[self.i]
-        if ch == "{":
-            self.i += 1
-            seen: set[str] = set()
-            self._skip()
-            if self.text[self.i] == "}":
-                self.i += 1
-                return
-            while True:
-                self._skip()
-                line = self._line()
-                key, self.i = self.decoder.raw_decode(self.text, self.i)
-                child = f"{path}.{key}" if path else key
-                if key in seen:
-                    raise ProblemError(f"duplicate key '{key}'", source=self.source, line=line,
-                                       field=child)
-                seen.add(key)
-                self._skip()
-                self.i += 1  # ':'
-                self.value(child)
-                self._skip()
-                ch, self.i = self.text[self.i], self.i + 1
-                if ch == "}":
-                    return
-        elif ch == "[":
-            self.i += 1
-            self._skip()
-            if self.text[self.i] == "]":
-                self.i += 1
-                return
-            n = 0
-            while True:
-                self.value(f"{path}[{n}]")
-                n += 1
-                self._skip()
-                ch, self.i = self.text[self.i], self.i + 1
-                if ch == "]":
-                    return
-        else:
-            _, self.i = self.decoder.raw_decode(self.text, self.i)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model import arrays, evaluate
-from .policies import solve
-from .problem import Plan, Problem
+from testbed.control.model import arrays, evaluate
+from testbed.control.policies import solve
+from testbed.control.problem import Plan, Problem
 
 
 @dataclass(frozen=True)

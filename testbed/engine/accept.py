@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .sampling import Dist, sample
+from testbed.engine.sampling import Dist, sample
 
 
 def accept_greedy(draft: Sequence[int], argmax_at: Callable[[int], int]) -> tuple[int, int]:

@@ -29,10 +29,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import EngineError, InputError
-from . import payload as pl
-from .native import Batch, Context, Model
-from .sampling import Dist, SamplingParams, dist_from_logits, draft_rng, greedy, sample
+from testbed.channel import MAX_DRAFT_LEN, MAX_TOP_K
+from testbed.engine import payload as pl
+from testbed.engine.native import Batch, Context, Model
+from testbed.engine.sampling import (Dist, SamplingParams, dist_from_logits, draft_rng, greedy,
+                                     sample)
+from testbed.errors import EngineError, InputError
 
 
 @dataclass
@@ -58,8 +60,8 @@ class DraftWorker:
                  clock: Callable[[], float] = time.perf_counter):
         if payload not in pl.MODES:
             raise InputError(f"must be one of {', '.join(pl.MODES)}, got {payload!r}", field="payload")
-        if not 1 <= payload_k <= 255:
-            raise InputError(f"must be in 1..255, got {payload_k}", field="payload_k")
+        if not 1 <= payload_k <= MAX_TOP_K:
+            raise InputError(f"must be in 1..{MAX_TOP_K}, got {payload_k}", field="payload_k")
         self.sampling = sampling or SamplingParams()
         self.mode = payload
         self.payload_k = payload_k
@@ -121,8 +123,8 @@ class DraftWorker:
     def draft(self, n_tokens: int) -> Draft:
         """Draft up to ``n_tokens`` tokens (fewer if an end-of-generation token is drafted)."""
         t0 = self.clock()
-        if n_tokens < 0 or n_tokens > 255:
-            raise InputError(f"must be in 0..255, got {n_tokens}", field="draft_len")
+        if n_tokens < 0 or n_tokens > MAX_DRAFT_LEN:
+            raise InputError(f"must be in 0..{MAX_DRAFT_LEN}, got {n_tokens}", field="draft_len")
         if self._drafted:                  # the previous draft was never accepted: drop it
             self._drafted = []
             self._trim_to(self.tokens)

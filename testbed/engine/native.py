@@ -22,17 +22,16 @@ Limits: CPU only (no GPU offload is requested); one token belongs to exactly one
 from __future__ import annotations
 
 import collections
-import logging
 import ctypes
+import logging
 import os
 import threading
 from pathlib import Path
 
+import llama_cpp as C
 import numpy as np
 
-import llama_cpp as C
-
-from ..errors import EngineError, ModelFileError
+from testbed.errors import EngineError, ModelFileError
 
 _LOG_KEEP = 20
 _log_lines: collections.deque[str] = collections.deque(maxlen=_LOG_KEEP)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EngineError
-from .sampling import Dist
+from testbed.engine.sampling import Dist
+from testbed.errors import EngineError
 
 VERSION = 1
 MODES = ("ids", "topk")

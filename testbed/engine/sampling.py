@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from testbed.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ from typing import Callable
 
 import numpy as np
 
-from .draft import DraftWorker
-from .metrics import AcceptanceStats
-from .native import Batch, Context, Model, prefill
-from .sampling import SamplingParams, dist_from_logits, greedy, sample
-from .verify import Verifier
+from testbed.engine.draft import DraftWorker
+from testbed.engine.metrics import AcceptanceStats
+from testbed.engine.native import Batch, Context, Model, prefill
+from testbed.engine.sampling import SamplingParams, dist_from_logits, greedy, sample
+from testbed.engine.verify import Verifier
 
 
 @dataclass

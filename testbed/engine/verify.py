@@ -38,11 +38,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import EngineError, InputError
-from . import payload as pl
-from .accept import accept_greedy, accept_sampling
-from .native import Batch, Context, Model
-from .sampling import Dist, SamplingParams, dist_from_logits, greedy, verify_rng
+from testbed.engine import payload as pl
+from testbed.engine.accept import accept_greedy, accept_sampling
+from testbed.engine.native import Batch, Context, Model
+from testbed.engine.sampling import Dist, SamplingParams, dist_from_logits, greedy, verify_rng
+from testbed.errors import EngineError, InputError
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from .errors import RecordsError
-from .records import (BASELINES, EVENTS, MANIFEST, MANIFEST_SCHEMA, SUMMARY, SUMMARY_SCHEMA,
-                      atomic_write_bytes, read_json, round_tokens, scan_events, summarize)
+from testbed.errors import RecordsError
+from testbed.files import atomic_write_bytes
+from testbed.records.runs import (BASELINES, EVENTS, MANIFEST, MANIFEST_SCHEMA, SUMMARY,
+                                  SUMMARY_SCHEMA, read_json, round_tokens, scan_events, summarize)
 
 
 @dataclass

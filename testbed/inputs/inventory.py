@@ -24,8 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InventoryError
-from .yamlio import Section, load_yaml
+from testbed.channel import Channel, parse_channel
+from testbed.errors import InventoryError
+from testbed.yamlio import Section, load_yaml
 
 SCHEMA = "testbed.inventory/1"
 
@@ -91,19 +92,6 @@ class Node:
     @property
     def ray_bin(self) -> str:
         return f"{self.venv}/bin/ray"
-
-
-@dataclass(frozen=True)
-class Channel:
-    """The shared uplink band and the payload format of drafts."""
-
-    bandwidth_hz: float
-    header_bits: int = 512
-    payload: str = "ids"           # "ids" (greedy: token ids) | "topk" (sampling: top-k dists)
-    top_k: int = 8
-    max_draft_len: int = 8
-    baseline_draft_len: int = 4
-    bits_per_draft_token: int | None = None  # None: measured by the profiler
 
 
 @dataclass(frozen=True)
@@ -316,19 +304,7 @@ def load_inventory(path: str | Path) -> Inventory:
     kind = root.str("kind", choices=("emulated", "real"))
     ncpu = os.cpu_count() or 1
 
-    ch = root.section("channel")
-    payload = ch.str("payload", "ids", choices=("ids", "topk"))
-    max_len = ch.integer("max_draft_len", 8, min=1, max=64)
-    channel = Channel(
-        bandwidth_hz=ch.number("bandwidth_hz", min=0, min_exclusive=True),
-        header_bits=ch.integer("header_bits", 512, min=0),
-        payload=payload,
-        top_k=ch.integer("top_k", 8, min=1, max=256),
-        max_draft_len=max_len,
-        baseline_draft_len=ch.integer("baseline_draft_len", min(4, max_len), min=1, max=max_len),
-        bits_per_draft_token=ch.integer("bits_per_draft_token", None, min=1),
-    )
-    ch.done()
+    channel = parse_channel(root.section("channel"))
 
     ports = root.section("ports", None)
     ray_port, data_port = 6379, 47100

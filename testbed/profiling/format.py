@@ -12,7 +12,7 @@ the profile, with pure functions over plain data so that they are tested on synt
 - ``node_facts``: a node's probe at the start and end of profiling, condensed;
 - ``write_profile`` (atomic) and ``load_profile`` (``ProfileError`` naming file and field).
 
-A *round* here is what ``LiveLab.round`` returns plus ``lengths``, ``workloads`` and
+A *round* here is what ``LiveSession.round`` returns plus ``lengths``, ``workloads`` and
 ``rates_bps`` per device (the profiler adds them). Wire bits of an upload = its data-path frame
 (``wire_bytes`` of the device's step minus the trailer frame) plus one TCP/IP/Ethernet header
 per segment (``FRAME_OVERHEAD_BYTES``): what the shaper meters. The format is described in
@@ -23,41 +23,20 @@ Limits: the header overhead assumes IPv4, TCP with timestamps and Ethernet frami
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Sequence
 
-from . import records
-from .errors import ProfileError
-from .profile_stats import AcceptanceTally, fit_line, mean_sd
+from testbed import files
+from testbed.errors import ProfileError
+from testbed.live.datapath import FRAME_OVERHEAD_BYTES, MSS_BYTES, metered_bits
+from testbed.profiling.stats import AcceptanceTally, fit_line, mean_sd
 
 SCHEMA = "testbed.profile/1"
-FRAME_OVERHEAD_BYTES = 66       # per TCP segment on the wire: Ethernet 14 + IPv4 20 + TCP 32
-MSS_BYTES = 1448                # TCP payload per segment on a 1500-byte MTU with timestamps
 REQUIRED = ("schema", "inventory", "channel", "payload", "devices", "server")
 
 
 class SummaryError(ValueError):
     """Too little was measured to summarise."""
-
-
-def wire_bytes(app_bytes: int, mss: int = MSS_BYTES) -> int:
-    """Bytes on the wire for ``app_bytes`` sent in one go over TCP (headers per segment)."""
-    return app_bytes + max(1, math.ceil(app_bytes / mss)) * FRAME_OVERHEAD_BYTES
-
-
-def trailer_bytes(name: str) -> int:
-    """The data path's END frame of device ``name`` (counted in a step's ``wire_bytes``)."""
-    from .datapath import END, frame
-    return len(frame(END, 0, name))
-
-
-def metered_bits(name: str, step_wire_bytes: int) -> float:
-    """Bits the shaper meters for one upload of device ``name`` whose data-path step reported
-    ``step_wire_bytes`` (trailer frame included): the unit of the profile's ``header_bits`` and
-    ``bits_per_draft_token``, so the one every estimate of a link rate must use too."""
-    return 8.0 * wire_bytes(step_wire_bytes - trailer_bytes(name))
 
 
 def device_summary(rounds: Sequence[dict], name: str) -> dict:
@@ -178,26 +157,13 @@ def write_profile(path: str | Path, profile: dict) -> Path:
     """Write a finished profile atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return records.atomic_write_json(path, profile)
+    return files.atomic_write_json(path, profile)
 
 
 def load_profile(path: str | Path) -> dict:
     """Read a profile; ProfileError (file: field: what) when it is not one this code reads."""
-    source = str(path)
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError("file not found", source=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"cannot read: {exc}", source=source) from None
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"invalid JSON: {exc.msg}", source=source, line=exc.lineno) from None
-    if not isinstance(data, dict):
-        raise ProfileError("expected a JSON object", source=source)
-    if data.get("schema") != SCHEMA:
-        raise ProfileError(f'expected "{SCHEMA}", got {data.get("schema")!r}', source=source,
-                           field="schema")
+    data = files.read_json(path, ProfileError, schema=SCHEMA)
     for key in REQUIRED:
         if key not in data:
-            raise ProfileError("missing", source=source, field=key)
+            raise ProfileError("missing", source=str(path), field=key)
     return data

@@ -1,11 +1,11 @@
 """The profiler: what a lab can do, measured on the live lab and written as a versioned profile.
 
 ``Profiler(inventory, workloads, budget=QUICK).run()`` (or ``profile_inventory(inventory)``,
-for a caller with a plain log) opens a ``LiveLab`` (agents on every
+for a caller with a plain log) opens a ``LiveSession`` (agents on every
 node, uplinks shaped) and measures, in this order; each step is a *stage* that a ``Reporter``
 hears about per node (the CLI draws one progress bar per device and stage from it):
 
-1. ``load``: the agents start and load their models; every node's facts (``testbed.probe``).
+1. ``load``: the agents start and load their models; every node's facts (``testbed.lab.probe``).
 2. ``link`` (devices in parallel): RTT of the data path, then one bulk transfer through the
    shaped class at the full band and one at the share 1/N that the rounds use. Rates count
    frame bytes on the wire (TCP/IP/Ethernet headers included: what htb meters).
@@ -47,23 +47,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from . import records, shaping
-from .errors import ProfileError, RunError, TestbedError
-from .inventory import Channel, Inventory
-from .live import DeviceFailed, LiveLab, resolve_model
-from .profile_format import (FRAME_OVERHEAD_BYTES, SCHEMA, SummaryError, device_summary,
-                             load_profile, node_facts, payload_summary, round_overheads,
-                             verify_summary, write_profile)
-from .profile_stats import mean_sd
-from .prompts import PromptSet, load_prompts
+from testbed.errors import ProfileError, RunError, TestbedError
+from testbed.channel import Channel
+from testbed.inputs.inventory import Inventory
+from testbed.inputs.prompts import PromptSet, load_prompts
+from testbed.live.datapath import FRAME_OVERHEAD_BYTES
+from testbed.live.session import DeviceFailed, LiveSession, resolve_model
+from testbed.profiling.format import (SCHEMA, SummaryError, device_summary,
+                                      load_profile, node_facts, payload_summary, round_overheads,
+                                      verify_summary, write_profile)
+from testbed.profiling.stats import mean_sd
+from testbed.records import runs
 
-__all__ = ["Profiler", "Reporter", "LogReporter", "Task", "Budget", "QUICK", "FULL", "Workload",
+__all__ = ["Profiler", "Reporter", "LogReporter", "Task", "Budget", "QUICK", "FULL", "ProfileWorkload",
            "SCHEMA", "profile_inventory", "workloads_from_files", "workloads_from_experiment",
            "load_profile", "write_profile"]
 
 FIDELITY_TARGET = 0.15
 ROUND_TIMEOUT_S = 30.0          # a device that dies mid-round costs at most this long
-SHIPPED_PROMPTS = Path(__file__).resolve().parent.parent / "experiments" / "prompts"
+SHIPPED_PROMPTS = Path(__file__).resolve().parents[2] / "experiments" / "prompts"
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ FULL = Budget(rounds_per_segment=10, min_segments=8, fidelity_rounds=15, verify_
 
 
 @dataclass(frozen=True)
-class Workload:
+class ProfileWorkload:
     """A prompt set and how to sample on it (the profile's per-workload acceptance)."""
 
     name: str
@@ -98,24 +100,24 @@ class Workload:
                 "prompts_sha256": self.prompts.digest, "sampling": dict(self.sampling)}
 
 
-def workloads_from_files(paths: Sequence[str | Path]) -> dict[str, Workload]:
+def workloads_from_files(paths: Sequence[str | Path]) -> dict[str, ProfileWorkload]:
     """Greedy workloads named after the prompt sets' tasks (the shipped ones by default)."""
     if not paths:
         paths = sorted(SHIPPED_PROMPTS.glob("*.yaml"))
         if not paths:
             raise ProfileError(f"no prompt sets in {SHIPPED_PROMPTS}: give --prompts FILE",
                                field="prompts")
-    out: dict[str, Workload] = {}
+    out: dict[str, ProfileWorkload] = {}
     for p in paths:
         ps = load_prompts(p)
         name = ps.task if ps.task not in out else f"{ps.task}-{len(out)}"
-        out[name] = Workload(name, ps)
+        out[name] = ProfileWorkload(name, ps)
     return out
 
 
-def workloads_from_experiment(exp) -> dict[str, Workload]:
+def workloads_from_experiment(exp) -> dict[str, ProfileWorkload]:
     """The experiment's workloads with their sampling settings."""
-    return {name: Workload(name, w.prompt_set, {"temperature": w.temperature, "top_k": w.top_k,
+    return {name: ProfileWorkload(name, w.prompt_set, {"temperature": w.temperature, "top_k": w.top_k,
                                                 "top_p": w.top_p})
             for name, w in exp.workloads.items()}
 
@@ -152,7 +154,7 @@ class Reporter:
 class Profiler:
     """See the module docstring."""
 
-    def __init__(self, inv: Inventory, workloads: Mapping[str, Workload], *,
+    def __init__(self, inv: Inventory, workloads: Mapping[str, ProfileWorkload], *,
                  channel: Channel | None = None, budget: Budget = QUICK, quick: bool = True,
                  seed: int = 0, reporter: Reporter | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -166,7 +168,7 @@ class Profiler:
         self.seed = seed
         self.rep = reporter or Reporter()
         self.clock = clock
-        self.lab: LiveLab | None = None
+        self.session: LiveSession | None = None
         self.errors: dict[str, str] = {}        # device -> "stage: message"
         self.warnings: list[str] = []
         self.fit_lens, self.held_lens = draft_grids(self.channel.max_draft_len)
@@ -177,7 +179,7 @@ class Profiler:
     # -- bookkeeping ---------------------------------------------------------------------
 
     def active(self) -> list[str]:
-        return [n for n in self.lab.active() if n not in self.errors]
+        return [n for n in self.session.active() if n not in self.errors]
 
     def _fail(self, name: str, stage: str, message: str) -> None:
         if name in self.errors:
@@ -185,7 +187,7 @@ class Profiler:
         self.errors[name] = f"{stage}: {message}"
         self.rep.finished(name, stage, error=message)
         self.rep.note(f"{name} failed at {stage}: {message}")
-        self.lab.remove_device(name)
+        self.session.remove_device(name)
 
     def _plan_tasks(self) -> list[Task]:
         b = self.budget
@@ -212,7 +214,7 @@ class Profiler:
         t_start = self.clock()
         created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.rep.planned(self._plan_tasks())
-        self.lab = LiveLab(self.inv, self.channel, seed=self.seed, progress=self.rep.note)
+        self.session = LiveSession(self.inv, self.channel, seed=self.seed, progress=self.rep.note)
         profile = None
         try:
             facts0, t_facts0 = self._timed("load", self._load)
@@ -225,7 +227,7 @@ class Profiler:
                                      verify, links, fidelity)
         finally:
             t_close = self.clock()
-            for problem in self.lab.close():
+            for problem in self.session.close():
                 self.warnings.append(f"closing the lab: {problem}")
             self.stage_s["close"] = self.clock() - t_close
         profile["stage_s"] = dict(self.stage_s)
@@ -244,8 +246,8 @@ class Profiler:
     def _load(self) -> tuple[dict, float]:
         for node in self.inv.nodes:
             self.rep.started(node.name, "load")
-        self.lab.open(keep_going=True)
-        for name, why in self.lab.failed.items():   # "load: ...", "vocab: ...", "shape: ..."
+        self.session.open(keep_going=True)
+        for name, why in self.session.failed.items():   # "load: ...", "vocab: ...", "shape: ..."
             self.errors[name] = why if why.startswith("load: ") else f"load: {why}"
             self.rep.finished(name, "load", error=why)
         self.rep.finished("server", "load")
@@ -255,16 +257,15 @@ class Profiler:
         return facts, self.clock()
 
     def _probe_all(self) -> dict:
-        ray = self.lab._ray
-        refs = {"server": self.lab.server.probe.remote()}
-        for name in self.active():
-            refs[name] = self.lab.devices[name].actor.probe.remote()
+        server = self.inv.server.name
+        refs = {name: self.session.call_async(name, "probe")
+                for name in (server, *self.active())}
         out = {}
         for name, ref in refs.items():
             try:
-                out[name] = ray.get(ref, timeout=120)
+                out["server" if name == server else name] = self.session.gather([ref], 120)[0]
             except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
-                if name == "server":
+                if name == server:
                     raise RunError(f"server: probing the node failed: {exc}") from None
                 self._fail(name, "load", f"probing the node failed: {_first_line(exc)}")
         return out
@@ -279,18 +280,18 @@ class Profiler:
 
     def _verify(self) -> dict:
         self.rep.started("server", "verify")
-        ray = self.lab._ray
+        session, server = self.session, self.inv.server.name
         first = next(iter(self.workloads.values()))
-        tokens = ray.get(self.lab.server.tokenize.remote(first.prompts.render(0)))
+        tokens = session.call(server, "tokenize", first.prompts.render(0))
         if len(tokens) <= self.channel.max_draft_len:
             tokens = tokens * (self.channel.max_draft_len // len(tokens) + 2)
         samples: list[dict] = []
         cells = self._verify_cells(len(self.inv.devices))
-        ray.get(self.lab.server.verify_grid.remote(cells[-1:], tokens, repeats=1))  # warm-up
+        session.call(server, "verify_grid", cells[-1:], tokens, repeats=1)  # warm-up
         for cell in cells:
             try:
-                samples += ray.get(self.lab.server.verify_grid.remote(
-                    [cell], tokens, repeats=self.budget.verify_repeats), timeout=300)
+                samples += session.call(server, "verify_grid", [cell], tokens,
+                                        repeats=self.budget.verify_repeats, timeout=300)
             except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
                 raise RunError(f"server: verify: {_first_line(exc)}") from None
             self.rep.advanced("server", "verify", self.budget.verify_repeats)
@@ -321,35 +322,32 @@ class Profiler:
 
     def _link(self, name: str) -> dict:
         self.rep.started(name, "link")
-        ray, lab, b = self.lab._ray, self.lab, self.budget
-        st = lab.devices[name]
-        snr, band = st.node.snr_db, self.channel.bandwidth_hz
+        session, b = self.session, self.budget
         share = 1.0 / len(self.inv.devices)
-        full_bps = shaping.uplink_rate_bps(1.0, band, snr)
-        part_bps = shaping.uplink_rate_bps(share, band, snr)
-        lab.set_rates({name: full_bps})
-        rtts = [ray.get(st.actor.ping.remote(), timeout=60) for _ in range(b.pings)]
+        full_bps, part_bps = session.rate_bps(name, 1.0), session.rate_bps(name, share)
+        session.set_shares({name: 1.0})
+        rtts = [session.call(name, "ping", timeout=60) for _ in range(b.pings)]
         rtt = sorted(rtts)[len(rtts) // 2]
         self.rep.advanced(name, "link")
         # Whole segments: the trailer then stays a segment of its own (datapath.py), and the
         # upload ends when the shaper has metered every byte of the transfer.
         head = len(_frame_head(name))
-        mss = ray.get(st.actor.link_mss.remote(), timeout=60)
+        mss = session.call(name, "link_mss", timeout=60)
         measured = {}
         for label, rate in (("full", full_bps), ("partial", part_bps)):
             if label == "partial":
-                lab.set_rates({name: rate})
+                session.set_shares({name: share})
                 self.rep.advanced(name, "link")
             rates = []
             segments = max(2, round(rate * b.bulk_s / 8 / (mss + FRAME_OVERHEAD_BYTES)))
             for _ in range(b.bulk_repeats):
-                up = ray.get(st.actor.bulk.remote(segments * mss - head), timeout=120)
+                up = session.call(name, "bulk", segments * mss - head, timeout=120)
                 bits = 8 * segments * (mss + FRAME_OVERHEAD_BYTES)
                 rates.append(bits / max(1e-6, up["upload_s"] - rtt))
                 self.rep.advanced(name, "link")
             measured[label] = mean_sd(rates)
         (mf, mf_sd), (mp, mp_sd) = measured["full"], measured["partial"]
-        return {"snr_db": snr, "configured_full_bps": full_bps, "measured_full_bps": mf,
+        return {"snr_db": session.devices[name].snr_db, "configured_full_bps": full_bps, "measured_full_bps": mf,
                 "measured_full_bps_sd": mf_sd, "partial_share": share,
                 "configured_partial_bps": part_bps, "measured_partial_bps": mp,
                 "measured_partial_bps_sd": mp_sd, "rel_error_full": mf / full_bps - 1,
@@ -365,8 +363,8 @@ class Profiler:
             w = self.workloads[workload_of[name]]
             k = self._prompt_no.get(name, 0)
             self._prompt_no[name] = k + 1
-            index = list(self.lab.devices).index(name)
-            self.lab.start_sequence(name, w.prompts.render(index + k), sampling=w.sampling,
+            index = list(self.session.devices).index(name)
+            self.session.start_sequence(name, w.prompts.render(index + k), sampling=w.sampling,
                                     seed=self.seed * 7919 + index * 101 + k)
         names = [n for n in names if n not in self.errors]
         failed: dict[str, str] = {}
@@ -387,7 +385,7 @@ class Profiler:
     def _server_alive(self) -> None:
         """RunError when the server's agent is gone (its failure is not the devices')."""
         try:
-            self.lab._ray.get(self.lab.server.where.remote(), timeout=30)
+            self.session.call(self.inv.server.name, "where", timeout=30)
         except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
             raise RunError(f"server: {self._stage}: the server's agent failed: "
                            f"{_first_line(exc)}") from None
@@ -397,16 +395,16 @@ class Profiler:
     def _round(self, lengths: Mapping[str, int], workload_of: Mapping[str, str]) -> dict | None:
         """One round; a device whose step fails is marked failed and the others restart."""
         try:
-            res = self.lab.round(lengths, timeout_s=ROUND_TIMEOUT_S)
+            res = self.session.round(lengths, timeout_s=ROUND_TIMEOUT_S)
         except DeviceFailed as exc:
             self._server_alive()
             for name, msg in exc.failed.items():
                 self._fail(name, self._stage, msg)
             self._start(self.active(), workload_of)
             return None
-        for name, msg in (res.get("failed") or {}).items():   # left out, the round went on
+        for name, msg in res.failed.items():                  # left out, the round went on
             self._fail(name, self._stage, msg)
-        ended = [n for n, v in res["verify"]["verdicts"].items() if v.get("eog")]
+        ended = [n for n, v in res.verify.verdicts.items() if v.eog]
         if ended:
             self._start(ended, workload_of)
         return res
@@ -417,7 +415,7 @@ class Profiler:
         for n in names:
             self.rep.started(n, "draft")
         wnames = list(self.workloads)
-        order = list(self.lab.devices)
+        order = list(self.session.devices)
         rps = self.budget.rounds_per_segment
         k = 0
         for seg in range(self._n_segments()):
@@ -430,10 +428,12 @@ class Profiler:
                 k += 1
                 res = self._round({n: length for n in self.active()}, workload_of)
                 if res is not None:
-                    res["workloads"] = {n: workload_of[n] for n in res["active"]}
-                    res["lengths"] = {n: length for n in res["active"]}
-                    res["rates_bps"] = {n: self.lab.devices[n].rate_bps for n in res["active"]}
-                    self.rounds.append(res)
+                    record = res.as_record()
+                    record["workloads"] = {n: workload_of[n] for n in res.active}
+                    record["lengths"] = {n: length for n in res.active}
+                    record["rates_bps"] = {n: self.session.devices[n].rate_bps
+                                           for n in res.active}
+                    self.rounds.append(record)
                 for n in self.active():
                     self.rep.advanced(n, "draft")
         for n in self.active():
@@ -442,8 +442,8 @@ class Profiler:
     # -- fidelity ------------------------------------------------------------------------
 
     def _fidelity(self, partial: dict) -> dict | None:
-        from .control.model import arrays, evaluate, optimal_shares
-        from .control.problem import problem_from_profile
+        from testbed.control.model import arrays, evaluate, optimal_shares
+        from testbed.control.problem import problem_from_profile
         self._stage = "fidelity"
         names = self.active()
         if not names:
@@ -461,11 +461,8 @@ class Profiler:
         predicted, _ = evaluate(arr, lengths, shares)
         config_l = {d.name: lengths[k] for k, d in enumerate(problem.devices)}
         config_b = {d.name: shares[k] for k, d in enumerate(problem.devices)}
-        rates = {n: max(shaping.MIN_RATE_BPS, shaping.uplink_rate_bps(
-                     min(1.0, config_b[n]), self.channel.bandwidth_hz,
-                     self.lab.devices[n].node.snr_db)) for n in config_b}
-        self.lab.set_rates(rates)
-        workload_of = {n: list(self.workloads)[0] for n in self.lab.devices}
+        self.session.set_shares(config_b)
+        workload_of = {n: list(self.workloads)[0] for n in self.session.devices}
         self._start(self.active(), workload_of)    # the server grid reset its sequences
         measured, detail = [], []
         ready: dict[str, list[float]] = {n: [] for n in config_l}
@@ -474,13 +471,12 @@ class Profiler:
             if res is None:
                 return {"config": {"draft_lens": config_l, "shares": config_b},
                         "error": "a device failed during the fidelity rounds"}
-            measured.append(res["round_s"])
-            ver = res["verify"]
-            detail.append({"round_s": res["round_s"], "wait_s": ver["wait_s"],
-                           "verify_s": ver["emulated_s"] if ver["emulated_s"] is not None
-                           else ver["compute_s"], "compute_s": ver["compute_s"]})
-            for n, s in res["steps"].items():
-                ready[n].append(s["accept_s"] + s["draft_s"] + s["upload_s"])
+            measured.append(res.round_s)
+            ver = res.verify
+            detail.append({"round_s": res.round_s, "wait_s": ver.wait_s,
+                           "verify_s": ver.verify_s, "compute_s": ver.compute_s})
+            for n, step in res.steps.items():
+                ready[n].append(step.ready_s)
             for n in self.active():
                 self.rep.advanced(n, "fidelity")
         for n in self.active():
@@ -539,7 +535,7 @@ class Profiler:
             "quick": self.quick,
             "inventory": {"path": str(self.inv.path), "name": self.inv.name,
                           "kind": self.inv.kind, "digest": self.inv.digest},
-            "versions": records.versions(),
+            "versions": runs.versions(),
             "channel": {"payload": self.channel.payload, "top_k": self.channel.top_k,
                         "bandwidth_hz": self.channel.bandwidth_hz,
                         "max_draft_len": self.channel.max_draft_len,
@@ -561,7 +557,7 @@ class Profiler:
         }
 
     def _model_info(self, node, facts: dict | None) -> dict:
-        from . import models
+        from testbed.inputs import models
         ref = node.model
         info = {"name": ref.name, "path": ref.path, "sha256": ref.sha256}
         if ref.name or node.connection == "local" or self.inv.kind == "emulated":
@@ -596,7 +592,7 @@ class LogReporter(Reporter):
 
 def profile_inventory(inv: Inventory, *, quick: bool = True,
                       progress: Callable[[str], None] | None = None, experiment=None,
-                      workloads: Mapping[str, Workload] | None = None, seed: int = 0) -> dict:
+                      workloads: Mapping[str, ProfileWorkload] | None = None, seed: int = 0) -> dict:
     """Profile a running lab in one call (``testbed run`` with ``profile: auto``). With an
     ``experiment``: its workloads (and their sampling) and its channel; otherwise the shipped
     prompt sets, greedy, and the inventory's channel. Returns the profile (not written)."""
@@ -610,12 +606,12 @@ def profile_inventory(inv: Inventory, *, quick: bool = True,
 
 
 def _frame_head(name: str) -> bytes:
-    from .datapath import BULK, frame
+    from testbed.live.datapath import BULK, frame
     return frame(BULK, 0, name)
 
 
 def _first_line(exc: BaseException) -> str:
-    from .live import _first_line as first
+    from testbed.live.session import _first_line as first
     return first(exc)
 
 

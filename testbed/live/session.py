@@ -1,6 +1,6 @@
 """The driver's handle on a running lab: agents on the nodes, shaped links, synchronous rounds.
 
-``LiveLab`` is what the profiler and the runner share. It joins the lab's Ray cluster (started
+``LiveSession`` is what the profiler and the runner share. It joins the lab's Ray cluster (started
 by ``testbed up``), places one ``ServerAgent`` on the server and one ``DeviceAgent`` per device
 (pinned with the ``server`` / ``device:NAME`` resources), checks that every draft model shares
 the target's vocabulary, and shapes each device's uplink with ``tc`` through that device's runner
@@ -8,14 +8,19 @@ the target's vocabulary, and shapes each device's uplink with ``tc`` through tha
 
 - ``start_sequence(name, prompt, sampling)``: a new prompt on both sides (prefill, not a round);
   raises ``DeviceFailed`` when the device's agent fails meanwhile (it died: the device is lost);
-- ``set_rates({name: bit/s})``: ``tc class change`` on the devices, in parallel, each through
-  a long-lived shell on the device (``remote.ShellSession``: no SSH login per change); returns
-  the time from decision to effect;
+- the links: the session owns each device's uplink. ``set_shares({name: share})`` gives devices
+  their fractions of the band and ``set_snr(name, dB)`` changes a device's true channel; the
+  session turns (share, SNR) into the Shannon rate (``control.model.uplink_rate_bps``, the
+  controller's own function) and applies it with ``tc class change``, in parallel, each through
+  a long-lived shell on the device (``remote.ShellSession``: no SSH login per change). Both
+  return the time from decision to effect. No caller computes a ``tc`` rate;
 - ``round(lengths)``: one synchronous round: every device applies its last verdict, drafts its
   L_k and uploads through its shaped link, the server verifies all drafts in one batch; returns
   what every part measured; when some devices' steps fail it raises ``DeviceFailed`` naming
   them (the others then need new sequences);
-- ``remove_device`` / ``add_device``: a device leaves (its Ray actor is killed) or rejoins.
+- ``remove_device`` / ``add_device``: a device leaves (its Ray actor is killed) or rejoins;
+- ``call(name, method, ...)``: one agent's other methods (probe, ping, bulk transfers) for the
+  profiler, without reaching into Ray.
 
 What the agents reported when they started (``where()``: address, pid, CPU quota and the model
 file they loaded, with its sha256 hashed on the node) is kept in ``server_info`` and in each
@@ -40,10 +45,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from . import cluster, shaping
-from .errors import ClusterError, ModelFileError, RunError, TestbedError
-from .inventory import Channel, Inventory, Node
-from .remote import Runner, ShellSession, SSHRunner, runner_for
+from testbed.control.model import uplink_rate_bps
+from testbed.errors import ClusterError, ModelFileError, RunError, TestbedError
+from testbed.channel import Channel
+from testbed.inputs.inventory import Inventory, Node
+from testbed.lab import cluster, shaping
+from testbed.live.rounds import Round
+from testbed.lab.remote import Runner, ShellSession, SSHRunner, runner_for
 
 Progress = Callable[[str], None]
 _log = logging.getLogger(__name__)
@@ -62,7 +70,9 @@ class DeviceState:
                                               # the runner itself; set together with runner
     verdict: tuple[int, int] | None = None   # last round's (n_accepted, next_token), not yet applied
     generated: int = 0                        # tokens generated for the current prompt
-    rate_bps: float | None = None
+    snr_db: float = 0.0                       # the channel's true SNR (events change it)
+    share: float = 0.0                        # fraction of the band the device holds now
+    rate_bps: float | None = None             # what tc was set to: from share and snr_db
     active: bool = True
     info: dict = field(default_factory=dict)
 
@@ -70,13 +80,13 @@ class DeviceState:
 def resolve_model(node: Node) -> str:
     """The model file for a node: a registry name resolves in this machine's model store (the
     emulated lab and a server driving itself); a path is used as given (it lives on the node)."""
-    from . import models
+    from testbed.inputs import models
     if node.model.path:
         return node.model.path
     return str(models.resolve(node.model))
 
 
-class LiveLab:
+class LiveSession:
     """See the module docstring."""
 
     def __init__(self, inv: Inventory, channel: Channel | None = None, *, seed: int = 0,
@@ -86,7 +96,8 @@ class LiveLab:
         self.seed = seed
         self.n_ctx = n_ctx
         self.progress = progress
-        self.devices: dict[str, DeviceState] = {d.name: DeviceState(d) for d in inv.devices}
+        self.devices: dict[str, DeviceState] = {d.name: DeviceState(d, snr_db=d.snr_db)
+                                                for d in inv.devices}
         self.server = None
         self.server_info: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(inv.devices)))
@@ -101,7 +112,7 @@ class LiveLab:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def open(self, *, keep_going: bool = False) -> "LiveLab":
+    def open(self, *, keep_going: bool = False) -> "LiveSession":
         """Join the cluster, start the agents, check vocabularies, shape the uplinks.
 
         ``keep_going``: a device that fails here is left out (``failed[name]`` says at which
@@ -139,14 +150,14 @@ class LiveLab:
                 target, s.host, self.inv.data_port, [d.name for d in self.inv.devices],
                 threads=s.threads, n_ctx=self.n_ctx, seed=self.seed, emulation=s.emulation,
                 max_draft_len=self.channel.max_draft_len, gpu_layers=s.gpu_layers)
-            for i, st in enumerate(self.devices.values()):
-                self._create(st, i)
+            for i, dev in enumerate(self.devices.values()):
+                self._create(dev, i)
             self.server_info = ray.get(self.server.where.remote())
-            for name, st in self.devices.items():
-                self._guard(keep_going, name, "load", lambda st=st: self._started(st))
-        for name, st in self.devices.items():
-            if st.active:
-                self._guard(keep_going, name, "vocab", lambda st=st: self._check_vocab(st))
+            for name, dev in self.devices.items():
+                self._guard(keep_going, name, "load", lambda dev=dev: self._started(dev))
+        for name, dev in self.devices.items():
+            if dev.active:
+                self._guard(keep_going, name, "vocab", lambda dev=dev: self._check_vocab(dev))
         self.progress("shaping the uplinks")
         self._shape_all(keep_going)
         return self
@@ -162,68 +173,70 @@ class LiveLab:
             self.remove_device(name)
 
     def _classes(self):
-        from .agents import remote_classes
+        from testbed.live.agents import remote_classes
         return remote_classes()
 
-    def _create(self, st: DeviceState, index: int) -> None:
+    def _create(self, dev: DeviceState, index: int) -> None:
         device_cls, _ = self._classes()
-        node = st.node
-        st.actor = device_cls.options(**cluster.options_for_device(node.name)).remote(
+        node = dev.node
+        dev.actor = device_cls.options(**cluster.options_for_device(node.name)).remote(
             node.name, resolve_model(node), self.inv.server.host, self.inv.data_port,
             threads=node.threads, n_ctx=self.n_ctx, seed=self.seed * 1000 + index,
             payload=self.channel.payload, top_k=self.channel.top_k)
 
-    def _started(self, st: DeviceState) -> None:
-        node = st.node
+    def _started(self, dev: DeviceState) -> None:
+        node = dev.node
         try:
-            st.info = self._ray.get(st.actor.where.remote(), timeout=300)
+            dev.info = self._ray.get(dev.actor.where.remote(), timeout=300)
         except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's own error
             raise ClusterError(f"{node.name}: the draft agent did not start: "
                                f"{_first_line(exc)}") from None
-        if st.info.get("ip") != node.host:
-            raise ClusterError(f"{node.name}: the draft agent runs at {st.info.get('ip')}, not "
+        if dev.info.get("ip") != node.host:
+            raise ClusterError(f"{node.name}: the draft agent runs at {dev.info.get('ip')}, not "
                                f"at the device's address {node.host}")
-        st.active = True
-        st.verdict = None
-        st.generated = 0
+        dev.active = True
+        dev.verdict = None
+        dev.generated = 0
 
-    def _spawn(self, st: DeviceState, index: int) -> None:
-        self.progress(f"loading the draft model on {st.node.name}")
-        self._create(st, index)
-        self._started(st)
+    def _spawn(self, dev: DeviceState, index: int) -> None:
+        self.progress(f"loading the draft model on {dev.node.name}")
+        self._create(dev, index)
+        self._started(dev)
 
-    def _check_vocab(self, st: DeviceState) -> None:
+    def _check_vocab(self, dev: DeviceState) -> None:
         """A draft model must tokenize exactly like the target (size and token texts)."""
         ray = self._ray
         if self._target_vocab is None:
             self._target_vocab = ray.get(self.server.vocab_digest.remote())
         want = self._target_vocab
-        got = ray.get(st.actor.vocab_digest.remote())
+        got = ray.get(dev.actor.vocab_digest.remote())
         if got != want:
             raise ModelFileError(
-                f"draft {resolve_model(st.node)} ({got['n_vocab']} tokens) and target "
+                f"draft {resolve_model(dev.node)} ({got['n_vocab']} tokens) and target "
                 f"{resolve_model(self.inv.server)} ({want['n_vocab']} tokens) do not share "
-                "a vocabulary", field=f"{st.node.name}.model")
+                "a vocabulary", field=f"{dev.node.name}.model")
 
     def _shape_all(self, keep_going: bool = False) -> None:
+        """Shape every active device's uplink at an equal share of the band (until a plan)."""
         share = 1.0 / max(1, len(self.devices))
-        rates = {n: shaping.uplink_rate_bps(share, self.channel.bandwidth_hz, st.node.snr_db)
-                 for n, st in self.devices.items()}
+        for dev in self.devices.values():
+            dev.share = share
+        rates = {n: self.rate_bps(n) for n in self.devices}
 
         def one(name: str) -> None:
             with self._tc_work():
                 shape(name)
 
         def shape(name: str) -> None:
-            st = self.devices[name]
-            if st.runner is None:
-                st.runner = runner_for(st.node, self.inv)
-                st.shell = (ShellSession(st.runner) if isinstance(st.runner, SSHRunner)
-                            else st.runner)
-            shaping.apply(st.runner, st.node.interface, rates[name], self.inv.server.host,
+            dev = self.devices[name]
+            if dev.runner is None:
+                dev.runner = runner_for(dev.node, self.inv)
+                dev.shell = (ShellSession(dev.runner) if isinstance(dev.runner, SSHRunner)
+                            else dev.runner)
+            shaping.apply(dev.runner, dev.node.interface, rates[name], self.inv.server.host,
                           self.inv.data_port)
-            st.rate_bps = rates[name]
-        names = [n for n, st in self.devices.items() if st.active]
+            dev.rate_bps = rates[name]
+        names = [n for n, dev in self.devices.items() if dev.active]
         futures = {n: self._pool.submit(one, n) for n in names}
         for name, fut in futures.items():
             self._guard(keep_going, name, "shape", fut.result)
@@ -248,48 +261,78 @@ class LiveLab:
 
     # -- control -----------------------------------------------------------------------------
 
-    def set_rates(self, rates_bps: Mapping[str, float], *,
-                  read_back: dict | None = None) -> float:
-        """Move the named devices' data classes to new rates (``tc class change``, in parallel);
-        returns seconds from the call to the last change in effect. With ``read_back`` (a dict)
-        each changed device's rate is read back from ``tc`` into it (one more command each)."""
+    def rate_bps(self, name: str, share: float | None = None) -> float:
+        """The uplink rate of ``name`` at ``share`` (default: the share it holds) of the band on
+        its true channel: the Shannon rate, at least what ``tc`` can hold."""
+        dev = self.devices[name]
+        share = dev.share if share is None else share
+        return max(uplink_rate_bps(min(1.0, max(0.0, share)), self.channel.bandwidth_hz,
+                                   dev.snr_db), shaping.MIN_RATE_BPS)
+
+    def set_shares(self, shares: Mapping[str, float], *,
+                   read_back: dict | None = None) -> float:
+        """Give the named devices these fractions of the band (``tc class change`` each, in
+        parallel); returns seconds from the call to the last change in effect. With
+        ``read_back`` (a dict) each changed device's rate is read back from ``tc`` into it."""
+        for name, share in shares.items():
+            self.devices[name].share = float(share)
+        return self._apply_rates(list(shares), read_back)
+
+    def set_snr(self, name: str, snr_db: float, *, read_back: dict | None = None) -> float:
+        """The device's channel changes: its share now carries the rate of ``snr_db``."""
+        self.devices[name].snr_db = float(snr_db)
+        return self._apply_rates([name], read_back)
+
+    def _apply_rates(self, names: list[str], read_back: dict | None) -> float:
         t0 = time.perf_counter()
 
-        def one(item):
-            name, rate = item
-            st = self.devices[name]
-            rate = max(float(rate), shaping.MIN_RATE_BPS)
-            if st.rate_bps is not None and abs(rate - st.rate_bps) < 1.0:
+        def one(name: str) -> None:
+            dev = self.devices[name]
+            rate = self.rate_bps(name)
+            if dev.rate_bps is not None and abs(rate - dev.rate_bps) < 1.0:
                 return
             with self._tc_work():
-                shaping.change(st.shell, st.node.interface, rate)
-                st.rate_bps = rate
+                shaping.change(dev.shell, dev.node.interface, rate)
+                dev.rate_bps = rate
                 if read_back is not None:
-                    read_back[name] = shaping.read_rate_bps(st.shell, st.node.interface)
-        list(self._pool.map(one, [(n, r) for n, r in rates_bps.items()
-                                  if self.devices[n].shell is not None]))
+                    read_back[name] = shaping.read_rate_bps(dev.shell, dev.node.interface)
+        list(self._pool.map(one, [n for n in names if self.devices[n].shell is not None]))
         return time.perf_counter() - t0
+
+    def call(self, name: str, method: str, *args, timeout: float | None = None, **kwargs):
+        """Call ``method`` of ``name``'s agent (a device's name, or the server's) and wait for
+        its answer; an agent error is raised as Ray raises it."""
+        return self._ray.get(self.call_async(name, method, *args, **kwargs), timeout=timeout)
+
+    def call_async(self, name: str, method: str, *args, **kwargs):
+        """As ``call``, without waiting: a Ray reference, for ``gather``."""
+        actor = self.server if name == self.inv.server.name else self.devices[name].actor
+        return getattr(actor, method).remote(*args, **kwargs)
+
+    def gather(self, refs, timeout: float | None = None):
+        """The answers of several ``call_async`` references (a list), in order."""
+        return self._ray.get(list(refs), timeout=timeout)
 
     def start_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
                        seed: int | None = None) -> float:
         """A new prompt for one device, on both sides; returns the slower prefill (s)."""
         ray = self._ray
-        st = self.devices[name]
+        dev = self.devices[name]
         tokens = ray.get(self.server.tokenize.remote(prompt))
         s_ref = self.server.start.remote(name, tokens, seed=seed, sampling=sampling)
-        d_ref = st.actor.start.remote(tokens, seed=seed, sampling=sampling)
+        d_ref = dev.actor.start.remote(tokens, seed=seed, sampling=sampling)
         try:
             device_s = ray.get(d_ref)
         except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
             ray.get(s_ref)        # the server's side must not fail (that fails the run)
             raise DeviceFailed(None, {name: _first_line(exc)}) from None
         prefill_s = max(ray.get(s_ref), device_s)
-        st.verdict = None
-        st.generated = 0
+        dev.verdict = None
+        dev.generated = 0
         return prefill_s
 
     def round(self, lengths: Mapping[str, int], *, timeout_s: float = 120.0,
-              keep_going: bool = False) -> dict:
+              keep_going: bool = False) -> Round:
         """One synchronous round over the active devices named in ``lengths``.
 
         A device whose step fails (its agent died, its draft or upload failed) is given up on:
@@ -320,16 +363,15 @@ class LiveLab:
         except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
             raise RunError(f"round {rid}: {_first_line(exc)}") from None
         round_s = time.perf_counter() - t0
-        active = [n for n in active if n not in failed and n in ver["verdicts"]]
+        active = [n for n in active if n not in failed and n in ver.verdicts]
         for n in active:
-            v = ver["verdicts"][n]
-            st = self.devices[n]
-            st.verdict = (v["n_accepted"], v["next_token"])
-            st.generated += len(v["tokens"])
+            v = ver.verdicts[n]
+            dev = self.devices[n]
+            dev.verdict = (v.n_accepted, v.next_token)
+            dev.generated += len(v.tokens)
         if failed and not keep_going:
             raise DeviceFailed(rid, failed)
-        return {"round": rid, "round_s": round_s, "steps": step_out, "verify": ver,
-                "active": active, "failed": failed}
+        return Round(rid, round_s, step_out, ver, tuple(active), failed)
 
     def last_tokens(self, name: str) -> int:
         return self.devices[name].generated
@@ -339,16 +381,16 @@ class LiveLab:
     def remove_device(self, name: str) -> float:
         """The device leaves: its Ray actor is killed (its worker process stops)."""
         t0 = time.perf_counter()
-        st = self.devices[name]
-        if st.actor is not None:
+        dev = self.devices[name]
+        if dev.actor is not None:
             try:
-                self._ray.kill(st.actor, no_restart=True)
+                self._ray.kill(dev.actor, no_restart=True)
             except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
                 # An actor that already died (the reason it is leaving, often) is gone anyway.
                 _log.debug("%s: stopping its agent: %s", name, _first_line(exc))
-        st.actor = None
-        st.active = False
-        st.verdict = None
+        dev.actor = None
+        dev.active = False
+        dev.verdict = None
         return time.perf_counter() - t0
 
     def add_device(self, name: str) -> float:
@@ -361,7 +403,7 @@ class LiveLab:
         return time.perf_counter() - t0
 
     def active(self) -> list[str]:
-        return [n for n, st in self.devices.items() if st.active]
+        return [n for n, dev in self.devices.items() if dev.active]
 
     def models(self) -> dict[str, dict]:
         """The model file each node's agent reported it loaded (``agents.model_file``: path,
@@ -369,9 +411,9 @@ class LiveLab:
         out = {}
         if "model" in self.server_info:
             out[self.inv.server.name] = dict(self.server_info["model"])
-        for name, st in self.devices.items():
-            if "model" in st.info:
-                out[name] = dict(st.info["model"])
+        for name, dev in self.devices.items():
+            if "model" in dev.info:
+                out[name] = dict(dev.info["model"])
         return out
 
     # -- tear-down ---------------------------------------------------------------------------
@@ -385,31 +427,31 @@ class LiveLab:
             if not self._tc_gate.wait_for(lambda: self._tc_busy == 0, timeout=60):
                 problems.append("tc changes still running after 60 s: links cleared anyway")
 
-        def unshape(st: DeviceState) -> None:
+        def unshape(dev: DeviceState) -> None:
             try:
-                shaping.clear(st.runner, st.node.interface)
+                shaping.clear(dev.runner, dev.node.interface)
             except TestbedError as exc:
                 problems.append(str(exc))
-        list(self._pool.map(unshape, [st for st in self.devices.values()
-                                      if st.runner is not None]))
+        list(self._pool.map(unshape, [dev for dev in self.devices.values()
+                                      if dev.runner is not None]))
         ray = self._ray
         if ray is not None and ray.is_initialized():
-            for actor in [self.server] + [st.actor for st in self.devices.values()]:
+            for actor in [self.server] + [dev.actor for dev in self.devices.values()]:
                 if actor is not None:
                     try:
                         ray.kill(actor, no_restart=True)
                     except Exception as exc:  # noqa: BLE001 - best effort at tear-down
                         problems.append(f"stopping an agent: {_first_line(exc)}")
             ray.shutdown()
-        for st in self.devices.values():
-            if st.shell is not None and st.shell is not st.runner:
-                st.shell.close()
-            if st.runner is not None:
-                st.runner.close()
+        for dev in self.devices.values():
+            if dev.shell is not None and dev.shell is not dev.runner:
+                dev.shell.close()
+            if dev.runner is not None:
+                dev.runner.close()
         self._pool.shutdown(wait=False)
         return problems
 
-    def __enter__(self) -> "LiveLab":
+    def __enter__(self) -> "LiveSession":
         return self.open()
 
     def __exit__(self, *exc) -> None:

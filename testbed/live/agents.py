@@ -7,7 +7,7 @@ draft model (``engine.DraftWorker``) and a TCP connection to the server's data p
 link; it returns the draft and upload times it measured on its own clock. With L = 0 it drafts
 nothing and, after returning, decodes the server's tokens in a background thread (joined by its
 next call), so a device left out of the drafting for a while is not left with them all to decode
-when it drafts again (seen: 4 s for 80 tokens on the 0.15-core device).
+when it drafts again (docs/engine.md has the seconds this saves).
 
 The ``ServerAgent`` runs on the server (resource ``server``): it holds the target model
 (``engine.Verifier``, every device one sequence of one llama.cpp context) and the receiving end
@@ -19,7 +19,7 @@ lab the step lasts as long as the inventory's emulation profile says, and the do
 
 Each verdict says whether its tokens hold an end-of-generation token (``eog``: time for a new
 prompt). For the profiler: ``ServerAgent.verify_grid`` times synthetic batches (K sequences x L
-draft tokens) and both agents have ``probe()`` (the node's facts, ``testbed.probe``).
+draft tokens) and both agents have ``probe()`` (the node's facts, ``testbed.lab.probe``).
 
 ``where()`` says where an agent runs (Ray's node IP, hostname, pid, CPU quota) and which model
 file it loaded (``model``: path, size_bytes, sha256, hashed on the node when the agent starts),
@@ -43,12 +43,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Mapping, Sequence
 
-from .datapath import UploadClient, UploadReceiver
-from .engine import payload as pl
-from .engine.draft import DraftWorker
-from .engine.native import Model
-from .engine.sampling import SamplingParams
-from .engine.verify import Verifier
+from testbed.engine import payload as pl
+from testbed.engine.draft import DraftWorker
+from testbed.engine.native import Model
+from testbed.engine.sampling import SamplingParams
+from testbed.engine.verify import Verifier
+from testbed.live.rounds import DeviceStep, ServerStep, Verdict
+from testbed.live.datapath import UploadClient, UploadReceiver
 
 
 def where(model: dict | None = None) -> dict:
@@ -56,7 +57,7 @@ def where(model: dict | None = None) -> dict:
     ``model_file``) also the model file the agent loaded."""
     import ray
 
-    from .probe import cpu_quota  # the node probe reads cgroup v1 and v2
+    from testbed.lab.probe import cpu_quota  # the node probe reads cgroup v1 and v2
     out = {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
            "pid": os.getpid(), "cpu_quota": cpu_quota()["cpu_quota_cores"]}
     if model is not None:
@@ -68,7 +69,7 @@ def model_file(path: str | os.PathLike) -> dict:
     """The model file an agent loads, as this node sees it: path (as given), size_bytes and
     sha256 (``models.sha256_file``). For the run manifest: computed where the agent runs, so a
     real lab's manifest holds the hash of the file each node really has."""
-    from .models import sha256_file
+    from testbed.inputs.models import sha256_file
     return {"path": str(path), "size_bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
@@ -82,9 +83,9 @@ def vocab_digest(model: Model) -> dict:
 
 
 def probe_node(models: Sequence[str] = ()) -> dict:
-    """The node's facts (``testbed.probe``) plus this process's CPU seconds so far (the
+    """The node's facts (``testbed.lab.probe``) plus this process's CPU seconds so far (the
     profiler takes differences to report the agent's CPU use while profiling)."""
-    from .probe import probe
+    from testbed.lab.probe import probe
     out = probe(list(models))
     t = os.times()
     out["process_cpu_s"] = t.user + t.system
@@ -130,7 +131,7 @@ class DeviceAgent:
         return self.worker.start(list(prompt_tokens), seed=seed)
 
     def step(self, round_id: int, draft_len: int,
-             verdict: tuple[int, int] | None = None) -> dict:
+             verdict: tuple[int, int] | None = None) -> DeviceStep:
         """Apply the last verdict, draft ``draft_len`` tokens, upload them. ``draft_len`` 0: no
         draft and no upload (the server decodes this device's next token itself); the device
         then decodes the server's tokens in the background (``catch_up``), after this call has
@@ -144,15 +145,11 @@ class DeviceAgent:
         if draft_len <= 0:
             self.worker.draft(0)
             self._catch_up = self._background.submit(self.worker.catch_up)
-            return {"name": self.name, "accept_s": accept_s, "draft_s": 0.0, "upload_s": 0.0,
-                    "n_drafted": 0, "payload_bytes": 0, "wire_bytes": 0,
-                    "catch_up_s": catch_up_s}
+            return DeviceStep(self.name, accept_s, 0.0, 0.0, 0, 0, 0, catch_up_s)
         d = self.worker.draft(draft_len)
         up = self.client.send(round_id, d.payload)
-        return {"name": self.name, "accept_s": accept_s, "draft_s": d.draft_s,
-                "upload_s": up.upload_s, "n_drafted": len(d.tokens),
-                "payload_bytes": up.payload_bytes, "wire_bytes": up.wire_bytes,
-                "catch_up_s": catch_up_s}
+        return DeviceStep(self.name, accept_s, d.draft_s, up.upload_s, len(d.tokens),
+                          up.payload_bytes, up.wire_bytes, catch_up_s)
 
     def bulk(self, nbytes: int) -> dict:
         """Push ``nbytes`` through the data path (link-rate measurement)."""
@@ -219,7 +216,7 @@ class ServerAgent:
                                               else SamplingParams(**sampling))
 
     def verify_round(self, round_id: int, drafting: Sequence[str], idle: Sequence[str], *,
-                     timeout_s: float = 120.0) -> dict:
+                     timeout_s: float = 120.0) -> ServerStep:
         """Wait for the drafting devices' uploads of ``round_id``, verify all in one batch."""
         t0 = time.perf_counter()
         arrivals = self.receiver.wait_for(round_id, list(drafting), timeout_s)
@@ -236,14 +233,11 @@ class ServerAgent:
         verdicts = {}
         for name in list(drafting) + list(idle):
             r = res.results[self.seq[name]]
-            verdicts[name] = {"n_drafted": r.n_drafted, "n_accepted": r.n_accepted,
-                              "next_token": r.next_token, "tokens": list(r.tokens),
-                              "eog": any(self.verifier.model.is_eog(t) for t in r.tokens)}
-        return {"round": round_id, "verdicts": verdicts, "wait_s": t_wait,
-                "n_tokens": res.n_tokens, "n_decodes": res.n_decodes,
-                "compute_s": res.compute_s, "emulated_s": res.emulated_s,
-                "downlink_s": downlink_s,
-                "wire_bytes": {n: a.wire_bytes for n, a in arrivals.items()}}
+            verdicts[name] = Verdict(r.n_drafted, r.n_accepted, r.next_token, tuple(r.tokens),
+                                     any(self.verifier.model.is_eog(t) for t in r.tokens))
+        return ServerStep(round_id, verdicts, t_wait, res.n_tokens, res.n_decodes,
+                          res.compute_s, res.emulated_s, downlink_s,
+                          {n: a.wire_bytes for n, a in arrivals.items()})
 
     def abandon(self, name: str) -> None:
         """Called concurrently with ``verify_round`` (the actor has max_concurrency 2) when a

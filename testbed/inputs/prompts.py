@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PromptsError
-from .yamlio import load_yaml
+from testbed.errors import PromptsError
+from testbed.yamlio import load_yaml
 
 SCHEMA = "testbed.prompts/1"
 TEMPLATES = ("chatml", "none")

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import cgroups, procs, sshd
-from .errors import InventoryError, LabError, RemoteError
-from .inventory import Inventory, Node
-from .records import atomic_write_json, read_json
-from .remote import LocalRunner, default_ssh_files, join
+from testbed.errors import InventoryError, LabError, RemoteError, StateError
+from testbed.files import atomic_write_json, read_json
+from testbed.inputs.inventory import Inventory, Node
+from testbed.lab import cgroups, procs, sshd
+from testbed.lab.remote import LocalRunner, default_ssh_files, join
 
 SCHEMA = "testbed.lab/1"
 STATE_FILE = "lab.json"
@@ -155,7 +155,7 @@ def load_state(inv: Inventory) -> LabState | None:
     path = state_path(inv)
     if not path.exists():
         return None
-    data = read_json(path, SCHEMA)
+    data = read_json(path, StateError, schema=SCHEMA)
     return LabState(inventory=data.get("inventory", inv.name), bridge=data.get("bridge"),
                     cgroup_made=list(data.get("cgroup_made", [])),
                     devices=dict(data.get("devices", {})))

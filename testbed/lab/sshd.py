@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import LabError
+from testbed.errors import LabError
 
 SSHD_BIN = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")
@@ -79,7 +79,7 @@ def sshd_config_text(*, listen_address: str, port: int, host_key: str | Path,
     PAM then only runs its account and session stacks (no password is ever asked).
     """
     lines = [
-        "# Written by testbed (testbed/sshd.py). Key-only login for the lab's own client key.",
+        "# Written by testbed (testbed/lab/sshd.py). Key-only login for the lab's own client key.",
         "# Listen on one address only: the device's own address (or 127.0.0.1 in tests).",
         f"ListenAddress {listen_address}",
         f"Port {int(port)}",

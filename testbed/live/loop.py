@@ -1,6 +1,6 @@
 """The live experiment loop: policies back to back on a running lab, re-planned as it goes.
 
-``run_experiment(exp, profile, out_root)`` opens a ``LiveLab`` on the experiment's inventory and,
+``run_experiment(exp, profile, out_root)`` opens a ``LiveSession`` on the experiment's inventory and,
 for each policy in turn, on the same prompts with the same seeds:
 
 1. plans from the profile (``control``), applies the plan (``tc class change`` for the shares, the
@@ -23,13 +23,13 @@ for each policy in turn, on the same prompts with the same seeds:
 A device whose agent fails (it died mid-round or while starting a prompt) is lost: a ``lost``
 event, a re-plan without it, and the run goes on; ``run`` then exits with ``EXIT_LOST_DEVICES``.
 
-Everything goes to the run folder through ``records.EventWriter`` (flushed per line), which also
+Everything goes to the run folder through ``runs.EventWriter`` (flushed per line), which also
 feeds the live view. Ctrl-C and failures restore the links, stop the agents and finalise the
-records (``LiveLab.close`` in a ``finally``). The manifest is written at the start and written
+records (``LiveSession.close`` in a ``finally``). The manifest is written at the start and written
 again once the agents are up, with the model file each node's agent loaded (path, size, sha256
 hashed on that node: ``manifest_models``).
 
-The runner's pure decisions are free functions, used by the runner, the tests and
+The loop's pure decisions are free functions, used by the loop, the tests and
 ``bench/forecast_replay.py`` alike: ``profile_problem`` (the profile as the controller's
 problem), ``observation`` / ``observe_round`` (what the estimator learns from a round record),
 ``forecast`` (the plan in force under the current estimates) and ``surprising`` (the
@@ -47,17 +47,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import records
-from .control.estimator import Estimator, RoundObservation
-from .control.model import arrays, evaluate
-from .control.problem import Plan, Problem, plan_to_dict, problem_from_profile
-from .control.replan import Replanner
-from .errors import ProblemError, RunError
-from .experiment import Experiment
-from .inventory import Inventory
-from .live import DeviceFailed, LiveLab
-from .profile_format import metered_bits
-from .shaping import uplink_rate_bps
+from testbed.control.estimator import Estimator, RoundObservation
+from testbed.control.model import arrays, evaluate
+from testbed.control.problem import Plan, Problem, plan_to_dict, problem_from_profile
+from testbed.control.replan import Replanner
+from testbed.errors import ProblemError, RunError
+from testbed.inputs.experiment import Experiment
+from testbed.inputs.inventory import Inventory
+from testbed.live.datapath import metered_bits
+from testbed.live.rounds import Round
+from testbed.live.session import DeviceFailed, LiveSession
+from testbed.records import runs
 
 Listener = Callable[[dict], None]
 
@@ -141,21 +141,30 @@ def surprising(round_s: float, predicted_round_s: float | None, surprise: float 
             and round_s > (1.0 + surprise) * predicted_round_s)
 
 
+def link_share(plan: Plan, name: str) -> float:
+    """The band share a device's link gets under ``plan``: its planned share when it drafts; a
+    device that drafts nothing uploads nothing, and keeps an equal share (1/K) meanwhile."""
+    d = next((d for d in plan.devices if d.name == name), None)
+    if d is not None and d.draft_len > 0:
+        return d.bandwidth_share
+    return 1.0 / max(1, len(plan.devices))
+
+
 def manifest_models(inv: Inventory, reported: dict[str, dict]) -> dict[str, dict]:
     """The manifest's ``models``: per node of the inventory its model's label, with the file its
-    agent reported loading (``LiveLab.models()``: path, size_bytes, sha256) when there is one."""
+    agent reported loading (``LiveSession.models()``: path, size_bytes, sha256) when there is one."""
     return {n.name: {"model": n.model.label, **reported.get(n.name, {})}
             for n in inv.nodes}
 
 
-class ExperimentRunner:
-    """Runs one experiment on an open LiveLab; see the module docstring."""
+class ExperimentLoop:
+    """Runs one experiment on an open LiveSession; see the module docstring."""
 
-    def __init__(self, exp: Experiment, profile: dict, lab: LiveLab,
-                 writer: records.EventWriter, *, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, exp: Experiment, profile: dict, session: LiveSession,
+                 writer: runs.EventWriter, *, clock: Callable[[], float] = time.perf_counter):
         self.exp = exp
         self.profile = profile
-        self.lab = lab
+        self.session = session
         self.writer = writer
         self.clock = clock
         self.t_start = clock() - writer.now()   # one time axis with the writer
@@ -173,36 +182,30 @@ class ExperimentRunner:
         event.setdefault("t", round(self.t(), 6))
         self.writer.write(event)
 
-    def _problem_for(self, st: PolicyState, est: Estimator) -> Problem:
+    def _problem_for(self, pol: PolicyState, est: Estimator) -> Problem:
         """The controller's view: the profile updated by the estimator, present devices only."""
-        return est.problem([n for n, d in st.devices.items() if d.present])
+        return est.problem([n for n, d in pol.devices.items() if d.present])
 
-    def _apply_plan(self, st: PolicyState, plan: Plan) -> float:
+    def _apply_plan(self, pol: PolicyState, plan: Plan) -> float:
         """Shares -> tc rates (with each device's true SNR); lengths are used by the next round."""
-        rates = {}
-        for d in plan.devices:
-            if not st.devices[d.name].present:
-                continue
-            dev = st.devices[d.name]
-            share = d.bandwidth_share if d.draft_len > 0 else 1.0 / max(1, len(plan.devices))
-            rates[d.name] = uplink_rate_bps(min(1.0, share), self.exp.channel.bandwidth_hz,
-                                            dev.snr_db)
-        applied_s = self.lab.set_rates(rates)
-        st.plan = plan
+        applied_s = self.session.set_shares({d.name: link_share(plan, d.name)
+                                             for d in plan.devices
+                                             if pol.devices[d.name].present})
+        pol.plan = plan
         return applied_s
 
-    def _start_prompt(self, st: PolicyState, dev: DeviceRun) -> None:
+    def _start_prompt(self, pol: PolicyState, dev: DeviceRun) -> None:
         w = self.exp.workloads[dev.workload]
         text = w.prompt_set.render(dev.index + dev.prompt_index)
         seed = self.exp.seed * 100_003 + dev.index * 1009 + dev.prompt_index
         try:
-            prefill_s = self.lab.start_sequence(
+            prefill_s = self.session.start_sequence(
                 dev.name, text, seed=seed,
                 sampling={"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p})
         except DeviceFailed as exc:         # its agent died: lost, like a failure mid-round
-            self._lose(st, dev.name, exc.failed[dev.name])
+            self._lose(pol, dev.name, exc.failed[dev.name])
             return
-        self.emit({"type": "prefill", "policy": st.policy, "device": dev.name,
+        self.emit({"type": "prefill", "policy": pol.policy, "device": dev.name,
                    "workload": dev.workload, "prompt": dev.prompt_index,
                    "prefill_s": prefill_s})
         dev.prompt_index += 1
@@ -215,24 +218,24 @@ class ExperimentRunner:
                                   snr_db=d.snr_db)
                 for i, d in enumerate(exp.inventory.devices)}
         # Devices that left during the previous policy come back for this one.
-        for name in list(self.lab.devices):
-            if not self.lab.devices[name].active and name not in self.lost:
-                self.lab.add_device(name)
+        for name in list(self.session.devices):
+            if not self.session.devices[name].active and name not in self.lost:
+                self.session.add_device(name)
         for name in self.lost:
             devs[name].present = False
         for name in devs:            # a device the profile could not measure does not take part
             if name not in self.base_problem.names:
                 devs[name].present = False
-        st = PolicyState(policy, plan=None, devices=devs)     # type: ignore[arg-type]
+        pol = PolicyState(policy, plan=None, devices=devs)     # type: ignore[arg-type]
         est = Estimator(self.base_problem, ewma=exp.replan.ewma, rate_ewma=exp.replan.rate_ewma)
         rule = Replanner(policy, hysteresis=exp.replan.hysteresis,
                          min_dwell_rounds=exp.replan.min_dwell_rounds)
         self._rules[policy] = rule
-        plan = rule.decide(None, self._problem_for(st, est), 0).plan
-        self._apply_plan(st, plan)
+        plan = rule.decide(None, self._problem_for(pol, est), 0).plan
+        self._apply_plan(pol, plan)
         for dev in devs.values():
             if dev.present:
-                self._start_prompt(st, dev)
+                self._start_prompt(pol, dev)
         self.emit({"type": "policy_start", "policy": policy, "plan": plan_to_dict(plan)})
 
         pending = list(exp.events)
@@ -240,85 +243,80 @@ class ExperimentRunner:
         round_i = -warmup
         while True:
             if round_i == 0:
-                st.measured_t0 = self.clock()
+                pol.measured_t0 = self.clock()
             if round_i >= 0:
-                if self._budget_spent(st, round_i):
+                if self._budget_spent(pol, round_i):
                     break
-                pending = self._due_events(st, est, pending, round_i)
-            out = self._one_round(st, est, warmup=round_i < 0)
+                pending = self._due_events(pol, est, pending, round_i)
+            out = self._one_round(pol, est, warmup=round_i < 0)
             if self._pending_replan:
                 self._pending_replan = False
-                self._maybe_replan(st, est, rule, reason="lost")      # "lost: devices changed"
+                self._maybe_replan(pol, est, rule, reason="lost")      # "lost: devices changed"
             if round_i >= 0:
                 observe_round(est, out)
-                st.rounds += 1
-                if (st.rounds - st.last_plan_round) >= exp.replan.interval_rounds:
-                    self._maybe_replan(st, est, rule, reason="interval")
+                pol.rounds += 1
+                if (pol.rounds - pol.last_plan_round) >= exp.replan.interval_rounds:
+                    self._maybe_replan(pol, est, rule, reason="interval")
                 elif surprising(out["round_s"], out.get("predicted_round_s"),
                                 exp.replan.surprise):
-                    self._maybe_replan(st, est, rule, reason="surprise", ignore_dwell=True)
+                    self._maybe_replan(pol, est, rule, reason="surprise", ignore_dwell=True)
             round_i += 1
-        self.emit({"type": "policy_end", "policy": policy, "rounds": st.rounds})
+        self.emit({"type": "policy_end", "policy": policy, "rounds": pol.rounds})
 
-    def _budget_spent(self, st: PolicyState, round_i: int) -> bool:
+    def _budget_spent(self, pol: PolicyState, round_i: int) -> bool:
         if self.exp.rounds is not None:
             return round_i >= self.exp.rounds
-        return self.clock() - st.measured_t0 >= self.exp.duration_s
+        return self.clock() - pol.measured_t0 >= self.exp.duration_s
 
-    def _due_events(self, st, est, pending, round_i):
-        elapsed = self.clock() - st.measured_t0
+    def _due_events(self, pol, est, pending, round_i):
+        elapsed = self.clock() - pol.measured_t0
         keep = []
         for ev in pending:
             due = (ev.at_round is not None and round_i >= ev.at_round) or \
                   (ev.at_s is not None and elapsed >= ev.at_s)
             if due:
-                self._apply_event(st, est, ev)
+                self._apply_event(pol, est, ev)
             else:
                 keep.append(ev)
         return keep
 
-    def _apply_event(self, st: PolicyState, est: Estimator, ev) -> None:
-        dev = st.devices[ev.device]
+    def _apply_event(self, pol: PolicyState, est: Estimator, ev) -> None:
+        dev = pol.devices[ev.device]
         t0 = self.clock()
         detail: dict = {}
         if ev.kind == "snr_change":
             detail = {"snr_db": ev.snr_db, "from_db": dev.snr_db}
             dev.snr_db = ev.snr_db
-            share = next((d.bandwidth_share for d in st.plan.devices
-                          if d.name == dev.name and d.draft_len > 0), None)
-            if share is None:
-                share = 1.0 / max(1, len(st.plan.devices))
-            rate = uplink_rate_bps(share, self.exp.channel.bandwidth_hz, dev.snr_db)
             read: dict = {}
-            self.lab.set_rates({dev.name: rate}, read_back=read)
-            detail["rate_bps"] = rate
+            self.session.set_snr(dev.name, ev.snr_db, read_back=read)
+            detail["rate_bps"] = self.session.devices[dev.name].rate_bps
             detail["tc_rate_bps"] = read.get(dev.name)
         elif ev.kind == "workload_switch":
             detail = {"workload": ev.workload, "from": dev.workload}
             dev.workload = ev.workload
             dev.prompt_index = 0
-            self._start_prompt(st, dev)
+            self._start_prompt(pol, dev)
             prior = self._profiled_acceptance(dev.name, ev.workload)
             if prior is not None:
                 est.restart_acceptance(dev.name, prior)
                 detail["acceptance_prior"] = prior
         elif ev.kind == "leave":
-            self.lab.remove_device(dev.name)
+            self.session.remove_device(dev.name)
             dev.present = False
         elif ev.kind == "rejoin":
-            self.lab.add_device(dev.name)
+            self.session.add_device(dev.name)
             dev.present = True
-            self._start_prompt(st, dev)
+            self._start_prompt(pol, dev)
         applied_s = self.clock() - t0
-        self.emit({"type": "event", "policy": st.policy, "kind": ev.kind, "device": dev.name,
+        self.emit({"type": "event", "policy": pol.policy, "kind": ev.kind, "device": dev.name,
                    "detail": detail, "applied_s": applied_s})
         if ev.kind in ("leave", "rejoin"):
-            self._maybe_replan(st, est, self._rules[st.policy], reason=ev.kind)
+            self._maybe_replan(pol, est, self._rules[pol.policy], reason=ev.kind)
         elif ev.kind == "workload_switch" and "acceptance_prior" in detail:
             # The controller knows of this change (unlike an SNR change, which it learns from
             # upload times): re-plan now from the profile's acceptance for the new workload,
             # still only for a gain above the hysteresis.
-            self._maybe_replan(st, est, self._rules[st.policy], reason=ev.kind,
+            self._maybe_replan(pol, est, self._rules[pol.policy], reason=ev.kind,
                                ignore_dwell=True)
 
     def _profiled_acceptance(self, device: str, workload: str) -> float | None:
@@ -331,118 +329,116 @@ class ExperimentRunner:
             return None
         return next((d.acceptance for d in problem.devices if d.name == device), None)
 
-    def _maybe_replan(self, st: PolicyState, est: Estimator, rule: Replanner, *,
+    def _maybe_replan(self, pol: PolicyState, est: Estimator, rule: Replanner, *,
                       reason: str, ignore_dwell: bool = False) -> None:
-        problem = self._problem_for(st, est)
+        problem = self._problem_for(pol, est)
         if not problem.devices:
             raise RunError("no device left in the run")
-        st.last_plan_round = st.rounds
-        decision = rule.decide(st.plan, problem, st.rounds, ignore_dwell=ignore_dwell)
+        pol.last_plan_round = pol.rounds
+        decision = rule.decide(pol.plan, problem, pol.rounds, ignore_dwell=ignore_dwell)
         if not decision.replace:
             return
-        old = st.plan
-        applied_s = self._apply_plan(st, decision.plan)
-        self.emit({"type": "replan", "policy": st.policy, "reason": f"{reason}: {decision.reason}",
+        old = pol.plan
+        applied_s = self._apply_plan(pol, decision.plan)
+        self.emit({"type": "replan", "policy": pol.policy, "reason": f"{reason}: {decision.reason}",
                    "predicted_gain": decision.predicted_gain, "old_plan": plan_to_dict(old),
                    "new_plan": plan_to_dict(decision.plan), "applied_s": applied_s})
 
     # -- one round ---------------------------------------------------------------------------
 
-    def _one_round(self, st: PolicyState, est: Estimator, *, warmup: bool) -> dict:
-        lengths = {d.name: d.draft_len for d in st.plan.devices}
-        present = [n for n, d in st.devices.items() if d.present]
+    def _one_round(self, pol: PolicyState, est: Estimator, *, warmup: bool) -> dict:
+        lengths = {d.name: d.draft_len for d in pol.plan.devices}
+        present = [n for n, d in pol.devices.items() if d.present]
         # The forecast is from past rounds only (the estimates so far); the plan's own values
         # (``plan_*``) are what the controller expected when it chose the plan.
-        predicted_round_s, predicted_tps = forecast(st.plan, self._problem_for(st, est))
-        out = self.lab.round({n: lengths.get(n, 0) for n in present}, keep_going=True)
-        for name, why in out["failed"].items():
-            self._lose(st, name, why)
-        ver = out["verify"]
+        predicted_round_s, predicted_tps = forecast(pol.plan, self._problem_for(pol, est))
+        out = self.session.round({n: lengths.get(n, 0) for n in present}, keep_going=True)
+        for name, why in out.failed.items():
+            self._lose(pol, name, why)
+        ver = out.verify
         rows = []
         tokens_total = 0
         slowest = 0.0
-        plan_by_name = {d.name: d for d in st.plan.devices}
-        for n in out["active"]:
-            step = out["steps"][n]
-            v = ver["verdicts"][n]
-            dev = st.devices[n]
+        plan_by_name = {d.name: d for d in pol.plan.devices}
+        for n in out.active:
+            step = out.steps[n]
+            v = ver.verdicts[n]
+            dev = pol.devices[n]
             p = plan_by_name.get(n)
-            tokens = len(v["tokens"])
+            tokens = len(v.tokens)
             tokens_total += tokens
-            slowest = max(slowest, step["draft_s"] + step["upload_s"])
+            slowest = max(slowest, step.draft_s + step.upload_s)
             rows.append({"name": n, "workload": dev.workload,
                          "draft_len": p.draft_len if p else 0,
                          "share": p.bandwidth_share if p else 0.0,
-                         "rate_bps": self.lab.devices[n].rate_bps,
-                         "draft_s": step["draft_s"], "upload_s": step["upload_s"],
-                         "upload_bytes": step["wire_bytes"], "n_drafted": v["n_drafted"],
-                         "n_accepted": v["n_accepted"], "tokens": tokens,
+                         "rate_bps": self.session.devices[n].rate_bps,
+                         "draft_s": step.draft_s, "upload_s": step.upload_s,
+                         "upload_bytes": step.wire_bytes, "n_drafted": v.n_drafted,
+                         "n_accepted": v.n_accepted, "tokens": tokens,
                          "acceptance_est": est.estimate(n).acceptance})
-        verify_s = ver["emulated_s"] if ver["emulated_s"] is not None else ver["compute_s"]
-        round_s = out["round_s"]
-        overhead = max(0.0, round_s - (slowest + verify_s + ver["downlink_s"]))
-        event = {"type": "round", "policy": st.policy, "round": st.rounds, "round_s": round_s,
-                 "devices": rows, "verify_real_s": ver["compute_s"],
-                 "verify_emulated_s": ver["emulated_s"], "downlink_s": ver["downlink_s"],
-                 "batch_tokens": ver["n_tokens"], "verify_decodes": ver["n_decodes"],
+        round_s = out.round_s
+        overhead = max(0.0, round_s - (slowest + ver.verify_s + ver.downlink_s))
+        event = {"type": "round", "policy": pol.policy, "round": pol.rounds, "round_s": round_s,
+                 "devices": rows, "verify_real_s": ver.compute_s,
+                 "verify_emulated_s": ver.emulated_s, "downlink_s": ver.downlink_s,
+                 "batch_tokens": ver.n_tokens, "verify_decodes": ver.n_decodes,
                  "predicted_round_s": predicted_round_s,
-                 "predicted_goodput_tps": predicted_tps, "plan_round_s": st.plan.round_s,
-                 "plan_goodput_tps": st.plan.goodput_tps, "tokens": tokens_total,
+                 "predicted_goodput_tps": predicted_tps, "plan_round_s": pol.plan.round_s,
+                 "plan_goodput_tps": pol.plan.goodput_tps, "tokens": tokens_total,
                  "goodput_tps": tokens_total / round_s if round_s > 0 else 0.0,
                  "overhead_s": overhead}
         if warmup:
             event["warmup"] = True
-        if ver["emulated_s"] is not None and ver["compute_s"] > ver["emulated_s"] * 1.001:
+        if ver.emulated_s is not None and ver.compute_s > ver.emulated_s * 1.001:
             event["verify_over_emulation"] = True
         self.emit(event)
-        self._next_prompts(st, out)
+        self._next_prompts(pol, out)
         return event
 
-    def _lose(self, st: PolicyState, name: str, why: str) -> None:
+    def _lose(self, pol: PolicyState, name: str, why: str) -> None:
         """A device's agent failed, mid-round or while starting a prompt (not a scheduled
         leave): drop it, say so (a ``lost`` event) and re-plan after the round (reason
         ``lost: ...``, the ``<kind>: ...`` form the report matches events with)."""
-        self.lab.remove_device(name)
-        st.devices[name].present = False
+        self.session.remove_device(name)
+        pol.devices[name].present = False
         if name not in self.lost:
             self.lost.append(name)
-        self.emit({"type": "event", "policy": st.policy, "kind": "lost", "device": name,
+        self.emit({"type": "event", "policy": pol.policy, "kind": "lost", "device": name,
                    "detail": {"error": why}, "applied_s": 0.0})
         self._pending_replan = True
 
-    def _next_prompts(self, st: PolicyState, out: dict) -> None:
-        for n in out["active"]:
-            dev = st.devices[n]
+    def _next_prompts(self, pol: PolicyState, out: Round) -> None:
+        for n in out.active:
+            dev = pol.devices[n]
             w = self.exp.workloads[dev.workload]
-            v = out["verify"]["verdicts"][n]
-            if v["eog"] or self.lab.last_tokens(n) >= w.max_tokens:
-                self._start_prompt(st, dev)
+            if out.verify.verdicts[n].eog or self.session.last_tokens(n) >= w.max_tokens:
+                self._start_prompt(pol, dev)
 
 
 def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Listener] = (),
         argv: list[str] | None = None, progress=lambda _m: None) -> tuple[Path, int]:
     """Run the experiment; returns the run folder and the exit code (see EXIT_*)."""
-    run_id, run_dir = records.create_run_dir(out_root, exp.name)
-    manifest = records.make_manifest(
+    run_id, run_dir = runs.create_run_dir(out_root, exp.name)
+    manifest = runs.make_manifest(
         run_id=run_id, experiment=exp.to_dict(), experiment_path=exp.path,
         inventory=exp.inventory, inventory_digest=exp.inventory.digest, profile=profile,
         models=manifest_models(exp.inventory, {}), seeds={"experiment": exp.seed}, argv=argv)
-    records.write_manifest(run_dir, manifest)
+    runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
-    with records.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
-        lab = LiveLab(exp.inventory, exp.channel, seed=exp.seed, progress=progress)
-        runner = None
+    with runs.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
+        session = LiveSession(exp.inventory, exp.channel, seed=exp.seed, progress=progress)
+        loop = None
         try:
-            lab.open()
+            session.open()
             # The agents are up: the manifest gets the model files they really loaded.
-            manifest["models"] = records.jsonable(manifest_models(exp.inventory, lab.models()))
-            records.write_manifest(run_dir, manifest)
-            runner = ExperimentRunner(exp, profile, lab, writer)
-            runner.emit({"type": "run_start", "run": run_dir.name,
+            manifest["models"] = runs.jsonable(manifest_models(exp.inventory, session.models()))
+            runs.write_manifest(run_dir, manifest)
+            loop = ExperimentLoop(exp, profile, session, writer)
+            loop.emit({"type": "run_start", "run": run_dir.name,
                          "policies": list(exp.policies), "t": 0.0})
             for policy in exp.policies:
-                runner.run_policy(policy)
-            if runner.lost:
+                loop.run_policy(policy)
+            if loop.lost:
                 status, code = "lost_devices", EXIT_LOST_DEVICES
         except KeyboardInterrupt:
             status, message, code = "interrupted", "interrupted (Ctrl-C)", EXIT_INTERRUPTED
@@ -450,13 +446,13 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
             status, message, code = "failed", str(exc).splitlines()[0][:500], EXIT_FAILED
             raise
         finally:
-            problems = lab.close()
+            problems = session.close()
             end = {"type": "run_end", "status": status, "message": message}
             if problems:
                 end["cleanup_problems"] = problems
-            if runner is not None:
-                runner.emit(end)
+            if loop is not None:
+                loop.emit(end)
             else:
                 writer.write({**end, "t": 0.0})
-    records.write_summary(run_dir)
+    runs.write_summary(run_dir)
     return run_dir, code

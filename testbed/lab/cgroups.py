@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from .errors import LabError
+from testbed.errors import LabError
 
 DEFAULT_PERIOD_US = 10_000
 

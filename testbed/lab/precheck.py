@@ -2,7 +2,7 @@
 
 For each node, through the same runner the lab and the cluster use (``remote.runner_for``):
 SSH reachable, host key known (or trusted on request), ``sudo -n tc`` allowed on the uplink
-interface, then one run of ``testbed/probe.py`` on the node (its source fed to
+interface, then one run of ``testbed/lab/probe.py`` on the node (its source fed to
 ``VENV/bin/python -``, so it works before testbed is installed there) for the Python, Ray,
 llama-cpp-python and testbed versions, free memory and disk, the CPU quota of emulated devices
 and the size and sha256 of the node's model file.
@@ -16,7 +16,7 @@ Main types: ``Check`` (one row: node, check, status, detail, fix), ``Report``;
 entry point ``check_inventory(inventory, trust_new=False)``. ``gather`` (I/O, per node) and
 ``evaluate`` (pure: facts -> checks) are separate so the rules are testable without nodes.
 
-Limits: a model given by registry name is resolved on this machine (``testbed.models``) and
+Limits: a model given by registry name is resolved on this machine (``testbed.inputs.models``) and
 expected at the same path on the node (true for the emulated lab; a real lab copies it there).
 """
 
@@ -30,10 +30,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from .errors import HostKeyError, RemoteError, TestbedError
-from .inventory import Inventory, Node
-from .remote import Runner, SSHRunner, runner_for, stderr_tail
-from .sshd import known_hosts_name
+from testbed.errors import HostKeyError, RemoteError, TestbedError
+from testbed.inputs.inventory import Inventory, Node
+from testbed.lab.remote import Runner, SSHRunner, runner_for, stderr_tail
+from testbed.lab.sshd import known_hosts_name
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
 MEMORY_MARGIN_BYTES = 256 * 2**20     # on top of the model file: context, Ray worker, Python
@@ -109,7 +109,7 @@ def model_target(node: Node) -> ModelTarget:
     if ref.path:
         return ModelTarget(ref.path, ref.sha256)
     try:
-        from . import models
+        from testbed.inputs import models
         resolve = models.resolve
     except (ImportError, AttributeError):
         return ModelTarget(None, None, f"model {ref.name!r}: registry not available",

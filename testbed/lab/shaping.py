@@ -1,6 +1,7 @@
 """Uplink shaping with tc htb: pure command text, then apply/change/clear/read through a Runner.
 
-Each device's uplink rate is ``share * bandwidth_hz * log2(1 + SNR)`` (``uplink_rate_bps``). Only
+The rates come from the live session (``LiveSession.set_shares``: a share of the band on the
+device's channel, ``control.model.uplink_rate_bps``); this module only applies them. Only
 the draft-upload path is shaped; Ray's control traffic and SSH must not be starved by a 50 kbit/s
 share. On the device's uplink interface (inside its namespace in the emulated lab, the real NIC
 on a real device) the root qdisc is an htb with two classes:
@@ -11,9 +12,8 @@ on a real device) the root qdisc is an htb with two classes:
   unshaped. Both classes hang off the root: no borrowing, so data never exceeds its rate.
   The data connection's pure ACKs (IPv4 length 40 or 52: no data) go here too, by two filters
   checked before the data filter. The device ACKs every acknowledgement byte the server sends
-  after an upload: 66 bytes per round that the goodput model does not know about, which at a
-  small share (2.5 kbit/s) outlasted the idle time between rounds and delayed the next draft
-  by ~0.1 s (measured); in an FDMA band they would not exist.
+  after an upload: bytes per round that the goodput model does not know about and that an
+  FDMA band would not carry (docs/emulated-lab.md, "Uplink shaping").
 
 A live run moves shares with ``tc class change`` on ``1:10`` (``change_commands``): no
 teardown, the queue and the filter stay, the new rate holds from the next packet.
@@ -24,17 +24,14 @@ let a whole draft through a 50 kbit/s share at once. The data path (``datapath.p
 each upload with a 1-byte trailer segment and counts the upload as arrived when the trailer
 does; the shaper holds the trailer until the payload's bytes are paid for, so the upload time is
 ``(wire bytes - burst) / rate``. We therefore set burst = cburst = the bytes of ``BURST_S`` (1 ms)
-at the class's rate (at least 1 byte): an upload is seen at most 1 ms early, at any rate.
-Measured here (200 kbit/s, 500-byte payload): the trailer arrived 22.6 ms after the payload
-with this burst (wire bytes / rate = 22.6 ms) and at 0 ms with a 1514-byte burst. A larger
-bucket would also absorb timer lateness at high rates; 1 ms kept bulk TCP within 5% of the rate
-from 100 kbit/s to 20 Mbit/s, where a 1-byte burst lost 20% at 20 Mbit/s. ``change`` recomputes
-the burst with the rate. Still, a token bucket never delays the FIRST packet after an idle gap:
+at the class's rate (at least 1 byte): an upload is seen at most 1 ms early, at any rate, and
+bulk TCP still gets its rate at high rates (the measurements behind the 1 ms are in
+docs/emulated-lab.md, "Uplink shaping"). ``change`` recomputes the burst with the rate. Still, a token bucket never delays the FIRST packet after an idle gap:
 without the trailer, a one-packet upload would not be slowed at all (netem, which could delay
 it, is missing from this kernel).
 
 GSO. htb charges a GSO super-packet (TCP segmentation offload on veth or a NIC) as one packet
-and let TCP through about 16% above the configured rate at 200 kbit/s here. ``apply`` therefore
+and lets TCP through well above the configured rate (docs/emulated-lab.md). ``apply`` therefore
 sets ``gso_max_segs 1`` on the interface (one frame per skb); ``clear`` restores the device's
 ``tso_max_segs`` (the kernel's default). With it, measured rates are within a few % of the
 configured one (docs/emulated-lab.md has the numbers). On a real device this needs
@@ -51,8 +48,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import ShapingError
-from .remote import Runner, join
+from testbed.errors import ShapingError
+from testbed.lab.remote import Runner, join
 
 HANDLE = "1:"
 DATA_CLASS = "1:10"
@@ -68,15 +65,6 @@ PURE_ACK_IP_BYTES = (40, 52)          # IPv4 length of a TCP segment without dat
 MIN_RATE_BPS = 100                    # the kernel keeps rates in bytes/s: below this its rounding
                                       # (up to 8 bit/s) would exceed 8 %; a small share on a weak
                                       # channel of a narrow band really is this slow
-
-
-def uplink_rate_bps(share: float, bandwidth_hz: float, snr_db: float) -> float:
-    """Shannon rate of a share of the band: share * B * log2(1 + 10^(snr_db / 10)), in bit/s."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be in [0, 1], got {share}")
-    if bandwidth_hz <= 0:
-        raise ValueError(f"bandwidth_hz must be positive, got {bandwidth_hz}")
-    return share * bandwidth_hz * math.log2(1.0 + 10.0 ** (snr_db / 10.0))
 
 
 def burst_bytes_for(rate_bps: float) -> int:

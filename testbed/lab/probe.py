@@ -1,6 +1,6 @@
 """What a node has: run ON the node, prints one JSON object (schema ``testbed.probe/1``).
 
-    VENV/bin/python -m testbed.probe [--model PATH ...]
+    VENV/bin/python -m testbed.lab.probe [--model PATH ...]
 
 Reports hostname, IPv4 addresses, interface names, Python, Ray, llama-cpp-python (and whether it
 can offload to a GPU) and testbed versions, CPU count,
@@ -9,7 +9,7 @@ process's CPU quota, kernel, ``tc`` version, and for each ``--model`` its size a
 error). Nothing here raises: what cannot be found is ``null`` with an ``*_error`` string beside it.
 
 The module is self-contained on purpose (standard library, plus psutil when installed): the
-precheck (``testbed/precheck.py``) feeds this file's source to ``VENV/bin/python -`` on the node,
+precheck (``testbed/lab/precheck.py``) feeds this file's source to ``VENV/bin/python -`` on the node,
 so it works on a node where testbed itself is not installed yet, and tells how to fix that.
 Ray's version is read from the package metadata (importing Ray costs seconds); llama_cpp is
 imported for real (about 0.4 s) because an installed but unloadable library is a failure.
@@ -225,7 +225,7 @@ def _user() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbed.probe",
+    parser = argparse.ArgumentParser(prog="python -m testbed.lab.probe",
                                      description="Print what this node has, as one JSON object.")
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="a model file to size and hash (repeatable)")

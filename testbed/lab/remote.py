@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from .errors import HostKeyError, RemoteError
+from testbed.errors import HostKeyError, RemoteError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .inventory import Inventory, Node
+    from testbed.inputs.inventory import Inventory, Node
 
 _log = logging.getLogger(__name__)
 STDERR_TAIL_CHARS = 600
@@ -312,7 +312,8 @@ class SSHRunner(Runner):
 
     def _open(self):
         import paramiko
-        from .sshd import add_known_host, known_hosts_name
+
+        from testbed.lab.sshd import add_known_host, known_hosts_name
 
         runner = self
         host_name = known_hosts_name(self.host, self.port)

@@ -46,11 +46,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import cgroups, lab, procs
-from .errors import ClusterError, RemoteError
-from .inventory import Inventory, Node
-from .records import atomic_write_json, read_json
-from .remote import LocalRunner, Runner, runner_for
+from testbed.errors import ClusterError, RemoteError, StateError
+from testbed.files import atomic_write_json, read_json
+from testbed.inputs.inventory import Inventory, Node
+from testbed.lab import cgroups, emulated, procs
+from testbed.lab.remote import LocalRunner, Runner, runner_for
 
 SCHEMA = "testbed.cluster/1"
 STATE_FILE = "cluster.json"
@@ -232,7 +232,7 @@ def state_path(inv: Inventory) -> Path:
 
 def load_state(inv: Inventory) -> dict | None:
     path = state_path(inv)
-    return read_json(path, SCHEMA) if path.exists() else None
+    return read_json(path, StateError, schema=SCHEMA) if path.exists() else None
 
 
 def _save(inv: Inventory, state: dict) -> None:
@@ -268,7 +268,7 @@ def check_versions(inv: Inventory, runners: dict[str, Runner]) -> dict[str, dict
 
 def up(inv: Inventory, progress: Progress = _quiet) -> dict:
     """Start the cluster (after the version check) and wait until every node has joined."""
-    if inv.kind == "emulated" and not lab.status(inv).ok:
+    if inv.kind == "emulated" and not emulated.status(inv).ok:
         raise ClusterError(f"the emulated lab is not up: run `testbed lab up {inv.path}`")
     state = load_state(inv)
     if state is not None:
@@ -346,7 +346,7 @@ class raised_quotas:
         for node in self.inv.devices:
             if self.names is not None and node.name not in self.names:
                 continue
-            g = cgroups.CpuGroup(version, mount, lab.cgroup_rel(self.inv, node))
+            g = cgroups.CpuGroup(version, mount, emulated.cgroup_rel(self.inv, node))
             if node.cpu_quota is not None and node.cpu_quota < START_QUOTA_CORES:
                 self.groups.append((g, node.cpu_quota))
                 cgroups.set_quota(g, START_QUOTA_CORES)
@@ -380,7 +380,7 @@ def _node_pids(inv: Inventory, node: Node) -> list[int]:
     pids = set(procs.with_args_containing(temp_dir(inv, node) + "/"))
     if node.role == "device":
         r = LocalRunner("lab")
-        for pid in lab.netns_pids(r, lab.netns_name(inv, node)):
+        for pid in emulated.netns_pids(r, emulated.netns_name(inv, node)):
             cmd = procs.cmdline(pid)
             if cmd and not Path(cmd[0]).name.startswith("sshd") and not cmd[0].startswith("sshd"):
                 pids.add(pid)

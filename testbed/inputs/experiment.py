@@ -26,11 +26,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ExperimentError
-from .control.problem import POLICY_NAMES
-from .inventory import Channel, Inventory, load_inventory
-from .prompts import PromptSet, load_prompts
-from .yamlio import Section, load_yaml
+from testbed.control.problem import POLICY_NAMES
+from testbed.errors import ExperimentError
+from testbed.channel import Channel, parse_channel
+from testbed.inputs.inventory import Inventory, load_inventory
+from testbed.inputs.prompts import PromptSet, load_prompts
+from testbed.yamlio import Section, load_yaml
 
 SCHEMA = "testbed.experiment/1"
 # The policy names of the CLI contract (docs: goodput-model.md, "Policies").
@@ -194,29 +195,9 @@ def _policies(root: Section) -> tuple[str, ...]:
 
 
 def _channel(root: Section, inv: Inventory) -> Channel:
+    """The inventory's channel with the experiment's overrides (``channel.parse_channel``)."""
     sec = root.section("channel", None)
-    if sec is None:
-        return inv.channel
-    over: dict = {}
-    if sec.has("bandwidth_hz"):
-        over["bandwidth_hz"] = sec.number("bandwidth_hz", min=0, min_exclusive=True)
-    if sec.has("payload"):
-        over["payload"] = sec.str("payload", choices=("ids", "topk"))
-    if sec.has("top_k"):
-        over["top_k"] = sec.integer("top_k", min=1, max=256)
-    if sec.has("header_bits"):
-        over["header_bits"] = sec.integer("header_bits", min=0)
-    if sec.has("max_draft_len"):
-        over["max_draft_len"] = sec.integer("max_draft_len", min=1, max=64)
-    if sec.has("baseline_draft_len"):
-        over["baseline_draft_len"] = sec.integer("baseline_draft_len", min=1, max=64)
-    sec.done()
-    channel = dataclasses.replace(inv.channel, **over)
-    if channel.baseline_draft_len > channel.max_draft_len:
-        key = "baseline_draft_len" if "baseline_draft_len" in over else "max_draft_len"
-        raise sec.error(key, f"baseline_draft_len {channel.baseline_draft_len} exceeds "
-                        f"max_draft_len {channel.max_draft_len}")
-    return channel
+    return inv.channel if sec is None else parse_channel(sec, inv.channel)
 
 
 def _workloads(root: Section, base: Path, channel: Channel) -> dict[str, Workload]:

@@ -23,6 +23,10 @@ length`` ``name`` ``body``. Types: DRAFT (body = the engine's payload), END (tra
 BULK (link measurement: body = filler bytes), PING. The server answers END and PING with one ACK
 byte on the same connection (the downlink is not shaped).
 
+Sizes on the wire: ``wire_bytes`` (a transfer plus one TCP/IP/Ethernet header per segment),
+``trailer_bytes`` and ``metered_bits`` (what the shaper meters for one upload: the unit of the
+profile's ``header_bits`` and ``bits_per_draft_token`` and of every link-rate estimate).
+
 Main types: ``UploadReceiver`` (server: a thread that accepts connections, reassembles uploads,
 ``wait_for(round, names)``), ``UploadClient`` (device: ``send(round, payload) -> Upload``,
 ``bulk(nbytes)``, ``ping()``).
@@ -32,18 +36,40 @@ Limits: one upload in flight per device; IPv4; no authentication (the lab networ
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
 
-from .errors import RemoteError
+from testbed.errors import RemoteError
 
 DRAFT, END, BULK, PING = 1, 2, 3, 4
 ACK = b"\x06"
 _HEAD = struct.Struct("!IBIH")        # length, type, round, name length
 _MAX_FRAME = 64 * 1024 * 1024
+
+
+FRAME_OVERHEAD_BYTES = 66       # per TCP segment on the wire: Ethernet 14 + IPv4 20 + TCP 32
+MSS_BYTES = 1448                # TCP payload per segment on a 1500-byte MTU with timestamps
+
+
+def wire_bytes(app_bytes: int, mss: int = MSS_BYTES) -> int:
+    """Bytes on the wire for ``app_bytes`` sent in one go over TCP (headers per segment)."""
+    return app_bytes + max(1, math.ceil(app_bytes / mss)) * FRAME_OVERHEAD_BYTES
+
+
+def trailer_bytes(name: str) -> int:
+    """The END frame of device ``name`` (counted in a step's ``wire_bytes``)."""
+    return len(frame(END, 0, name))
+
+
+def metered_bits(name: str, step_wire_bytes: int) -> float:
+    """Bits the shaper meters for one upload of device ``name`` whose step reported
+    ``step_wire_bytes`` (trailer frame included): the unit of the profile's ``header_bits`` and
+    ``bits_per_draft_token``, so the one every estimate of a link rate must use too."""
+    return 8.0 * wire_bytes(step_wire_bytes - trailer_bytes(name))
 
 
 def frame(kind: int, round_id: int, name: str, body: bytes = b"") -> bytes:

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelFileError
-from .records import atomic_write_bytes
-from .inventory import ModelRef
+from testbed.errors import ModelFileError
+from testbed.files import atomic_write_bytes
+from testbed.inputs.inventory import ModelRef
 
 SCHEMA = "testbed.models/1"
 REGISTRY_FILE = "registry.json"
@@ -210,7 +210,7 @@ def quantize(src: Path, dst: Path, quantization: str, *, threads: int = 2) -> No
     """Re-quantize ``src`` into ``dst`` with llama.cpp's quantizer (written atomically)."""
     import llama_cpp as C
 
-    from .engine.native import check_gguf_file, last_log, quiet
+    from testbed.engine.native import check_gguf_file, last_log, quiet
 
     check_gguf_file(src)
     quiet()
@@ -292,7 +292,7 @@ def resolve(ref: ModelRef | str | os.PathLike, sha256: str | None = None, *,
     The file must exist and be a GGUF; when a sha256 is known (given, in the ``ModelRef``, or
     recorded in the registry for a name) the file must match it.
     """
-    from .engine.native import check_gguf_file
+    from testbed.engine.native import check_gguf_file
 
     if isinstance(ref, ModelRef):
         sha256 = sha256 or ref.sha256
@@ -312,7 +312,7 @@ def resolve(ref: ModelRef | str | os.PathLike, sha256: str | None = None, *,
 
 
 def _resolve_name(name: str, sha256: str | None, root: Path | None) -> Path:
-    from .engine.native import check_gguf_file
+    from testbed.engine.native import check_gguf_file
 
     root = Path(root) if root else models_dir()
     entries = _read_registry(root)
@@ -344,7 +344,7 @@ def check_pair(target_path: str | os.PathLike, draft_path: str | os.PathLike) ->
 
     Same tokenizer type, same number of tokens and the same text for every token id.
     """
-    from .engine.native import Model
+    from testbed.engine.native import Model
 
     with Model.open(target_path, vocab_only=True) as t, Model.open(draft_path, vocab_only=True) as d:
         where = f"target {t.path} and draft {d.path}"

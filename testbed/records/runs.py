@@ -11,9 +11,9 @@ A live run leaves three files (format in docs/records.md):
   events by the pure function ``summarize`` (so a crashed run's summary can be recomputed).
 
 Main entry points: ``create_run_dir``, ``make_manifest``/``write_manifest``, ``EventWriter``,
-``read_events`` (tolerates a truncated last line), ``summarize``, ``write_summary``, and the
-generic ``atomic_write_text``/``atomic_write_json``/``atomic_write_bytes`` used project-wide.
-Reading a folder that is missing or garbled raises ``RecordsError`` (one line, exit 2).
+``read_events`` (tolerates a truncated last line), ``summarize``, ``write_summary``. Files are
+written with ``testbed.files`` (atomically) and read with its JSON reader: a folder that is
+missing or garbled raises ``RecordsError`` (one line, exit 2).
 
 Limits: one writer per events file; ``summarize`` keeps every round in memory (fine for runs of
 up to millions of rounds).
@@ -21,9 +21,7 @@ up to millions of rounds).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import ipaddress
 import json
 import math
 import os
@@ -32,13 +30,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import RecordsError
+from testbed import files
+from testbed.errors import RecordsError
+from testbed.files import atomic_write_json, dumps, jsonable
 
 MANIFEST_SCHEMA = "testbed.manifest/1"
 SUMMARY_SCHEMA = "testbed.summary/1"
@@ -49,106 +48,9 @@ BASELINES = ("agnostic-fixed", "server-only")   # the policies gains are measure
 RUN_STATUSES = ("ok", "lost_devices", "interrupted", "failed")
 
 
-# -- atomic files ----------------------------------------------------------------------------
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace.
-
-    A reader sees the old file or the new one, never a half-written one; an interrupted write
-    leaves no temp file behind.
-    """
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode & 0o777      # keep a replaced file's permissions
-    except FileNotFoundError:
-        mode = 0o644                            # mkstemp's 0600 would hide records from others
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every filesystem allows fsync on a folder
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, dumps(obj, indent=2) + "\n")
-
-
-# -- JSON ------------------------------------------------------------------------------------
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON data from dataclasses, paths, addresses, tuples, sets and numpy scalars.
-
-    Non-finite floats become None (JSON has no NaN); dataclass fields declared with
-    ``repr=False`` (caches, line tables) are left out.
-    """
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.repr}
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (Path, ipaddress.IPv4Network, ipaddress.IPv4Address)):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):      # numpy scalar
-        return jsonable(obj.item())
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy array
-        return jsonable(obj.tolist())
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
-def dumps(obj: Any, indent: int | None = None) -> str:
-    try:
-        return json.dumps(obj, indent=indent, allow_nan=False,
-                          separators=None if indent else (",", ":"))
-    except (TypeError, ValueError):
-        return json.dumps(jsonable(obj), indent=indent, allow_nan=False,
-                          separators=None if indent else (",", ":"))
-
-
 def read_json(path: str | Path, schema: str | None = None) -> dict:
-    """A JSON object from a run folder; RecordsError when missing, garbled or of another schema."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecordsError("file not found", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecordsError(f"cannot read: {exc}", source=str(path)) from None
-    except json.JSONDecodeError as exc:
-        raise RecordsError(f"not valid JSON: {exc.msg}", source=str(path),
-                           line=exc.lineno) from None
-    if not isinstance(data, dict):
-        raise RecordsError("expected a JSON object", source=str(path))
-    if schema is not None and data.get("schema") != schema:
-        raise RecordsError(f'expected schema "{schema}", got {json.dumps(data.get("schema"))}',
-                           source=str(path), field="schema")
-    return data
+    """A JSON object from a run folder (``files.read_json``; RecordsError when it is not one)."""
+    return files.read_json(path, RecordsError, schema=schema)
 
 
 # -- the run folder --------------------------------------------------------------------------
@@ -222,7 +124,7 @@ def tc_version() -> str | None:
 
 
 def versions() -> dict:
-    from . import __version__
+    from testbed import __version__
     return {"python": platform.python_version(),
             "ray": _dist_version("ray", "ray"),
             "llama_cpp": _dist_version("llama_cpp_python", "llama_cpp"),
