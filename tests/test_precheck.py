@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import require_tools
 from sshd_helper import free_port, sshd_server  # noqa: F401 (fixture)
 
 from testbed import cli
@@ -271,3 +272,28 @@ def test_registry_name_resolves_through_models(tmp_path, monkeypatch):
     node = dataclasses.replace(rpi(), model=ModelRef(name="smollm2-135m-q8_0"))
     t = model_target(node)
     assert t.path is None and "smollm2-135m-q8_0" in t.error and "prepare" in t.fix
+
+
+def test_check_refuses_an_emulated_lab_that_is_down_before_any_connection(tmp_path, capsys,
+                                                                            monkeypatch):
+    """Its addresses are not on this machine while the lab is down: a connection would follow
+    the default route off it. The check must stop at once and say how to bring the lab up."""
+    require_tools("ip")
+    from lab_helper import write_inventory
+
+    import testbed.lab.remote as remote_mod
+    from testbed.cli import main
+    inv = write_inventory(tmp_path, name="downlab", octet=13, prefix="tbz-", bridge="tbz0",
+                          cgroup="tbztest", ray_port=6386, data_port=47186,
+                          devices=[("dev-a", 0.5, 20.0)])
+    opened = []
+    real = remote_mod.SSHRunner.__init__
+
+    def spy(self, *a, **kw):            # observes every SSH runner made: none may be
+        opened.append(a)
+        real(self, *a, **kw)
+    monkeypatch.setattr(remote_mod.SSHRunner, "__init__", spy)
+    assert main(["check", str(inv.path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "testbed lab up" in err[0] and str(inv.path) in err[0]
+    assert opened == []

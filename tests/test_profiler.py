@@ -26,11 +26,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tools
+from conftest import require_root, require_tools, wait_until
 
 from testbed.control.model import arrays, evaluate
 from testbed.control.problem import problem_from_profile
@@ -512,25 +512,26 @@ def test_ctrl_c_leaves_no_file_and_keeps_the_old_one(lab_inv, tmp_path):
     from testbed.lab import cluster
     out = tmp_path / "p.json"
     out.write_text('{"old": true}\n')
-    # Unbuffered: the line that says the profile is under way must reach us when it is printed,
-    # not when a pipe buffer fills or the process ends (then the Ctrl-C would come too late).
+    # The Ctrl-C must land while the profile measures: wait until its links are shaped (tc
+    # qdiscs on the devices, seen in the kernel: no dependence on when the output is flushed).
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "profile", str(lab_inv.path),
                              "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen, deadline = [], time.monotonic() + 180
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        for line in proc.stdout:                 # wait until the profile is under way
-            seen.append(line)
-            if "shaping the uplinks" in line or time.monotonic() > deadline:
-                break
-        assert any("shaping the uplinks" in s for s in seen), "".join(seen)
+        shaped = wait_until(lambda: proc.poll() is not None or _tc_on_devices(lab_inv),
+                            timeout_s=240, interval_s=0.5)
+        assert shaped and proc.poll() is None, "".join(output)
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, "".join(seen) + rest
+    rest = "".join(output)
+    assert proc.returncode == 130, rest
     assert "interrupted" in rest
     assert out.read_text() == '{"old": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]     # no temp file

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from testbed.errors import HostKeyError, RemoteError, TestbedError
+from testbed.errors import HostKeyError, LabError, RemoteError, TestbedError
 from testbed.inputs.inventory import Inventory, Node
 from testbed.lab.remote import Runner, SSHRunner, runner_for, stderr_tail
 from testbed.lab.sshd import known_hosts_name
@@ -384,8 +384,16 @@ def check_inventory(inventory: Inventory, *, trust_new: bool = False,
                     runner_factory: Callable[[Node], Runner] | None = None,
                     on_node: Callable[[str], None] | None = None,
                     probe_timeout_s: float = 600.0) -> Report:
-    """Check every node (in parallel); the Report's checks are in inventory order."""
+    """Check every node (in parallel); the Report's checks are in inventory order.
+
+    An emulated inventory whose lab is down is refused at once (``LabError``), before any
+    connection: its addresses are not on this machine then, and a connection would leave it."""
     trusted: list[str] = []
+    if runner_factory is None and inventory.kind == "emulated":
+        from testbed.lab import emulated
+        if not emulated.status(inventory).ok:
+            raise LabError(f"{inventory.path}: the emulated lab is not up, so its nodes cannot be "
+                           f"checked: run `testbed lab up {inventory.path}` first")
     if runner_factory is None:
         def runner_factory(node: Node) -> Runner:
             return runner_for(node, inventory, trust_new=trust_new, on_new_host=trusted.append)
