@@ -45,3 +45,32 @@ def test_close_waits_for_tc_work_in_flight_and_refuses_new_work():
     worker.join(30)
     closer.join(30)
     assert not closer.is_alive() and problems == []
+
+
+def test_the_session_turns_shares_and_snr_into_rates_with_the_controllers_function():
+    """The one place a share becomes a tc rate: the Shannon rate of that share of the band on
+    the device's true channel (the function the controller plans with), at least what tc can
+    hold. Before ``open`` no device has a shell, so nothing is applied: only the state moves."""
+    from testbed.control.model import uplink_rate_bps
+    from testbed.lab.shaping import MIN_RATE_BPS
+    inv = load_inventory(ROOT / "inventory" / "local.yaml")
+    session = LiveSession(inv)
+    band = inv.channel.bandwidth_hz
+    assert session.rate_bps("dev-a", 0.5) == pytest.approx(uplink_rate_bps(0.5, band, 22.0))
+    session.set_shares({"dev-a": 0.25, "dev-d": 0.0})
+    assert session.devices["dev-a"].share == 0.25
+    assert session.rate_bps("dev-a") == pytest.approx(uplink_rate_bps(0.25, band, 22.0))
+    assert session.rate_bps("dev-d") == MIN_RATE_BPS             # no share: tc's floor
+    session.set_snr("dev-a", -5.0)                               # the channel collapses
+    assert session.rate_bps("dev-a") == pytest.approx(uplink_rate_bps(0.25, band, -5.0))
+    assert session.devices["dev-a"].rate_bps is None             # nothing applied without a shell
+    session.close()
+
+
+def test_link_share_is_the_planned_share_or_an_equal_one_when_not_drafting():
+    from testbed.control.problem import DevicePlan, Plan
+    from testbed.live.loop import link_share
+    plan = Plan("multispin-heterogeneous", 1.0, 10.0, (
+        DevicePlan("a", 4, 0.7, 70_000.0, 3.0), DevicePlan("b", 0, 0.0, 0.0, 1.0),
+        DevicePlan("c", 2, 0.3, 30_000.0, 2.0)))
+    assert [link_share(plan, n) for n in ("a", "b", "c", "zz")] == [0.7, 1 / 3, 0.3, 1 / 3]

@@ -1,10 +1,11 @@
 """The live experiment loop: policies back to back on a running lab, re-planned as it goes.
 
-``run_experiment(exp, profile, out_root)`` opens a ``LiveSession`` on the experiment's inventory and,
-for each policy in turn, on the same prompts with the same seeds:
+``run(exp, profile, out_root)`` opens a ``LiveSession`` on the experiment's inventory and, with
+an ``ExperimentLoop``, for each policy in turn, on the same prompts with the same seeds:
 
-1. plans from the profile (``control``), applies the plan (``tc class change`` for the shares, the
-   draft lengths are simply the next round's argument), starts every device on its first prompt;
+1. plans from the profile (``control``), applies the plan (the session turns the shares into
+   ``tc`` rates: ``set_shares``; the draft lengths are simply the next round's argument), starts
+   every device on its first prompt;
 2. runs synchronous rounds (draft -> upload through the shaped link -> one batched verification)
    until the policy's budget is spent, recording every round with the model's prediction for the
    plan in force: a forecast made before the round, from the estimates of the rounds so far
@@ -12,8 +13,8 @@ for each policy in turn, on the same prompts with the same seeds:
 3. feeds every round to the online estimator and, every ``replan.interval_rounds``, re-plans;
    a new plan replaces the old one only when the re-plan rule says so (hysteresis); with
    ``replan.surprise`` also right after a round that took far longer than predicted;
-4. applies the scheduled events for real: an SNR change moves the device's ``tc`` rate (the
-   controller is not told: it sees slower uploads), a workload switch starts the next prompt of
+4. applies the scheduled events for real: an SNR change moves the device's channel
+   (``set_snr``: its ``tc`` rate follows; the controller is not told: it sees slower uploads), a workload switch starts the next prompt of
    the new set, a device that leaves has its Ray actor killed, one that rejoins gets a new one.
    Membership changes re-plan at once. A workload switch is known to the controller: the
    device's acceptance estimate restarts from the profile's value for the new workload (when
@@ -32,8 +33,8 @@ hashed on that node: ``manifest_models``).
 The loop's pure decisions are free functions, used by the loop, the tests and
 ``bench/forecast_replay.py`` alike: ``profile_problem`` (the profile as the controller's
 problem), ``observation`` / ``observe_round`` (what the estimator learns from a round record),
-``forecast`` (the plan in force under the current estimates) and ``surprising`` (the
-``replan.surprise`` rule).
+``forecast`` (the plan in force under the current estimates), ``surprising`` (the
+``replan.surprise`` rule) and ``link_share`` (the share a device's link gets under a plan).
 
 Limits: the server's cost is taken from the profile, not re-estimated live (see observe_round);
 rounds are synchronous (the slowest device sets the pace, as in the model); prefills of
