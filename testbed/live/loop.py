@@ -73,7 +73,6 @@ class DeviceRun:
     index: int
     workload: str
     prompt_index: int = 0
-    snr_db: float = 0.0
     present: bool = True
 
 
@@ -215,9 +214,9 @@ class ExperimentLoop:
 
     def run_policy(self, policy: str) -> None:
         exp = self.exp
-        devs = {d.name: DeviceRun(d.name, i, exp.device_workloads[d.name],
-                                  snr_db=d.snr_db)
+        devs = {d.name: DeviceRun(d.name, i, exp.device_workloads[d.name])
                 for i, d in enumerate(exp.inventory.devices)}
+        self.session.reset_channels()  # every policy starts on the inventory's channels
         # Devices that left during the previous policy come back for this one.
         for name in list(self.session.devices):
             if not self.session.devices[name].active and name not in self.lost:
@@ -286,8 +285,7 @@ class ExperimentLoop:
         t0 = self.clock()
         detail: dict = {}
         if ev.kind == "snr_change":
-            detail = {"snr_db": ev.snr_db, "from_db": dev.snr_db}
-            dev.snr_db = ev.snr_db
+            detail = {"snr_db": ev.snr_db, "from_db": self.session.devices[dev.name].snr_db}
             read: dict = {}
             self.session.set_snr(dev.name, ev.snr_db, read_back=read)
             detail["rate_bps"] = self.session.devices[dev.name].rate_bps

@@ -283,17 +283,25 @@ class LiveSession:
         self.devices[name].snr_db = float(snr_db)
         return self._apply_rates([name], read_back)
 
+    def reset_channels(self) -> None:
+        """Every device back on its inventory SNR (an experiment's SNR events changed them); the
+        next ``set_shares`` applies the rates."""
+        for dev in self.devices.values():
+            dev.snr_db = dev.node.snr_db
+
     def _apply_rates(self, names: list[str], read_back: dict | None) -> float:
         t0 = time.perf_counter()
 
         def one(name: str) -> None:
             dev = self.devices[name]
             rate = self.rate_bps(name)
-            if dev.rate_bps is not None and abs(rate - dev.rate_bps) < 1.0:
+            changed = dev.rate_bps is None or abs(rate - dev.rate_bps) >= 1.0
+            if not changed and read_back is None:
                 return
             with self._tc_work():
-                shaping.change(dev.shell, dev.node.interface, rate)
-                dev.rate_bps = rate
+                if changed:
+                    shaping.change(dev.shell, dev.node.interface, rate)
+                    dev.rate_bps = rate
                 if read_back is not None:
                     read_back[name] = shaping.read_rate_bps(dev.shell, dev.node.interface)
         list(self._pool.map(one, [n for n in names if self.devices[n].shell is not None]))
