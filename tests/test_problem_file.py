@@ -71,6 +71,8 @@ BAD = [
      "bits_per_draft_token: must be greater than 0"),
     ("fractional length", lambda d: d.update(max_draft_len=4.5),
      "max_draft_len: expected a whole number, got 4.5"),
+    ("draft length over the one limit", lambda d: d.update(max_draft_len=65),
+     "max_draft_len: must be at most 64"),
     ("baseline over max", lambda d: d.update(baseline_draft_len=9),
      "baseline_draft_len: must be at most max_draft_len (8), got 9"),
     ("server free", lambda d: d.update(server={"verify_base_s": 0, "verify_per_token_s": 0}),
