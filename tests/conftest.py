@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -54,3 +55,10 @@ def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05):
         if value or time.monotonic() > end:
             return value
         time.sleep(interval_s)
+
+
+def as_in_a_terminal() -> None:
+    """``preexec_fn`` for a child a test will Ctrl-C: SIGINT back to its default. A shell runs
+    background jobs (``cmd &``, as a CI script or nohup may) with SIGINT ignored, children
+    inherit that, and Python then never raises KeyboardInterrupt: the Ctrl-C would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

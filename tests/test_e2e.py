@@ -35,8 +35,13 @@ ROUNDS = 10
 
 
 def _inventory(tmp: Path) -> Path:
+    """inventory/local.yaml under names of its own: its name too, since the Ray temp dirs (and
+    so which processes ``cluster.down`` stops) follow it; a copy named "local" stopped the
+    user's own local lab's cluster."""
     text = (ROOT / "inventory/local.yaml").read_text()
-    text = (text.replace("10.77.0.", "10.77.6.").replace("bridge: tb0", "bridge: tbe0")
+    assert "\nname: local\n" in text
+    text = (text.replace("\nname: local\n", "\nname: e2etest\n")
+            .replace("10.77.0.", "10.77.6.").replace("bridge: tb0", "bridge: tbe0")
             .replace("interface: tb0", "interface: tbe0")
             .replace("netns_prefix: tb-", f"netns_prefix: tbe-\n  state_dir: {tmp / 'state'}\n"
                      "  cgroup: testbed-e2e")

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tools, wait_until
+from conftest import as_in_a_terminal, require_root, require_tools, wait_until
 
 from testbed.control.model import arrays, evaluate
 from testbed.control.problem import problem_from_profile
@@ -516,7 +516,8 @@ def test_ctrl_c_leaves_no_file_and_keeps_the_old_one(lab_inv, tmp_path):
     # qdiscs on the devices, seen in the kernel: no dependence on when the output is flushed).
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "profile", str(lab_inv.path),
                              "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            preexec_fn=as_in_a_terminal)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
