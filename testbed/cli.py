@@ -21,7 +21,7 @@ from testbed import __version__
 from testbed.errors import InputError, TestbedError
 
 # Order is the order shown in --help.
-COMMANDS = ["demo", "inventory", "experiment", "lab", "check", "up", "down", "models", "spec", "plan", "profile", "run",
+COMMANDS = ["demo", "inventory", "experiment", "lab", "provision", "check", "up", "down", "models", "spec", "plan", "profile", "run",
             "report"]
 
 

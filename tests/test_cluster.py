@@ -7,6 +7,7 @@ prefix tbc-, Ray port 6391) with a cluster on it, once for the module.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -69,10 +70,15 @@ def test_version_check_names_the_node_and_the_fix(inv):
     same = {"python": "3.11.7", "ray": "2.60.0"}
     ok = {n.name: dict(same) for n in inv.nodes}
     assert cluster.version_problems(inv, ok) == []
-    bad = dict(ok, **{"dev-b": {"python": "3.11.2", "ray": "2.59.0"}})
+    bad = dict(ok, **{"dev-b": {"python": "3.11.7", "ray": "2.59.0"}})
     (msg,) = cluster.version_problems(inv, bad)
     assert msg.startswith("node dev-b: Ray 2.59.0, the server has 2.60.0")
     assert "pip install ray==2.60.0" in msg
+    # Ray's own rule (versions.py): the patch level counts, unless python_match: minor.
+    bad = dict(ok, **{"dev-b": {"python": "3.11.2", "ray": "2.60.0"}})
+    (msg,) = cluster.version_problems(inv, bad)
+    assert msg.startswith("node dev-b: Python 3.11.2, the server has 3.11.7") and "patch" in msg
+    assert cluster.version_problems(dataclasses.replace(inv, python_match="minor"), bad) == []
     bad = dict(ok, **{"dev-a": {"python": "3.10.12", "ray": "2.60.0"}})
     (msg,) = cluster.version_problems(inv, bad)
     assert msg.startswith("node dev-a: ") and "Python 3.10" in msg and "3.11" in msg

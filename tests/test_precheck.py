@@ -64,8 +64,8 @@ def test_all_checks_pass_on_a_good_lab(sshd_server, tmp_path, model):
     report = check_inventory(inv)
     assert report.passed, [c for c in report.checks if c.status != OK]
     names = [c.name for c in report.checks if c.node == "dev-1"]
-    assert names == ["ssh", "host key", "sudo tc", "python", "ray", "llama-cpp", "testbed",
-                     "memory", "disk", "model"]
+    assert names == ["ssh", "host key", "sudo tc", "sudo ip gso", "python", "ray", "llama-cpp",
+                     "testbed", "memory", "disk", "model"]
     assert "matches" in by(report, "dev-1", "model").detail
     assert by(report, "dev-1", "ray").detail == metadata.version("ray")
     assert by(report, "srv", "ssh").detail == "local node (no SSH)"
@@ -166,7 +166,7 @@ def test_cli_exit_codes_and_table(sshd_server, tmp_path, model, capsys):
     inv = write_inventory(tmp_path / "good.yaml", sshd_server, path, sha)
     assert cli.main(["check", str(inv)]) == 0
     out = capsys.readouterr().out
-    assert "dev-1" in out and "all 19 checks passed" in out
+    assert "dev-1" in out and "all 20 checks passed" in out
     bad = write_inventory(tmp_path / "bad.yaml", sshd_server, path, "f" * 64)
     assert cli.main(["check", str(bad)]) == 1
     out = capsys.readouterr().out
@@ -221,7 +221,7 @@ def test_version_mismatch_names_node_and_fix(tmp_path):
     major, minor, patch = platform.python_version_tuple()
     other_patch = f"{major}.{minor}.{int(patch) + 1}"
     c = {c.name: c for c in evaluate(facts_for(rpi(), python=other_patch), REF, TARGET, inv)}
-    assert c["python"].status == FAIL and "Ray requires the same version" in c["python"].detail
+    assert c["python"].status == FAIL and "to the patch level" in c["python"].detail
     c = {c.name: c for c in evaluate(facts_for(rpi(), python="3.99.0"), REF, TARGET, inv)}
     assert c["python"].status == FAIL and f"inventory says {PY}" in c["python"].detail
 

@@ -107,6 +107,22 @@ def test_put_copies_with_mode(runner, tmp_path):
         runner.put(str(src), str(tmp_path / "missing-dir" / "x"))
 
 
+def test_put_resumable_continues_an_interrupted_copy(runner, tmp_path):
+    src = tmp_path / "model.gguf"
+    data = os.urandom(1_500_000)
+    src.write_bytes(data)
+    part = tmp_path / "copy.part"
+    part.write_bytes(data[:400_000])                   # what an interrupted copy left
+    assert runner.put_resumable(str(src), str(part), offset=400_000) == 1_100_000
+    assert part.read_bytes() == data
+    # A .part that is not what the caller thinks (another size): copied again from the start.
+    part.write_bytes(b"x" * 10)
+    assert runner.put_resumable(str(src), str(part), offset=400_000) == 1_500_000
+    assert part.read_bytes() == data
+    with pytest.raises(RemoteError, match=runner.node):
+        runner.put_resumable(str(src), str(tmp_path / "missing-dir" / "x"))
+
+
 def test_sudo_as_root_runs_without_prefix(runner):
     require_root()
     res = runner.run(["id", "-u"], sudo=True)

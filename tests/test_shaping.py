@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from testbed.lab import shaping
@@ -116,16 +118,38 @@ def test_tso_max_segs_from_ip_link_details():
 
 def test_apply_script_is_one_round_trip_that_tolerates_a_clean_interface():
     script = shaping.apply_script("eth0", 200_000, "10.77.0.1", 47100)
-    clear, gso, shape = script.split("; ")
+    clear, shape = script.split("; ")
     assert clear == "tc qdisc del dev eth0 root 2>/dev/null"       # may fail: nothing there
-    assert gso == "ip link set dev eth0 gso_max_segs 1 2>/dev/null"
     steps = shape.split(" && ")                                      # each must succeed
-    assert steps == [" ".join(c) for c in shaping.shape_commands("eth0", 200_000, "10.77.0.1",
-                                                                 47100)]
+    # GSO is limited first and its failure is not hidden (it used to be: htb then let TCP
+    # through about 16% above the rate where sudo allowed only tc).
+    assert steps[0] == "ip link set dev eth0 gso_max_segs 1"
+    assert steps[1:] == [" ".join(c) for c in shaping.shape_commands("eth0", 200_000,
+                                                                     "10.77.0.1", 47100)]
     # Unprivileged login (a real device): each command through sudo -n, the script itself not.
     script = shaping.apply_script("wlan0", 200_000, "10.0.0.1", 47100, sudo=True)
-    clear, gso, shape = script.split("; ")
+    clear, shape = script.split("; ")
     assert clear == "sudo -n tc qdisc del dev wlan0 root 2>/dev/null"
-    assert gso.startswith("sudo -n ip link set dev wlan0 gso_max_segs 1")
-    assert all(step.startswith("sudo -n tc ") for step in shape.split(" && "))
+    steps = shape.split(" && ")
+    assert steps[0] == "sudo -n ip link set dev wlan0 gso_max_segs 1"
+    assert all(step.startswith("sudo -n tc ") for step in steps[1:])
 
+
+def test_sudoers_line_allows_exactly_what_shaping_runs():
+    """The sudoers entry (written by `lab up --login-user`, given in docs/real-lab.md) covers
+    every command shaping runs with sudo, and the docs give the same line."""
+    import fnmatch
+    line = shaping.sudoers_line("lab")
+    assert line.startswith("lab ALL=(root) NOPASSWD: ")
+    allowed = line.split("NOPASSWD: ", 1)[1].split(", ")
+    commands = (shaping.shape_commands("eth0", 1e5, "10.0.0.1", 47100)
+                + shaping.change_commands("eth0", 2e5) + shaping.clear_commands("eth0")
+                + [shaping.gso_command("wlan0", 1), shaping.gso_command("eth0", 65535),
+                   shaping.show_command("eth0")])
+    for argv in commands:
+        full = "/usr/sbin/" + " ".join(argv)
+        assert any(fnmatch.fnmatchcase(full, a) if "*" in a else
+                   full == a or full.startswith(a + " ") for a in allowed), full
+    assert not any(fnmatch.fnmatchcase("/usr/sbin/ip link show", a) for a in allowed)
+    docs = (Path(__file__).resolve().parents[1] / "docs/real-lab.md").read_text()
+    assert shaping.sudoers_line("lab") in docs

@@ -1,9 +1,10 @@
 """`testbed lab up|down|status|clean INVENTORY`: the emulated lab (namespaces, links, sshd, quotas).
 
-``up`` builds it (idempotent) and shows its status; ``down`` stops the lab's Ray processes,
-then removes exactly what ``up`` recorded; ``status`` shows what exists and whether
-each sshd answers (exit 1 when something is missing); ``clean`` is crash recovery: ``down`` and
-then removal of anything left with the lab's names. Needs root. See docs/emulated-lab.md.
+``up`` builds it (idempotent) and shows its status (``--login-user USER``: plus a non-root
+login for a real-lab inventory of the same hosts, ``testbed/lab/login.py``); ``down`` stops the
+lab's Ray processes, then removes exactly what ``up`` recorded; ``status`` shows what exists
+and whether each sshd answers (exit 1 when something is missing); ``clean`` is crash recovery:
+``down`` and then removal of anything left with the lab's names. Needs root. See docs/emulated-lab.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def add_parser(sub) -> None:
                        ("clean", "crash recovery: down, then remove leftovers by name")):
         a = lsub.add_parser(name, help=text, description=text)
         a.add_argument("inventory", metavar="INVENTORY", help="inventory YAML (kind: emulated)")
+        if name == "up":
+            a.add_argument("--login-user", metavar="USER", default=None,
+                           help="also make a non-root account that logs in to every device "
+                           "with its own key and may run only the shaping commands with sudo "
+                           "(as on a real lab: inventory/netns-real.yaml); `lab down` removes "
+                           "it, its home and its sudoers file")
         a.set_defaults(func=run)
 
 
@@ -41,7 +48,7 @@ def run(args) -> int:
             console.log(msg)
 
         if args.action == "up":
-            emulated.up(inv, progress)
+            state = emulated.up(inv, progress, login_user=args.login_user)
         elif args.action in ("down", "clean"):
             # Always: finds this lab's Ray processes by namespace and temp dir even when the
             # cluster's state file is gone, and the head (root namespace) is not in any group.
@@ -55,6 +62,9 @@ def run(args) -> int:
     st = emulated.status(inv)
     show_status(console, inv, st)
     if args.action == "up":
+        if state.login:
+            console.print(f"login user {state.login['user']}: key {state.login['key']}, "
+                          f"home {state.login['home']}, sudo rights in {state.login['sudoers']}")
         console.print(f"[green]lab up[/] in {took:.1f} s")
     return 0 if st.ok else 1
 

@@ -57,7 +57,7 @@ class DraftWorker:
 
     def __init__(self, model_path, *, n_ctx: int = 2048, threads: int = 1, seed: int = 0,
                  payload: str = "ids", payload_k: int = 8, sampling: SamplingParams | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, gpu_layers: int = 0):
         if payload not in pl.MODES:
             raise InputError(f"must be one of {', '.join(pl.MODES)}, got {payload!r}", field="payload")
         if not 1 <= payload_k <= MAX_TOP_K:
@@ -66,7 +66,8 @@ class DraftWorker:
         self.mode = payload
         self.payload_k = payload_k
         self.clock = clock
-        self.model = Model.open(model_path)
+        # gpu_layers: draft on a GPU (a Jetson's; needs a llama.cpp built with CUDA there).
+        self.model = Model.open(model_path, gpu_layers=gpu_layers)
         self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=1, threads=threads)
         self.batch = Batch(min(512, n_ctx))
         self.id_bytes = pl.id_bytes_for(self.model.n_vocab)

@@ -43,7 +43,12 @@ class SSHSpec:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model: a registry name (``testbed models list``) or a path on the node, optional sha256."""
+    """A model: a registry name (``testbed models list``), a path on the node, or both.
+
+    ``name`` alone: resolved on the node that loads it, in that node's own model store.
+    ``path`` alone: a file on the node (copied there by the user). ``name`` and ``path``: the
+    registry model ``name``, kept at ``path`` on the node (``testbed provision`` copies it there
+    from this machine's store). ``sha256``: optional, checked wherever the file is read."""
 
     name: str | None = None
     path: str | None = None
@@ -83,7 +88,8 @@ class Node:
     snr_db: float | None = None    # devices: uplink SNR in dB
     cpu_quota: float | None = None  # emulated lab: CPU share in cores (0.25 = a quarter core)
     emulation: Emulation | None = None  # emulated lab, server only
-    gpu_layers: int = 0            # server: target layers offloaded to a GPU (0 none, -1 all)
+    gpu_layers: int = 0            # layers offloaded to a GPU (0 none, -1 all): the server's
+                                   # target, or a device's draft (a Jetson's GPU)
 
     @property
     def python_bin(self) -> str:
@@ -116,6 +122,7 @@ class Inventory:
     ray_port: int = 6379
     data_port: int = 47100         # server port that receives draft uploads (the shaped path)
     lab: LabSpec | None = None
+    python_match: str = "patch"    # Ray's rule: "patch" (its default) or "minor"; see versions.py
     digest: str = ""               # sha256 of the file's bytes
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -183,6 +190,13 @@ def _check_abs(value: str) -> str | None:
     return None
 
 
+def _check_remote_abs(value: str) -> str | None:
+    if not value.startswith("/"):
+        return (f'expected an absolute path on the node, got "{value}" ("~" would be this '
+                "machine's home, not the node's)")
+    return None
+
+
 def _ipv4(sec: Section, key: str) -> str:
     value = sec.raw(key)
     if not isinstance(value, str):
@@ -199,15 +213,18 @@ def _model(sec: Section, key: str) -> ModelRef:
         if not value.strip():
             raise sec.error(key, "expected a model name or path")
         if "/" in value or value.endswith(".gguf"):
+            problem = _check_remote_abs(value)
+            if problem:
+                raise sec.error(key, problem)
             return ModelRef(path=value)
         return ModelRef(name=value)
     if not isinstance(value, dict):
         raise sec.error(key, f"expected a model name, or a mapping with name or path, got {value!r}")
     m = sec.section(key)
     name = m.str("name", None)
-    path = m.str("path", None)
-    if (name is None) == (path is None):
-        raise m.error(None, "give exactly one of name or path")
+    path = m.str("path", None, check=_check_remote_abs)
+    if name is None and path is None:
+        raise m.error(None, "give a name, a path, or both")
     sha = m.str("sha256", None)
     if sha is not None and not SHA_RE.match(sha.lower()):
         raise m.error("sha256", "expected 64 hexadecimal digits")
@@ -247,11 +264,16 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         raise sec.error("ssh", "not used with connection local: remove it")
     python = sec.str("python", defaults.get("python", f"{sys.version_info[0]}.{sys.version_info[1]}"),
                      check=_check_python)
-    venv_default = defaults.get("venv", default_venv() if kind == "emulated" else None)
+    # The machine testbed runs on (the emulated lab, or a server driving itself) defaults to the
+    # virtual environment testbed runs from.
+    here = kind == "emulated" or connection == "local"
+    venv_default = defaults.get("venv", default_venv() if here else None)
+    # "~" means this machine's home: only for a node that is this machine.
+    check_venv = _check_abs if connection == "local" else _check_remote_abs
     if venv_default is None:
-        venv = sec.str("venv", check=_check_abs)
+        venv = sec.str("venv", check=check_venv)
     else:
-        venv = sec.str("venv", venv_default, check=_check_abs)
+        venv = sec.str("venv", venv_default, check=check_venv)
     interface = sec.str("interface", check=_check_iface)
     model = _model(sec, "model")
     threads = sec.integer("threads", defaults.get("threads", 1), min=1, max=256)
@@ -264,8 +286,6 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         raise sec.error("link", "only devices have an uplink")
     gpu_layers = 0
     if "gpu_layers" in sec.data:
-        if role != "server":
-            raise sec.error("gpu_layers", "only the server runs the target model on a GPU")
         if sec.data["gpu_layers"] == "all":
             sec.raw("gpu_layers")
             gpu_layers = -1
@@ -303,6 +323,7 @@ def load_inventory(path: str | Path) -> Inventory:
     name = root.str("name", check=_check_name)
     kind = root.str("kind", choices=("emulated", "real"))
     ncpu = os.cpu_count() or 1
+    python_match = root.str("python_match", "patch", choices=("patch", "minor"))
 
     channel = parse_channel(root.section("channel"))
 
@@ -384,4 +405,4 @@ def load_inventory(path: str | Path) -> Inventory:
                              line=root.lines.get("server"), field="server.emulation")
     return Inventory(path=Path(path), name=name, kind=kind, server=server, devices=devices,
                      channel=channel, ray_port=ray_port, data_port=data_port, lab=lab,
-                     digest=file_digest(Path(path)), lines=dict(root.lines))
+                     python_match=python_match, digest=file_digest(Path(path)), lines=dict(root.lines))

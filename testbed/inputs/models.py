@@ -274,6 +274,26 @@ def prepare(root: Path | None = None, *, progress: Progress | None = None,
     return list_models(root)
 
 
+def register(name: str, path: str | os.PathLike, root: Path | None = None) -> ModelEntry:
+    """Record a built-in model's file, copied here by ``testbed provision``, in this node's
+    store (``path`` must be inside it), so that the node resolves ``name`` itself."""
+    root = Path(root) if root else models_dir()
+    spec = BUILTIN.get(name)
+    if spec is None:
+        raise ModelFileError(f"only built-in models can be registered ({', '.join(BUILTIN)})",
+                             source=name)
+    path = Path(path).resolve()
+    if path.parent != root.resolve():
+        raise ModelFileError(f"must be in the model store {root}", source=str(path))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = _read_registry(root)
+        entries[name] = _entry(spec, path, "provisioned")
+        _write_registry(root, entries)
+    return entries[name]
+
+
 def _entry(spec: Spec, path: Path, source: str) -> ModelEntry:
     return ModelEntry(name=spec.name, path=path, role=spec.role, quantization=spec.quantization,
                       size_bytes=path.stat().st_size, sha256=sha256_file(path), source=source)

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,7 @@ from typing import Callable
 from testbed.errors import ClusterError, RemoteError, StateError
 from testbed.files import atomic_write_json, read_json
 from testbed.inputs.inventory import Inventory, Node
-from testbed.lab import cgroups, emulated, procs
+from testbed.lab import cgroups, emulated, procs, versions
 from testbed.lab.remote import LocalRunner, Runner, runner_for
 
 SCHEMA = "testbed.cluster/1"
@@ -83,7 +84,8 @@ def ray_env(inv: Inventory, node: Node) -> dict[str, str]:
     priority: Ray starts workers at nice 15, where the server's verification lost to any
     other busy process on the machine (measured: 1.4 s instead of 0.1 s per step)."""
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": token_path(inv, node), "RAY_worker_niceness": "0"}
+            "RAY_AUTH_TOKEN_PATH": token_path(inv, node), "RAY_worker_niceness": "0",
+            versions.LEVEL_ENV: inv.python_match}
 
 
 def set_driver_env(inv: Inventory) -> None:
@@ -100,7 +102,7 @@ def set_driver_env(inv: Inventory) -> None:
 def clear_driver_env() -> None:
     """Undo ``set_driver_env`` in this process, for a private local Ray instance (tests): a lab's
     token settings would otherwise outlive the lab and make ``ray.init()`` fail."""
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", versions.LEVEL_ENV):
         os.environ.pop(key, None)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     _refresh_ray_config()
@@ -130,13 +132,18 @@ def device_resource(name: str) -> str:
     return f"device:{name}"
 
 
-def options_for_device(name: str) -> dict:
+def options_for_device(name: str, gpu_layers: int = 0) -> dict:
     """``.options(**options_for_device("dev-a"))`` runs an actor on that device's node.
 
     A small fraction of the node's ``device:<name>`` resource (which is 1), so several actors can
-    share a device; ``num_cpus=0`` so they do not wait for the device's single CPU slot.
+    share a device; ``num_cpus=0`` so they do not wait for the device's single CPU slot. With
+    ``gpu_layers`` (a Jetson drafting on its GPU) it asks for the node's GPU, which Ray hides
+    from actors that ask for none (as for the server).
     """
-    return {"resources": {device_resource(name): 0.001}, "num_cpus": 0}
+    opts = {"resources": {device_resource(name): 0.001}, "num_cpus": 0}
+    if gpu_layers:
+        opts["num_gpus"] = 1
+    return opts
 
 
 def options_for_server(gpu_layers: int = 0) -> dict:
@@ -170,6 +177,9 @@ def device_argv(inv: Inventory, node: Node) -> list[str]:
             "--dashboard-agent-listen-port=0"]
     if inv.kind == "emulated":
         argv.append(f"--object-store-memory={EMULATED_DEVICE_STORE_BYTES}")
+    if node.gpu_layers:
+        # Ray finds GPUs through NVML, which a Jetson's integrated GPU does not have: declared.
+        argv.append("--num-gpus=1")
     return argv
 
 
@@ -180,23 +190,24 @@ PROBE = ("import sys, json\n"
 
 
 def version_problems(inv: Inventory, found: dict[str, dict]) -> list[str]:
-    """One line per node whose Python or Ray differs from the server's, with the fix.
+    """One line per node whose Python or Ray Ray would refuse next to the server's, with the
+    fix (the rule: ``versions.py``, the inventory's ``python_match``).
 
     ``found``: node name -> {"python": "3.11.9", "ray": "2.60.0" | None}.
     """
     ref = found[inv.server.name]
-    ref_py = ".".join(ref["python"].split(".")[:2])
     out = []
     for node in inv.nodes:
         got = found[node.name]
-        py = ".".join(got["python"].split(".")[:2])
-        if py != node.python:
+        py = got["python"]
+        if versions.minor(py) != node.python:
             out.append(f"node {node.name}: {node.python_bin} is Python {py}, the inventory says "
                        f"{node.python}: fix the inventory or recreate {node.venv} with Python "
                        f"{node.python}")
-        elif py != ref_py:
-            out.append(f"node {node.name}: Python {py}, the server has {ref_py} (Ray needs the "
-                       f"same on every node): recreate {node.venv} with python{ref_py} -m venv")
+        elif not versions.python_matches(py, ref["python"], inv.python_match):
+            out.append(f"node {node.name}: Python {py}, the server has {ref['python']} "
+                       f"({versions.rule(inv.python_match)}): recreate {node.venv} with "
+                       f"Python {ref['python']}")
         if got["ray"] is None:
             out.append(f"node {node.name}: Ray is not installed in {node.venv}: run "
                        f"{node.venv}/bin/pip install ray=={ref['ray']}")
@@ -270,6 +281,10 @@ def up(inv: Inventory, progress: Progress = _quiet) -> dict:
     """Start the cluster (after the version check) and wait until every node has joined."""
     if inv.kind == "emulated" and not emulated.status(inv).ok:
         raise ClusterError(f"the emulated lab is not up: run `testbed lab up {inv.path}`")
+    from testbed.lab.precheck import unreachable
+    why = unreachable(inv)
+    if why:
+        raise ClusterError(why)
     state = load_state(inv)
     if state is not None:
         progress("a cluster is recorded: stopping it first")
@@ -303,13 +318,25 @@ def up(inv: Inventory, progress: Progress = _quiet) -> dict:
             r.close()
 
 
-def _distribute_token(inv: Inventory, runners: dict[str, Runner], progress: Progress) -> None:
-    """Make the lab's Ray token (once; kept across up/down) and put it where each node looks."""
+def ensure_token(inv: Inventory) -> Path:
+    """The lab's Ray token on this machine, made once (0600) and kept across up/down."""
     local = Path(inv.state_dir) / TOKEN_FILE
     if not local.exists():
-        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            Path(inv.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return local                         # made meanwhile by another thread
+        except OSError as exc:
+            raise ClusterError(f"cannot write {local}: {exc}") from None
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))       # 256 bits, as Ray's own generator
+    return local
+
+
+def _distribute_token(inv: Inventory, runners: dict[str, Runner], progress: Progress) -> None:
+    """Make the lab's Ray token (once; kept across up/down) and put it where each node looks."""
+    local = ensure_token(inv)
     if inv.kind == "emulated":
         return                                   # one file system: every node reads `local`
     progress("copying the cluster token to every node")
@@ -412,25 +439,88 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
                 if done:
                     stopped.append(f"{node.name}: {len(done)} processes")
     else:
-        # A real lab: one Ray per machine, so `ray stop` on each node is exactly this lab's.
-        # Run even without a state file (lost, or the cluster started by hand): harmless twice.
+        # A real lab: on each node, this lab's Ray processes (found by their temp dir, as
+        # the emulated lab's head) are stopped through the node's runner. Not `ray stop`: it
+        # stops every Ray process of the machine's user, another lab's or a notebook's too.
+        # Run even without a state file (lost, or a crash): harmless twice.
+        from testbed.lab.precheck import unreachable
+        why = unreachable(inv)
+        if why:
+            # Its server's address is not here: no head can run, and the devices must not be
+            # contacted (the address may lead off this machine). Nothing of the cluster can be
+            # reached; the record names only derived temp dirs, so it goes.
+            progress(f"not contacting any node: {why}")
+            state_path(inv).unlink(missing_ok=True)
+            return stopped
+        problems = []
         for node in (*inv.devices, inv.server):
-            progress(f"{node.name}: ray stop")
             try:
-                with runner_for(node, inv) as r:
-                    r.run([node.ray_bin, "stop"], env=ray_env(inv, node), timeout_s=120)
-                stopped.append(f"{node.name}: ray stop")
-            except RemoteError as exc:
-                progress(f"{node.name}: ray stop failed: {exc}")
+                n = _stop_on_node(inv, node)
+            except (RemoteError, ClusterError) as exc:
+                problems.append(f"{node.name}: {exc}")
+                progress(f"{node.name}: could not stop Ray: {exc}")
+                continue
+            if n:
+                progress(f"{node.name}: stopped {n} Ray processes")
+                stopped.append(f"{node.name}: {n} processes")
+        if problems:
+            # The record stays: it names the temp dirs, and `testbed down` can be run again.
+            kept = (f"its record stays in {state_path(inv)}; " if state is not None else "")
+            raise ClusterError(f"the cluster was not stopped on every node ({kept}fix the node "
+                               f"and run `testbed down {inv.path}` again): "
+                               + "; ".join(problems))
     state_path(inv).unlink(missing_ok=True)
     return stopped
 
 
+STOP_SCRIPT = """
+import json, os, sys
+import psutil
+tag, me = sys.argv[1], os.getpid()
+found = []
+for p in psutil.process_iter(["cmdline"]):
+    try:
+        if p.pid != me and any(tag in a for a in (p.info["cmdline"] or [])):
+            found.append(p)
+    except psutil.Error:
+        pass
+alive = found
+for how, wait_s in (("terminate", 10), ("kill", 5)):   # SIGTERM, then SIGKILL what is left
+    for p in alive:
+        try:
+            getattr(p, how)()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=wait_s)
+print(json.dumps({"found": len(found), "left": [p.pid for p in alive]}))
+"""
+
+
+def _stop_on_node(inv: Inventory, node: Node) -> int:
+    """Stop the Ray processes of this lab on a real node (by temp dir); how many there were."""
+    with runner_for(node, inv) as r:
+        res = r.run([node.python_bin, "-c", STOP_SCRIPT, temp_dir(inv, node)], timeout_s=60)
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    if report["left"]:
+        raise ClusterError(f"processes {report['left']} did not stop (another user's? stop them "
+                           f"as root: kill -KILL {' '.join(map(str, report['left']))})")
+    return int(report["found"])
+
+
 def is_up(inv: Inventory) -> bool:
-    """A cluster is recorded and (emulated lab) its head still runs."""
+    """A cluster is recorded and its head is there: in the emulated lab its processes run; on a
+    real lab its GCS port accepts a connection (only when the lab's addresses can be reached:
+    ``precheck.unreachable``)."""
     state = load_state(inv)
     if state is None:
         return False
     if inv.kind == "emulated":
         return bool(_node_pids(inv, inv.server))
-    return True
+    from testbed.lab.precheck import unreachable
+    if unreachable(inv):
+        return False
+    try:
+        with socket.create_connection((inv.server.host, inv.ray_port), timeout=3):
+            return True
+    except OSError:
+        return False

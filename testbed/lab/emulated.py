@@ -44,7 +44,7 @@ from typing import Callable
 from testbed.errors import InventoryError, LabError, RemoteError, StateError
 from testbed.files import atomic_write_json, read_json
 from testbed.inputs.inventory import Inventory, Node
-from testbed.lab import cgroups, procs, sshd
+from testbed.lab import cgroups, login, procs, sshd
 from testbed.lab.remote import LocalRunner, default_ssh_files, join
 
 SCHEMA = "testbed.lab/1"
@@ -91,7 +91,7 @@ class LabFiles:
 
     client_key: Path
     known_hosts: Path
-    authorized_keys: Path
+    authorized_keys: Path          # a folder: one file per login user (sshd's %u)
     folder: Path
 
     def host_key(self, name: str) -> Path:
@@ -110,7 +110,7 @@ class LabFiles:
 def lab_files(inv: Inventory) -> LabFiles:
     key, known = default_ssh_files(inv)   # where runner_for looks for them
     folder = Path(inv.state_dir)
-    return LabFiles(Path(key), Path(known), folder / "authorized_keys", folder)
+    return LabFiles(Path(key), Path(known), login.authorized_keys_dir(folder), folder)
 
 
 def _lab(inv: Inventory):
@@ -145,10 +145,11 @@ class LabState:
     bridge: str | None = None              # made by us (None: not made)
     cgroup_made: list[str] = field(default_factory=list)   # cgroup dirs made, outermost first
     devices: dict[str, dict] = field(default_factory=dict)  # name -> {netns, veth, cgroup, ...}
+    login: dict | None = None              # the non-root login user (login.py), if any
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "inventory": self.inventory, "bridge": self.bridge,
-                "cgroup_made": self.cgroup_made, "devices": self.devices}
+                "cgroup_made": self.cgroup_made, "devices": self.devices, "login": self.login}
 
 
 def load_state(inv: Inventory) -> LabState | None:
@@ -158,7 +159,7 @@ def load_state(inv: Inventory) -> LabState | None:
     data = read_json(path, StateError, schema=SCHEMA)
     return LabState(inventory=data.get("inventory", inv.name), bridge=data.get("bridge"),
                     cgroup_made=list(data.get("cgroup_made", [])),
-                    devices=dict(data.get("devices", {})))
+                    devices=dict(data.get("devices", {})), login=data.get("login"))
 
 
 def save_state(inv: Inventory, state: LabState) -> None:
@@ -226,8 +227,11 @@ def wait_for_ssh(host: str, port: int, pid: int, log: Path, deadline_s: float) -
 
 # -- up ------------------------------------------------------------------------------------------
 
-def up(inv: Inventory, progress: Progress = _quiet) -> LabState:
-    """Build the lab (idempotent). Returns the recorded state."""
+def up(inv: Inventory, progress: Progress = _quiet, login_user: str | None = None) -> LabState:
+    """Build the lab (idempotent). Returns the recorded state.
+
+    ``login_user``: also a non-root account that logs in to every device with its own key and
+    may run the shaping commands with sudo (``login.py``); kept by a later ``up`` without it."""
     lab = _lab(inv)
     if os.geteuid() != 0:
         raise LabError("the emulated lab needs root (network namespaces, tc, cgroups)")
@@ -236,6 +240,13 @@ def up(inv: Inventory, progress: Progress = _quiet) -> LabState:
     state = load_state(inv) or LabState(inventory=inv.name)
     save_state(inv, state)
     files = _keys(inv, progress)
+    if login_user is not None:
+        login.check_name(login_user)
+
+        def record(rec: dict) -> None:
+            state.login = rec
+            save_state(inv, state)
+        login.ensure(inv.name, Path(inv.state_dir), login_user, state.login, record, progress)
 
     progress(f"bridge {lab.bridge} with {inv.server.host}/{lab.subnet.prefixlen}")
     _bridge_up(inv, r, state)
@@ -266,8 +277,9 @@ def _keys(inv: Inventory, progress: Progress) -> LabFiles:
         sshd.generate_key(files.client_key, f"testbed-{inv.name}-client")
         for node in inv.devices:
             sshd.generate_key(files.host_key(node.name), f"testbed-{inv.name}-{node.name}")
-        sshd.write_authorized_keys(files.authorized_keys,
-                                   [sshd.read_public_key(files.client_key)])
+        for user in sorted({n.ssh.user for n in inv.devices if n.ssh}):
+            sshd.write_authorized_keys(files.authorized_keys / user,
+                                       [sshd.read_public_key(files.client_key)])
     except sshd.SSHDSetupError as exc:
         raise LabError(str(exc)) from None
     return files
@@ -326,18 +338,24 @@ def _device_up(inv: Inventory, r: LocalRunner, state: LabState, node: Node,
     cgroups.set_quota(g, node.cpu_quota)
     # sshd.
     conf = files.sshd_config(node.name)
+    users = [node.ssh.user if node.ssh else "root"]
+    if state.login:
+        users.append(state.login["user"])
+    text = sshd.sshd_config_text(
+        listen_address=node.host, port=port, host_key=files.host_key(node.name),
+        authorized_keys=f"{files.authorized_keys}/%u", pid_file=files.sshd_pid(node.name),
+        allow_users=users, use_pam=any(sshd.account_locked(u) for u in users),
+        user_authorized_keys={state.login["user"]: login.AUTHORIZED_KEYS}
+        if state.login else None)
     old = d.get("sshd_pid")
     if is_our_sshd(old, conf):
-        if in_netns(old, ns):
+        if in_netns(old, ns) and conf.exists() and conf.read_text() == text:
             return
-        # The namespace was deleted and made again; the old sshd still holds the old one.
+        # The namespace was made again (the old sshd holds the old one), or the configuration
+        # changed (a login user was added): start it again.
         procs.terminate([old])
     conf.parent.mkdir(parents=True, exist_ok=True)
-    user = node.ssh.user if node.ssh else "root"
-    sshd.write_sshd_config(conf, listen_address=node.host, port=port,
-                           host_key=files.host_key(node.name), authorized_keys=files.authorized_keys,
-                           pid_file=files.sshd_pid(node.name), allow_users=[user],
-                           use_pam=sshd.account_locked(user))
+    sshd.write_sshd_config_text(conf, text)
     try:
         sshd.check_config(conf)
     except sshd.SSHDSetupError as exc:
@@ -416,6 +434,10 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
         _run(r, ["ip", "link", "del", "dev", state.bridge], f"deleting {state.bridge}")
         removed.append(f"bridge {state.bridge}")
     state.bridge = None
+    if state.login:
+        removed += login.remove(state.login, progress)
+        state.login = None
+        save_state(inv, state)
     state_path(inv).unlink(missing_ok=True)
     return removed
 

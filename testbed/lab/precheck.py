@@ -8,9 +8,10 @@ llama-cpp-python and testbed versions, free memory and disk, the CPU quota of em
 and the size and sha256 of the node's model file.
 
 Versions must be the same everywhere: devices are compared with the server, the server with this
-machine (which drives the cluster). Ray refuses a node whose Ray version or Python version (to the
-patch level, by default) differs, so a difference is a failure that names the node and the
-command that fixes it.
+machine (which drives the cluster). Ray refuses a node whose Ray version or Python version differs
+(to the patch level, or the minor version with ``python_match: minor``: ``versions.py``, the same
+rule ``testbed up`` applies), so a difference is a failure that names the node and the command
+that fixes it.
 
 Main types: ``Check`` (one row: node, check, status, detail, fix), ``Report``;
 entry point ``check_inventory(inventory, trust_new=False)``. ``gather`` (I/O, per node) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -33,6 +35,7 @@ from typing import Callable
 from testbed.errors import HostKeyError, LabError, RemoteError, TestbedError
 from testbed.inputs.inventory import Inventory, Node
 from testbed.lab.remote import Runner, SSHRunner, runner_for, stderr_tail
+from testbed.lab import versions
 from testbed.lab.sshd import known_hosts_name
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
@@ -107,7 +110,12 @@ def model_target(node: Node) -> ModelTarget:
     """The file a node's model must be, and its expected sha256."""
     ref = node.model
     if ref.path:
-        return ModelTarget(ref.path, ref.sha256)
+        expected = ref.sha256
+        if expected is None and ref.name:       # a registry model kept at a path on the node
+            from testbed.inputs import models
+            expected = next((m.sha256 for m in models.list_models() if m.name == ref.name),
+                            None)
+        return ModelTarget(ref.path, expected)
     try:
         from testbed.inputs import models
         resolve = models.resolve
@@ -156,6 +164,8 @@ def gather(node: Node, runner: Runner, target: ModelTarget, inventory: Inventory
     else:
         add(Check(node.name, "ssh", OK, "local node (no SSH)"))
     add(_check_tc(node, runner, inventory))
+    if node.role == "device":
+        add(_check_gso(node, runner))
     argv = [node.python_bin, "-"] + (["--model", target.path] if target.path else [])
     try:
         res = runner.run(argv, stdin=probe_source(), timeout_s=probe_timeout_s, check=False)
@@ -181,13 +191,14 @@ def _check_tc(node: Node, runner: Runner, inventory: Inventory) -> Check:
     except RemoteError as exc:
         return Check(node.name, "sudo tc", FAIL, str(exc), "")
     user = node.ssh.user if node.ssh else "the local user"
+    from testbed.lab.shaping import sudoers_line
     if res.rc == 0:
         how = "as root" if res.argv.startswith("tc ") else "with sudo -n"
         return Check(node.name, "sudo tc", OK, f"{how} on {node.interface}")
     err = stderr_tail(res.stderr)
     if "sudo" in err and ("password" in err or "not allowed" in err or "may not run" in err):
-        fix = (f"allow tc without a password for {user} on node {node.name}: echo "
-               f"'{user} ALL=(root) NOPASSWD: /usr/sbin/tc' | sudo tee /etc/sudoers.d/testbed")
+        fix = (f"node {node.name}, user {user}: {sudoers_line(user)} in "
+               "/etc/sudoers.d/testbed (docs/real-lab.md, \"sudo\")")
     elif res.rc == 127 or "not found" in err:
         what = "sudo" if "sudo" in err else "tc"
         pkg = "sudo" if what == "sudo" else "iproute2"
@@ -201,6 +212,31 @@ def _check_tc(node: Node, runner: Runner, inventory: Inventory) -> Check:
     else:
         fix = f"run `sudo -n tc qdisc show dev {node.interface}` on node {node.name} and fix what it says"
     return Check(node.name, "sudo tc", FAIL, f"{res.argv}: exit {res.rc}: {err}", fix)
+
+
+def _check_gso(node: Node, runner: Runner) -> Check:
+    """``sudo -n ip link set dev IFACE gso_max_segs N``, N the value it has (a no-op): shaping
+    needs it to stay exact (``shaping.py``, "GSO")."""
+    from testbed.lab.shaping import SUDO_FIX, gso_command
+    try:
+        shown = runner.run(["ip", "-d", "link", "show", "dev", node.interface], check=False,
+                           timeout_s=30)
+        found = re.search(r"\bgso_max_segs (\d+)", shown.stdout)
+        if shown.rc != 0 or not found:
+            return Check(node.name, "sudo ip gso", FAIL,
+                         f"`ip -d link show dev {node.interface}`: exit {shown.rc}: "
+                         f"{stderr_tail(shown.stderr) or 'no gso_max_segs (iproute2 too old?)'}",
+                         f"install a current iproute2 on node {node.name}")
+        res = runner.run(gso_command(node.interface, int(found.group(1))), sudo=True,
+                         check=False, timeout_s=30)
+    except RemoteError as exc:
+        return Check(node.name, "sudo ip gso", FAIL, str(exc), "")
+    if res.rc == 0:
+        return Check(node.name, "sudo ip gso", OK,
+                     f"gso_max_segs can be set on {node.interface} (exact htb rates)")
+    user = node.ssh.user if node.ssh else "the local user"
+    return Check(node.name, "sudo ip gso", FAIL, f"{res.argv}: exit {res.rc}: "
+                 f"{stderr_tail(res.stderr)}", f"node {node.name}, user {user}: {SUDO_FIX}")
 
 
 def _host_key_fix(runner: SSHRunner, inventory: Inventory, *, changed: bool) -> str:
@@ -256,7 +292,7 @@ def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
     pip = f"{node.venv}/bin/pip"
     ref_where = reference.get("where", "the reference")
 
-    # Python: the inventory's MAJOR.MINOR, and the reference's exact version (Ray's default).
+    # Python: the inventory's MAJOR.MINOR, and the reference's version by Ray's rule (versions.py).
     py = p.get("python") or "?"
     ref_py = reference.get("python")
     if ".".join(py.split(".")[:2]) != node.python:
@@ -264,9 +300,10 @@ def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
                             f"{py} in {node.venv}, inventory says {node.python}",
                             f"recreate {node.venv} with python{node.python} on node {node.name}, "
                             f"or set python: \"{'.'.join(py.split('.')[:2])}\" in {inventory.path}"))
-    elif ref_py and py != ref_py:
+    elif ref_py and not versions.python_matches(py, ref_py, inventory.python_match):
         checks.append(Check(node.name, "python", FAIL,
-                            f"{py}, {ref_where} has {ref_py} (Ray requires the same version)",
+                            f"{py}, {ref_where} has {ref_py} "
+                            f"({versions.rule(inventory.python_match)})",
                             f"install Python {ref_py} on node {node.name} and recreate "
                             f"{node.venv} with it"))
     else:
@@ -380,6 +417,39 @@ def _quota_check(node: Node, p: dict, inventory: Inventory) -> Check:
 # ---------------------------------------------------------------- entry point
 
 
+def local_addresses() -> set[str]:
+    """The IPv4 addresses of this machine's interfaces (root network namespace)."""
+    import psutil
+    import socket
+    return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET}
+
+
+def unreachable(inventory: Inventory) -> str | None:
+    """Why the lab's nodes must not be contacted now, or None.
+
+    An emulated lab that is down has none of its addresses on this machine, and so has a real
+    lab made of its namespaces (``inventory/netns-real.yaml``); a connection to them would leave
+    the machine by the default route. Both are caught before any connection: the emulated lab
+    by its status, a real lab whose server is this machine (``connection: local``) by the
+    server's address, which must then be one of this machine's."""
+    if inventory.kind == "emulated":
+        from testbed.lab import emulated
+        if not emulated.status(inventory).ok:
+            return (f"{inventory.path}: the emulated lab is not up, so its nodes cannot be "
+                    f"reached: run `testbed lab up {inventory.path}` first")
+        return None
+    server = inventory.server
+    import ipaddress
+    if server.connection == "local" and not ipaddress.IPv4Address(server.host).is_loopback \
+            and server.host not in local_addresses():
+        return (f"{inventory.path}: server.host {server.host} is not an address of this machine "
+                "(the server is connection: local): if these nodes are the emulated lab's "
+                "namespaces, bring that lab up first (`testbed lab up INVENTORY --login-user "
+                "USER`); otherwise correct server.host")
+    return None
+
+
 def check_inventory(inventory: Inventory, *, trust_new: bool = False,
                     runner_factory: Callable[[Node], Runner] | None = None,
                     on_node: Callable[[str], None] | None = None,
@@ -389,11 +459,10 @@ def check_inventory(inventory: Inventory, *, trust_new: bool = False,
     An emulated inventory whose lab is down is refused at once (``LabError``), before any
     connection: its addresses are not on this machine then, and a connection would leave it."""
     trusted: list[str] = []
-    if runner_factory is None and inventory.kind == "emulated":
-        from testbed.lab import emulated
-        if not emulated.status(inventory).ok:
-            raise LabError(f"{inventory.path}: the emulated lab is not up, so its nodes cannot be "
-                           f"checked: run `testbed lab up {inventory.path}` first")
+    if runner_factory is None:
+        why = unreachable(inventory)
+        if why:
+            raise LabError(why)
     if runner_factory is None:
         def runner_factory(node: Node) -> Runner:
             return runner_for(node, inventory, trust_new=trust_new, on_new_host=trusted.append)

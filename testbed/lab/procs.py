@@ -58,6 +58,20 @@ def with_args_containing(text: str) -> list[int]:
     return sorted(found - skip)
 
 
+def owned_by(uid: int) -> list[int]:
+    """Live processes of the user ``uid`` (never this process or its ancestors)."""
+    skip = _protected()
+    found = []
+    for p in psutil.process_iter(["uids", "status"]):
+        try:
+            if p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE \
+                    and p.pid not in skip:
+                found.append(p.pid)
+        except (psutil.Error, AttributeError):
+            continue
+    return sorted(found)
+
+
 def terminate(pids, grace_s: float = 3.0) -> list[int]:
     """Stop ``pids``: SIGTERM, poll until gone (zombies count as gone), then SIGKILL.
 

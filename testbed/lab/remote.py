@@ -86,6 +86,12 @@ class Runner(abc.ABC):
     def put(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
         """Copy a file to the node (SFTP for SSH)."""
 
+    def put_resumable(self, local_path: str, remote_path: str, *, offset: int = 0) -> int:
+        """Copy a file to the node, continuing at ``offset`` (the bytes a ``remote_path`` left
+        by an interrupted copy already holds); returns the bytes sent. No rename, no mode:
+        the caller verifies the copy and moves it in place."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def start_detached(self, argv: Sequence[str], log_path: str, *, sudo: bool = False,
                        env: Mapping[str, str] | None = None) -> int:
@@ -238,6 +244,18 @@ class LocalRunner(Runner):
             shutil.copyfile(local_path, remote_path)
             if mode is not None:
                 os.chmod(remote_path, mode)
+        except OSError as exc:
+            raise RemoteError(f"node {self.node}: cannot copy {local_path} to {remote_path}: "
+                              f"{exc}") from None
+
+    def put_resumable(self, local_path, remote_path, *, offset=0):
+        try:
+            if offset and os.path.getsize(remote_path) != offset:
+                offset = 0                         # changed meanwhile: start again
+            with open(local_path, "rb") as src, open(remote_path, "ab" if offset else "wb") as dst:
+                src.seek(offset)
+                shutil.copyfileobj(src, dst, 1 << 20)
+                return dst.tell() - offset
         except OSError as exc:
             raise RemoteError(f"node {self.node}: cannot copy {local_path} to {remote_path}: "
                               f"{exc}") from None
@@ -456,10 +474,11 @@ class SSHRunner(Runner):
             select.select([chan], [], [], min(remaining, 1.0))
         pgid, err_text = _split_pgid(_decode(bytes(err)))
         if timed_out:
-            self._kill_group(pgid, sudo)
+            problem = self._kill_group(pgid, sudo)
             chan.close()
             raise command_error(self.node, text, None, err_text,
-                                f"timed out after {timeout_s:g} s")
+                                f"timed out after {timeout_s:g} s"
+                                + (f" ({problem})" if problem else ""))
         remaining = max(0.1, deadline - time.monotonic())
         if not chan.status_event.wait(remaining):
             chan.close()
@@ -474,15 +493,26 @@ class SSHRunner(Runner):
             raise command_error(self.node, text, rc, err_text, what)
         return result
 
-    def _kill_group(self, pgid: int | None, sudo: bool) -> None:
-        """Kill a timed-out command's process group on the node (best effort)."""
+    def _kill_group(self, pgid: int | None, sudo: bool) -> str | None:
+        """Kill a timed-out command's process group on the node; None when done, else what
+        went wrong (for the timeout's message: a process left running is never hidden).
+
+        The group is the login shell's and runs as the login user, so a plain ``kill`` ends
+        it; what it started through ``sudo`` runs as root and then needs ``sudo kill``, which
+        a sudoers entry for tc alone does not allow: that is reported, not swallowed."""
         if not pgid:
-            return
+            return "its process group is unknown: nothing was killed"
+        target = ["kill", "-KILL", "--", f"-{pgid}"]
         try:
-            self.run(["kill", "-KILL", "--", f"-{pgid}"], timeout_s=10, check=False,
-                     sudo=sudo)
-        except RemoteError:
-            pass
+            res = self.run(target, timeout_s=10, check=False)
+            if res.rc != 0 and sudo and not self.is_root:
+                res = self.run(target, timeout_s=10, check=False, sudo=True)
+        except RemoteError as exc:
+            return f"killing its process group {pgid} failed: {exc}"
+        if res.rc != 0 and "No such process" not in res.stderr:
+            return (f"killing its process group {pgid} failed (exit {res.rc}: "
+                    f"{stderr_tail(res.stderr)}); it may still run on the node")
+        return None
 
     # -- files and daemons
 
@@ -510,6 +540,30 @@ class SSHRunner(Runner):
             raise RemoteError(f"node {self.node}: upload of {local_path} to {remote_path} "
                               f"failed: {exc}") from None
         except Exception as exc:  # paramiko.SSHException (no sftp subsystem, ...)
+            raise RemoteError(f"node {self.node}: upload of {local_path} to {remote_path} "
+                              f"failed: {exc}") from None
+
+    def put_resumable(self, local_path, remote_path, *, offset=0):
+        """SFTP, appending from ``offset``; a vanished node fails within the channel timeout."""
+        client = self.connect()
+        try:
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(max(60.0, self.connect_timeout_s))
+            try:
+                if offset and sftp.stat(remote_path).st_size != offset:
+                    offset = 0                     # changed meanwhile: start again
+                with open(local_path, "rb") as src, \
+                        sftp.open(remote_path, "ab" if offset else "wb") as dst:
+                    dst.set_pipelined(True)       # do not wait for each write's answer
+                    src.seek(offset)
+                    sent = 0
+                    for block in iter(lambda: src.read(1 << 18), b""):
+                        dst.write(block)
+                        sent += len(block)
+                return sent
+            finally:
+                sftp.close()
+        except Exception as exc:  # OSError, EOFError, paramiko.SSHException
             raise RemoteError(f"node {self.node}: upload of {local_path} to {remote_path} "
                               f"failed: {exc}") from None
 
@@ -663,9 +717,10 @@ class ShellSession(Runner):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._drop()
-                self.runner._kill_group(self._pgid, sudo)
+                problem = self.runner._kill_group(self._pgid, sudo)
                 raise command_error(self.node, text, None, _decode(bytes(err)),
-                                    f"timed out after {timeout_s:g} s")
+                                    f"timed out after {timeout_s:g} s"
+                                    + (f" ({problem})" if problem else ""))
             select.select([chan], [], [], min(remaining, 0.5))
         rc = int(found.group(1))
         stdout = _decode(bytes(out[:found.start()]))

@@ -35,8 +35,10 @@ and lets TCP through well above the configured rate (docs/emulated-lab.md). ``ap
 sets ``gso_max_segs 1`` on the interface (one frame per skb); ``clear`` restores the device's
 ``tso_max_segs`` (the kernel's default). With it, measured rates are within a few % of the
 configured one (docs/emulated-lab.md has the numbers). On a real device this needs
-``sudo -n ip`` too; where sudoers allows only ``tc`` it is skipped (Wi-Fi uplinks rarely use
-TSO; wired ones do: allow ``ip`` as well for exact rates there).
+``sudo -n ip link set dev IFACE gso_max_segs N`` besides ``tc``: the sudoers entry in
+docs/real-lab.md allows exactly these, ``testbed check`` tests both, and ``apply`` fails with
+that fix when the ``ip`` command is refused (it used to be skipped silently, and htb then let TCP
+through about 16% above the rate).
 
 There is no netem in the target kernel; nothing here uses it. Limits: IPv4 only; the data path
 is recognised by the server address and port only (no protocol match: TCP or UDP).
@@ -217,7 +219,10 @@ def clear(runner: Runner, interface: str) -> bool:
     detail = runner.run(["ip", "-d", "link", "show", "dev", interface], check=False, timeout_s=20)
     segs = parse_tso_max_segs(detail.stdout)
     if segs:
-        runner.run(gso_command(interface, segs), sudo=True, check=False, timeout_s=20)
+        gso = runner.run(gso_command(interface, segs), sudo=True, check=False, timeout_s=20)
+        if gso.rc != 0:
+            raise ShapingError(f"{runner.node}: restoring GSO on {interface}: `{gso.argv}` "
+                               f"exited {gso.rc}: {gso.stderr.strip()[-300:]}; {SUDO_FIX}")
     if res.rc == 0:
         return True
     err = res.stderr.lower()
@@ -229,19 +234,37 @@ def clear(runner: Runner, interface: str) -> bool:
 
 def apply_script(interface: str, rate_bps: float, server: str, data_port: int,
                  burst_bytes: int | None = None, *, sudo: bool = False) -> str:
-    """Shell text for ``apply``: clear (ignoring "nothing to delete"), limit GSO (best effort:
-    an older iproute2, or a sudoers entry that allows only tc, leaves it; shaping still works,
-    less exactly), then shape; each command with ``sudo -n`` when ``sudo``.
+    """Shell text for ``apply``: clear (ignoring "nothing to delete"), limit GSO, then shape;
+    each command with ``sudo -n`` when ``sudo``. Stops at the first command that fails.
 
     One script, so that applying costs one round trip over SSH, not eight; the script itself
-    runs unprivileged, so a real device's sudoers needs to allow nothing but ``tc``.
+    runs unprivileged, so a real device's sudoers needs to allow nothing but ``tc`` and the
+    GSO command (module doc).
     """
     pre = ["sudo", "-n"] if sudo else []
-    parts = [join(pre + clear_commands(interface)[0]) + " 2>/dev/null",
-             join(pre + gso_command(interface, 1)) + " 2>/dev/null",
-             " && ".join(join(pre + c) for c in shape_commands(interface, rate_bps, server,
-                                                                data_port, burst_bytes))]
-    return "; ".join(parts)
+    steps = [gso_command(interface, 1)] + shape_commands(interface, rate_bps, server,
+                                                         data_port, burst_bytes)
+    return (join(pre + clear_commands(interface)[0]) + " 2>/dev/null; "
+            + " && ".join(join(pre + c) for c in steps))
+
+
+# What a real device's login user may run as root without a password: tc, and the one ip
+# command that limits GSO. Written to /etc/sudoers.d by `testbed lab up --login-user` and given in
+# docs/real-lab.md (a test holds the two equal). sudoers' "*" also matches spaces, so the ip
+# entry allows other `ip link set` words between "dev" and "gso_max_segs"; tc as root can
+# already disrupt the node's traffic as much.
+SUDO_COMMANDS = ("/usr/sbin/tc", "/sbin/tc",
+                 "/usr/sbin/ip link set dev * gso_max_segs *",
+                 "/sbin/ip link set dev * gso_max_segs *")
+
+
+def sudoers_line(user: str) -> str:
+    """The sudoers line that gives ``user`` exactly the commands shaping needs."""
+    return f"{user} ALL=(root) NOPASSWD: " + ", ".join(SUDO_COMMANDS)
+
+
+SUDO_FIX = ("the login user needs, without a password: tc, and ip link set dev IFACE "
+            "gso_max_segs N (the sudoers line in docs/real-lab.md, section \"sudo\")")
 
 
 def apply(runner: Runner, interface: str, rate_bps: float, server: str, data_port: int,
@@ -251,8 +274,9 @@ def apply(runner: Runner, interface: str, rate_bps: float, server: str, data_por
                           sudo=not getattr(runner, "is_root", False))
     res = runner.run_script(script, check=False, timeout_s=30)
     if res.rc != 0:
+        fix = f"; {SUDO_FIX}" if "sudo" in res.stderr else ""
         raise ShapingError(f"{runner.node}: shaping {interface}: `{script}` exited {res.rc}: "
-                           f"{res.stderr.strip()[-300:]}")
+                           f"{res.stderr.strip()[-300:]}{fix}")
 
 
 def change(runner: Runner, interface: str, rate_bps: float,

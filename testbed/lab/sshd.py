@@ -71,7 +71,8 @@ def read_public_key(path: str | Path) -> str:
 def sshd_config_text(*, listen_address: str, port: int, host_key: str | Path,
                      authorized_keys: str | Path, pid_file: str | Path,
                      strict_modes: bool = False, allow_users: Sequence[str] = (),
-                     use_pam: bool = False, log_level: str = "INFO") -> str:
+                     use_pam: bool = False, log_level: str = "INFO",
+                     user_authorized_keys: Mapping[str, str] | None = None) -> str:
     """The text of an sshd_config for a key-only private sshd.
 
     ``use_pam``: without PAM, OpenSSH refuses even key logins to an account whose password is
@@ -86,7 +87,7 @@ def sshd_config_text(*, listen_address: str, port: int, host_key: str | Path,
         "AddressFamily inet",
         "# This host's own key, generated for the lab; clients check it against known_hosts.",
         f"HostKey {host_key}",
-        "# Absolute path: the lab's authorized_keys, not the user's ~/.ssh.",
+        "# Absolute path: the lab's authorized_keys (%u: one file per user), not ~/.ssh.",
         f"AuthorizedKeysFile {authorized_keys}",
         f"PidFile {pid_file}",
         "# Keys only: no passwords, no keyboard-interactive; root may log in, but only with",
@@ -124,13 +125,22 @@ def sshd_config_text(*, listen_address: str, port: int, host_key: str | Path,
     if allow_users:
         lines.append("# Only the lab's login user(s).")
         lines.append("AllowUsers " + " ".join(allow_users))
+    for user, keys in (user_authorized_keys or {}).items():
+        # sshd reads a user's keys as that user: an unprivileged user's cannot be in a folder
+        # only root may enter, so they are where a real machine has them (in its home).
+        lines += [f"Match User {user}", f"    AuthorizedKeysFile {keys}"]
     return "\n".join(lines) + "\n"
 
 
 def write_sshd_config(path: str | Path, **kwargs) -> Path:
     """Write ``sshd_config_text(**kwargs)`` to ``path`` atomically; return path."""
+    return write_sshd_config_text(path, sshd_config_text(**kwargs))
+
+
+def write_sshd_config_text(path: str | Path, text: str) -> Path:
+    """Write an sshd_config's text to ``path`` atomically; return path."""
     path = Path(path)
-    _write_atomic(path, sshd_config_text(**kwargs), 0o644)
+    _write_atomic(path, text, 0o644)
     return path
 
 
@@ -176,6 +186,7 @@ def ensure_privsep_dir() -> None:
 def write_authorized_keys(path: str | Path, public_keys: Sequence[str]) -> Path:
     """Write ``authorized_keys`` with the given ``"TYPE BASE64"`` keys (0600)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_atomic(path, "".join(f"{k.strip()}\n" for k in public_keys), 0o600)
     return path
 

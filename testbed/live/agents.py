@@ -73,6 +73,18 @@ def model_file(path: str | os.PathLike) -> dict:
     return {"path": str(path), "size_bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
+def load_model_ref(model: str | Mapping) -> str:
+    """The model file to load on THIS node: a path as given, or a model reference (``name``,
+    ``path``, ``sha256``: ``session.model_arg``) resolved here, in this node's own store, and
+    checked against the sha256 when one is given (``models.resolve``)."""
+    if isinstance(model, str):
+        return model
+    from testbed.inputs.inventory import ModelRef
+    from testbed.inputs.models import resolve
+    return str(resolve(ModelRef(name=model.get("name"), path=model.get("path"),
+                                sha256=model.get("sha256"))))
+
+
 def vocab_digest(model: Model) -> dict:
     """Vocabulary size and a digest of every token text (to compare models across nodes)."""
     h = hashlib.sha256()
@@ -95,11 +107,12 @@ def probe_node(models: Sequence[str] = ()) -> dict:
 class DeviceAgent:
     """A device: draft model + upload connection. See the module docstring."""
 
-    def __init__(self, name: str, model_path: str, server_host: str, data_port: int, *,
-                 threads: int = 1, n_ctx: int = 2048, seed: int = 0, payload: str = "ids",
-                 top_k: int = 8):
+    def __init__(self, name: str, model_path: str | Mapping, server_host: str, data_port: int,
+                 *, threads: int = 1, n_ctx: int = 2048, seed: int = 0, payload: str = "ids",
+                 top_k: int = 8, gpu_layers: int = 0):
         self.name = name
-        self.worker = DraftWorker(model_path, n_ctx=n_ctx, threads=threads, seed=seed,
+        model_path = load_model_ref(model_path)
+        self.worker = DraftWorker(model_path, gpu_layers=gpu_layers, n_ctx=n_ctx, threads=threads, seed=seed,
                                   payload=payload, payload_k=top_k)
         self.model = model_file(model_path)
         self.client = UploadClient(name, server_host, data_port)
@@ -176,9 +189,10 @@ class DeviceAgent:
 class ServerAgent:
     """The server: target model + upload receiver. See the module docstring."""
 
-    def __init__(self, model_path: str, host: str, data_port: int, devices: Sequence[str], *,
-                 threads: int = 2, n_ctx: int = 2048, seed: int = 0, emulation=None,
-                 max_draft_len: int = 16, gpu_layers: int = 0):
+    def __init__(self, model_path: str | Mapping, host: str, data_port: int,
+                 devices: Sequence[str], *, threads: int = 2, n_ctx: int = 2048, seed: int = 0,
+                 emulation=None, max_draft_len: int = 16, gpu_layers: int = 0):
+        model_path = load_model_ref(model_path)
         self.seq = {name: i for i, name in enumerate(devices)}
         self.emulation = emulation
         self.verifier = Verifier(model_path, n_seq_max=max(1, len(devices)), n_ctx=n_ctx,

@@ -78,12 +78,32 @@ class DeviceState:
 
 
 def resolve_model(node: Node) -> str:
-    """The model file for a node: a registry name resolves in this machine's model store (the
-    emulated lab and a server driving itself); a path is used as given (it lives on the node)."""
+    """The model file for a node on THIS machine: a registry name resolves in this machine's
+    model store; a path is used as given. Right for nodes that are this machine (the server
+    driving itself, the emulated lab); for the others see ``model_arg``."""
     from testbed.inputs import models
     if node.model.path:
         return node.model.path
     return str(models.resolve(node.model))
+
+
+def model_arg(inv: Inventory, node: Node) -> str | dict:
+    """What an agent is told to load: a path when the node is this machine (resolved here),
+    else the model reference itself, which the agent resolves on its own node
+    (``agents.load_model_ref``): a registry name in the node's own store. A name known here
+    carries this store's sha256, so a node holding another file under that name is refused."""
+    if inv.kind == "emulated" or node.connection == "local":
+        return resolve_model(node)
+    from testbed.inputs import models
+    ref = node.model
+    sha = ref.sha256
+    if sha is None and ref.name:
+        sha = next((m.sha256 for m in models.list_models() if m.name == ref.name), None)
+    return {"name": ref.name, "path": ref.path, "sha256": sha}
+
+
+def _model_label(info: dict, node: Node) -> str:
+    return (info.get("model") or {}).get("path") or node.model.label
 
 
 class LiveSession:
@@ -131,7 +151,7 @@ class LiveSession:
                      log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
         device_cls, server_cls = self._classes()
-        target = resolve_model(self.inv.server)
+        target = model_arg(self.inv, self.inv.server)
         if self.inv.server.gpu_layers and ray.cluster_resources().get("GPU", 0) < 1:
             # The actor would wait forever for a GPU that no node has.
             raise ClusterError(f"{self.inv.path}: server.gpu_layers is set but Ray found no GPU "
@@ -179,10 +199,11 @@ class LiveSession:
     def _create(self, dev: DeviceState, index: int) -> None:
         device_cls, _ = self._classes()
         node = dev.node
-        dev.actor = device_cls.options(**cluster.options_for_device(node.name)).remote(
-            node.name, resolve_model(node), self.inv.server.host, self.inv.data_port,
+        dev.actor = device_cls.options(**cluster.options_for_device(
+            node.name, node.gpu_layers)).remote(
+            node.name, model_arg(self.inv, node), self.inv.server.host, self.inv.data_port,
             threads=node.threads, n_ctx=self.n_ctx, seed=self.seed * 1000 + index,
-            payload=self.channel.payload, top_k=self.channel.top_k)
+            payload=self.channel.payload, top_k=self.channel.top_k, gpu_layers=node.gpu_layers)
 
     def _started(self, dev: DeviceState) -> None:
         node = dev.node
@@ -212,8 +233,9 @@ class LiveSession:
         got = ray.get(dev.actor.vocab_digest.remote())
         if got != want:
             raise ModelFileError(
-                f"draft {resolve_model(dev.node)} ({got['n_vocab']} tokens) and target "
-                f"{resolve_model(self.inv.server)} ({want['n_vocab']} tokens) do not share "
+                f"draft {_model_label(dev.info, dev.node)} ({got['n_vocab']} tokens) and target "
+                f"{_model_label(self.server_info, self.inv.server)} ({want['n_vocab']} tokens) "
+                "do not share "
                 "a vocabulary", field=f"{dev.node.name}.model")
 
     def _shape_all(self, keep_going: bool = False) -> None:

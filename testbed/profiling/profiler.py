@@ -557,10 +557,23 @@ class Profiler:
         }
 
     def _model_info(self, node, facts: dict | None) -> dict:
+        """The model file a node really loaded: path, size and sha256 as its agent hashed them on
+        the node itself (``agents.model_file``); from the inventory when the agent never
+        started (then hashed here only when the node is this machine)."""
         from testbed.inputs import models
         ref = node.model
         info = {"name": ref.name, "path": ref.path, "sha256": ref.sha256}
-        if ref.name or node.connection == "local" or self.inv.kind == "emulated":
+        session = self.session
+        loaded = None
+        if session is not None:
+            loaded = (session.server_info if node.role == "server" else
+                      session.devices[node.name].info if node.name in session.devices
+                      else {}).get("model")
+        if loaded:
+            info.update(path=loaded["path"], sha256=loaded["sha256"],
+                        size_bytes=loaded["size_bytes"], hashed_on="node")
+            return info
+        if node.connection == "local" or self.inv.kind == "emulated":
             try:
                 path = resolve_model(node)
                 info["path"] = path

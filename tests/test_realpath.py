@@ -1,0 +1,209 @@
+"""The real-lab path, for real, on this machine: the sequence of docs/real-lab.md, as commands.
+
+A lab of two namespaces is built with a non-root login user (``testbed lab up --login-user``),
+then driven through a ``kind: real`` inventory of the same hosts exactly as a lab of Jetsons
+would be: ``provision`` (venvs, packages, models, Ray token, over SSH/SFTP as that user),
+``check --trust-new-hosts``, ``up``, ``profile --quick``, ``run``, ``down``, ``lab down``.
+Every step must exit 0; a second ``provision`` must copy nothing and say so; while the cluster
+is up every Ray and llama.cpp process of a device must run as the login user; the run's manifest
+must hold each node's model path and sha256 (hashed on the node); after ``lab down`` nothing may
+be left: no namespace, user, sudoers file, qdisc or process. A down lab must be refused at once.
+
+Root only; mandatory in CI (require_root fails there instead of skipping). Its own subnet
+(10.77.7.0/24), bridge, prefix, ports, state folder and user name, so it never touches another
+lab on the machine. It installs two venvs (about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import pwd
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import require_root, require_tools
+from lab_helper import leftovers
+
+from testbed.inputs import models
+from testbed.inputs.inventory import load_inventory
+from testbed.lab import cluster, emulated
+
+ROOT = Path(__file__).resolve().parents[1]
+USER = "tbrealtest"
+DEVICES = {"dev-a": "smollm2-135m-q8_0", "dev-b": "smollm2-135m-q4_0"}
+
+pytestmark = pytest.mark.slow
+
+
+def _testbed(*args: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True,
+                          text=True, timeout=timeout_s, cwd=ROOT)
+    assert proc.returncode == 0, (args, proc.returncode, proc.stdout[-3000:],
+                                  proc.stderr[-3000:])
+    return proc
+
+
+def _inventories(tmp: Path) -> tuple[Path, Path]:
+    """The emulated lab (the hosts) and the real inventory of the same hosts."""
+    state = tmp / "state"
+    emu = tmp / "hosts.yaml"
+    lines = ["schema: testbed.inventory/1", "name: realhosts", "kind: emulated",
+             "channel: {bandwidth_hz: 2000000}", "ports: {ray: 6397, data: 47107}",
+             "lab:", "  subnet: 10.77.7.0/24", "  bridge: tbf0", "  netns_prefix: tbf-",
+             f"  state_dir: {state}", "  cgroup: testbed-realpath",
+             "server:", "  name: server", "  host: 10.77.7.1", "  interface: tbf0",
+             "  model: smollm2-135m-q4_1",
+             "  emulation: {verify_base_s: 0.1, verify_per_token_s: 0.0005}",
+             "defaults:", "  ssh: {user: root}", "devices:"]
+    for i, name in enumerate(DEVICES):
+        lines += [f"  - name: {name}", f"    host: 10.77.7.{11 + i}", "    interface: eth0",
+                  "    model: smollm2-135m-q8_0", "    link: {snr_db: 20}",
+                  "    cpu_quota: 1.0"]
+    emu.write_text("\n".join(lines) + "\n")
+    real = tmp / "real.yaml"
+    lines = ["schema: testbed.inventory/1", "name: realpath-test", "kind: real",
+             "python_match: minor",
+             "channel: {bandwidth_hz: 2000000, payload: topk, top_k: 8, max_draft_len: 6, "
+             "baseline_draft_len: 3}",
+             "ports: {ray: 6398, data: 47108}",
+             "defaults:",
+             f"  ssh: {{user: {USER}, key: {state}/login/{USER}_ed25519, "
+             f"known_hosts: {state}/known_hosts}}",
+             '  python: "3.11"',
+             "server:", "  name: server", "  host: 10.77.7.1", "  connection: local",
+             "  interface: tbf0", "  model: smollm2-135m-q4_1", "  threads: 2", "devices:"]
+    for i, (name, model) in enumerate(DEVICES.items()):
+        lines += [f"  - name: {name}", f"    host: 10.77.7.{11 + i}", "    interface: eth0",
+                  f"    venv: /home/{USER}/{name}/venv",
+                  f"    model: {{name: {model}, path: /home/{USER}/{name}/models/{model}.gguf}}",
+                  f"    link: {{snr_db: {22 - 8 * i}}}"]
+    real.write_text("\n".join(lines) + "\n")
+    return emu, real
+
+
+def _experiment(tmp: Path, real: Path) -> Path:
+    path = tmp / "smoke.yaml"
+    text = (ROOT / "experiments/netns-real-smoke.yaml").read_text()
+    assert "inventory: ../inventory/netns-real.yaml" in text
+    text = (text.replace("inventory: ../inventory/netns-real.yaml", f"inventory: {real}")
+            .replace("prompts: prompts/", f"prompts: {ROOT}/experiments/prompts/")
+            .replace("duration_s: 12", "rounds: 6"))
+    path.write_text(text)
+    return path
+
+
+def _device_processes(emu_inv) -> dict[int, tuple[str, str]]:
+    """pid -> (user, command) of every process in the devices' namespaces but sshd's own."""
+    out = {}
+    for node in emu_inv.devices:
+        ns = emulated.netns_name(emu_inv, node)
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+        for pid in map(int, pids.stdout.split()):
+            try:
+                p = psutil.Process(pid)
+                cmd = " ".join(p.cmdline())
+                if p.status() == psutil.STATUS_ZOMBIE or cmd.startswith("sshd"):
+                    continue                   # the listener and its per-login monitors
+                out[pid] = (p.username(), cmd)
+            except psutil.Error:
+                continue
+    return out
+
+
+def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
+    require_root()
+    require_tools("ip", "tc", "sshd", "sudo", "useradd", "visudo")
+    assert not _user_exists(USER), f"user {USER} exists: a crashed test? userdel -r {USER}"
+    models.prepare()
+    emu, real = _inventories(tmp_path)
+    emu_inv, real_inv = load_inventory(emu), load_inventory(real)
+    emulated.clean(emu_inv)
+    try:
+        _testbed("lab", "up", str(emu), "--login-user", USER)
+        sudoers = Path(f"/etc/sudoers.d/testbed-{emu_inv.name}")
+        assert sudoers.read_text().strip().endswith(
+            f"{USER} ALL=(root) NOPASSWD: /usr/sbin/tc, /sbin/tc, "
+            "/usr/sbin/ip link set dev * gso_max_segs *, /sbin/ip link set dev * gso_max_segs *")
+
+        first = _testbed("provision", str(real))
+        assert "provisioned" in first.stdout and "copied" in first.stdout
+        second = _testbed("provision", str(real))
+        assert "nothing to do, nothing copied" in second.stdout, second.stdout
+        assert "copy" not in second.stdout.replace("nothing copied", "")
+
+        check = _testbed("check", str(real), "--trust-new-hosts")
+        assert "checks passed" in check.stdout
+        _testbed("up", str(real))
+        procs = _device_processes(emu_inv)
+        assert any("raylet" in cmd for _, cmd in procs.values()), procs
+        assert {user for user, _ in procs.values()} == {USER}, procs
+
+        out = tmp_path / "out"
+        _testbed("profile", str(real), "--quick", "--out", str(out / "profile.json"))
+        _testbed("run", str(_experiment(tmp_path, real)), "--profile",
+                 str(out / "profile.json"), "--no-live", "--out", str(out))
+        procs = _device_processes(emu_inv)      # the agents' workers (llama.cpp) stay idle here
+        assert any("ray::" in cmd or "default_worker" in cmd for _, cmd in procs.values()), procs
+        assert {user for user, _ in procs.values()} == {USER}, procs
+
+        (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        registry = {m.name: m.sha256 for m in models.list_models()}
+        for name, model in DEVICES.items():
+            got = manifest["models"][name]
+            assert got["path"] == f"/home/{USER}/{name}/models/{model}.gguf"
+            assert got["sha256"] == registry[model]
+        assert manifest["models"]["server"]["sha256"] == registry["smollm2-135m-q4_1"]
+        profile = json.loads((out / "profile.json").read_text())
+        for dev in profile["devices"]:
+            assert dev["model"]["sha256"] == registry[DEVICES[dev["name"]]]
+            assert dev["model"]["hashed_on"] == "node"
+
+        _testbed("down", str(real))
+        assert not cluster.is_up(real_inv)
+    finally:
+        subprocess.run([sys.executable, "-m", "testbed.cli", "down", str(real)],
+                       capture_output=True, timeout=300, cwd=ROOT)
+        _testbed("lab", "down", str(emu))
+    assert not _user_exists(USER)
+    assert not Path(f"/etc/sudoers.d/testbed-{emu_inv.name}").exists()
+    assert not Path(f"/home/{USER}").exists()
+    assert leftovers(emu_inv) == []
+    assert not [p for p in psutil.process_iter(["username"]) if p.info["username"] == USER]
+    # The lab is down: both inventories are refused at once, naming the command that fixes it.
+    for path in (emu, real):
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "testbed.cli", "check", str(path)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert time.monotonic() - t0 < 3         # measured 0.4 s: no connection tried
+        assert proc.returncode != 0 and "testbed lab up" in proc.stderr, proc.stderr
+
+
+def _user_exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
+def test_netns_real_is_a_real_inventory_of_the_emulated_hosts():
+    """inventory/netns-real.yaml: kind real, the emulated lab's device addresses, per-node venvs
+    and model paths under the login user's home, nothing emulated; the server is this machine
+    and runs testbed's own environment."""
+    text = (ROOT / "inventory/netns-real.yaml").read_text()
+    inv = load_inventory(ROOT / "inventory/netns-real.yaml")
+    local = load_inventory(ROOT / "inventory/local.yaml")
+    assert inv.kind == "real" and inv.server.connection == "local"
+    assert inv.server.host == local.server.host and inv.server.venv == sys.prefix
+    assert [d.host for d in inv.devices] == [d.host for d in local.devices]
+    assert len({d.venv for d in inv.devices}) == len(inv.devices)
+    for d in inv.devices:
+        assert d.venv == f"/home/tblab/{d.name}/venv" and d.ssh.user == "tblab"
+        assert d.model.name and d.model.path.startswith(f"/home/tblab/{d.name}/models/")
+        assert d.cpu_quota is None and d.emulation is None
+    assert "cpu_quota" not in text and "emulation:" not in text
