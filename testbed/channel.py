@@ -36,15 +36,22 @@ class Channel:
     bits_per_draft_token: int | None = None  # None: measured by the profiler
 
 
+# Sane upper bounds: far above any real band or frame, low enough that the arithmetic stays finite.
+MAX_BANDWIDTH_HZ = 1e12          # 1 THz
+MAX_BITS = 10**9                 # per upload or per token
+
+
 def parse_channel(sec: Section, base: Channel | None = None) -> Channel:
     """The channel in ``sec`` (errors name its file, line and field). Without ``base`` the band
     is required and the rest has defaults; with ``base`` every key is optional and overrides it.
     """
     over: dict = {}
     if base is None or sec.has("bandwidth_hz"):
-        over["bandwidth_hz"] = sec.number("bandwidth_hz", min=0, min_exclusive=True)
-    for key, lo, hi in (("header_bits", 0, None), ("top_k", 1, MAX_TOP_K),
-                        ("max_draft_len", 1, MAX_DRAFT_LEN), ("bits_per_draft_token", 1, None)):
+        over["bandwidth_hz"] = sec.number("bandwidth_hz", min=0, min_exclusive=True,
+                                          max=MAX_BANDWIDTH_HZ)
+    for key, lo, hi in (("header_bits", 0, MAX_BITS), ("top_k", 1, MAX_TOP_K),
+                        ("max_draft_len", 1, MAX_DRAFT_LEN),
+                        ("bits_per_draft_token", 1, MAX_BITS)):
         if sec.has(key):
             over[key] = sec.integer(key, min=lo, max=hi)
     lmax = over.get("max_draft_len", (base or Channel).max_draft_len)

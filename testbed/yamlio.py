@@ -10,7 +10,8 @@ Main types: ``load_yaml(path, error_cls) -> Section`` and ``Section`` with typed
 rejects the keys nobody read.
 
 Limits: YAML anchors/aliases are resolved by PyYAML before validation, so an error inside an
-aliased value points at the alias's anchor line.
+aliased value points at the alias's anchor line; a file may hold at most ``MAX_VALUES`` values
+once its aliases are expanded, and deeper nesting than Python's recursion limit is refused.
 """
 
 from __future__ import annotations
@@ -27,9 +28,22 @@ from testbed.files import read_text
 _MISSING = object()
 
 
+MAX_VALUES = 100_000
+"""Values a file may hold once its aliases are expanded. Far above any inventory or experiment
+(hundreds); an "alias bomb" (each level an anchor listing the previous one ten times) reaches
+it in five levels from 300 bytes, where expanding it all ran for minutes."""
+
+
 def _convert(node: yaml.Node, path: str, lines: dict[str, int], source: str,
-             error_cls: type[InputError]) -> Any:
+             error_cls: type[InputError], budget: list[int] | None = None) -> Any:
     """Turn a composed YAML node into plain data, recording the line of every path."""
+    if budget is None:
+        budget = [MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise error_cls(f"more than {MAX_VALUES} values once aliases are expanded (an alias "
+                        "bomb?)", source=source, line=node.start_mark.line + 1,
+                        field=path or None)
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -42,10 +56,10 @@ def _convert(node: yaml.Node, path: str, lines: dict[str, int], source: str,
             if key in out:
                 raise error_cls(f"duplicate key '{key}'", source=source,
                                 line=key_node.start_mark.line + 1, field=child)
-            out[key] = _convert(value_node, child, lines, source, error_cls)
+            out[key] = _convert(value_node, child, lines, source, error_cls, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(v, f"{path}[{i}]", lines, source, error_cls)
+        return [_convert(v, f"{path}[{i}]", lines, source, error_cls, budget)
                 for i, v in enumerate(node.value)]
     # Scalar: let PyYAML's safe constructor decide int/float/bool/null/str.
     return _scalar(node)
@@ -65,6 +79,8 @@ def load_yaml(path: str | Path, error_cls: type[InputError]) -> "Section":
     text = read_text(path, error_cls, "YAML")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise error_cls("invalid YAML: nested too deeply", source=source) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else None
@@ -79,6 +95,8 @@ def load_yaml(path: str | Path, error_cls: type[InputError]) -> "Section":
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise error_cls(f"invalid value: {exc.problem}", source=source, line=line) from None
+    except RecursionError:
+        raise error_cls("invalid YAML: nested too deeply", source=source) from None
     if not isinstance(data, dict):
         raise error_cls(f"expected a mapping at the top, got {_kind(data)}", source=source,
                         line=1)

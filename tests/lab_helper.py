@@ -64,6 +64,8 @@ def leftovers(inv: Inventory) -> list[str]:
     for root in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup"):
         if os.path.isdir(os.path.join(root, inv.lab.cgroup)):
             out.append(f"cgroup {os.path.join(root, inv.lab.cgroup)}")
+    out += [f"temp dir {cluster.temp_root(inv, n)}" for n in inv.nodes
+            if os.path.exists(cluster.temp_root(inv, n))]
     marks = [str(inv.state_dir)] + [cluster.temp_dir(inv, n) + "/" for n in inv.nodes]
     for p in psutil.process_iter(["cmdline", "status"]):
         try:

@@ -17,6 +17,7 @@ lab on the machine. It installs two venvs (about 2 minutes).
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import require_root, require_tools
+from conftest import require_root, require_tools, wait_until
 from lab_helper import leftovers
 
 from testbed.inputs import models
@@ -85,15 +86,40 @@ def _inventories(tmp: Path) -> tuple[Path, Path]:
     return emu, real
 
 
-def _experiment(tmp: Path, real: Path) -> Path:
-    path = tmp / "smoke.yaml"
+def _experiment(tmp: Path, real: Path, rounds: int = 6) -> Path:
+    path = tmp / f"smoke-{rounds}.yaml"
     text = (ROOT / "experiments/netns-real-smoke.yaml").read_text()
     assert "inventory: ../inventory/netns-real.yaml" in text
     text = (text.replace("inventory: ../inventory/netns-real.yaml", f"inventory: {real}")
             .replace("prompts: prompts/", f"prompts: {ROOT}/experiments/prompts/")
-            .replace("duration_s: 12", "rounds: 6"))
+            .replace("duration_s: 12", f"rounds: {rounds}"))
     path.write_text(text)
     return path
+
+
+def _events(folder: Path) -> list[dict]:
+    found = list(folder.glob("*/events.jsonl")) if folder.exists() else []
+    if not found:
+        return []
+    lines = found[0].read_text().splitlines()
+    return [json.loads(line) for line in lines[:-1]]      # the last may be half-written
+
+
+def _kill_sshd(emu_inv, name: str) -> list[int]:
+    """SIGKILL every sshd of a device (the listener and each login's): its node is then
+    unreachable over SSH, as a real device whose sshd died, while its Ray node lives on."""
+    ns = emulated.netns_name(emu_inv, emu_inv.device(name))
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    killed = []
+    for pid in map(int, pids.split()):
+        try:
+            p = psutil.Process(pid)
+            if p.name().startswith("sshd"):
+                p.kill()
+                killed.append(pid)
+        except psutil.Error:
+            continue
+    return killed
 
 
 def _device_processes(emu_inv) -> dict[int, tuple[str, str]]:
@@ -141,6 +167,11 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
         procs = _device_processes(emu_inv)
         assert any("raylet" in cmd for _, cmd in procs.values()), procs
         assert {user for user, _ in procs.values()} == {USER}, procs
+        for node in real_inv.nodes:            # private temp dirs (Ray's own are 0777)
+            assert os.path.isdir(cluster.temp_dir(real_inv, node))
+            st = os.stat(cluster.temp_root(real_inv, node))
+            assert st.st_mode & 0o777 == 0o700
+            assert pwd.getpwuid(st.st_uid).pw_name == (USER if node.role == "device" else "root")
 
         out = tmp_path / "out"
         _testbed("profile", str(real), "--quick", "--out", str(out / "profile.json"))
@@ -163,8 +194,51 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
             assert dev["model"]["sha256"] == registry[DEVICES[dev["name"]]]
             assert dev["model"]["hashed_on"] == "node"
 
+        # Every sshd of dev-b dies during a run: its link can no longer be changed, so dev-b is
+        # lost (a `lost` event), the run goes on with dev-a, writes its summary and exits 3.
+        lossy = tmp_path / "lossy"
+        proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run",
+                                 str(_experiment(tmp_path, real, rounds=40)), "--profile",
+                                 str(out / "profile.json"), "--no-live", "--out", str(lossy)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert wait_until(lambda: any(e["type"] == "round" for e in _events(lossy)), 300)
+            assert _kill_sshd(emu_inv, "dev-b")
+            code = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert code == 3, proc.stderr.read()[-2000:]
+        (run_dir,) = [p for p in lossy.iterdir() if p.is_dir()]
+        events = [json.loads(line)
+                  for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        lost = [e for e in events if e["type"] == "event" and e["kind"] == "lost"]
+        assert [e["device"] for e in lost] == ["dev-b"], lost
+        assert events[-1]["type"] == "run_end" and events[-1]["status"] == "lost_devices"
+        after = [e for e in events if e["type"] == "round" and e["t"] > lost[0]["t"]]
+        assert after and all(d["name"] != "dev-b" for e in after for d in e["devices"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "lost_devices"
+        _testbed("lab", "up", str(emu), "--login-user", USER)      # restarts dev-b's sshd
+
+        # A runner killed with SIGKILL leaves the htb on the links; `testbed down` removes it.
+        exp = _experiment(tmp_path, real)
+        killed = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(exp),
+                                   "--profile", str(out / "profile.json"), "--no-live", "--out",
+                                   str(tmp_path / "killed")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: all(_shaped(emu_inv, n) for n in emu_inv.devices), 300)
+        finally:
+            killed.kill()
+            killed.wait(timeout=60)
+        assert all(_shaped(emu_inv, n) for n in emu_inv.devices)     # left behind
         _testbed("down", str(real))
+        assert not any(_shaped(emu_inv, n) for n in emu_inv.devices)
         assert not cluster.is_up(real_inv)
+        for node in real_inv.nodes:
+            assert not os.path.exists(cluster.temp_root(real_inv, node))
     finally:
         subprocess.run([sys.executable, "-m", "testbed.cli", "down", str(real)],
                        capture_output=True, timeout=300, cwd=ROOT)
@@ -181,6 +255,14 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
                               capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert time.monotonic() - t0 < 3         # measured 0.4 s: no connection tried
         assert proc.returncode != 0 and "testbed lab up" in proc.stderr, proc.stderr
+
+
+def _shaped(emu_inv, node) -> bool:
+    """An htb root qdisc on the device's uplink (read in its namespace, as root)."""
+    out = subprocess.run(["ip", "netns", "exec", emulated.netns_name(emu_inv, node), "tc",
+                          "qdisc", "show", "dev", node.interface], capture_output=True,
+                         text=True, timeout=30).stdout
+    return "htb" in out
 
 
 def _user_exists(user: str) -> bool:

@@ -48,6 +48,9 @@ def run(args) -> int:
     if os.geteuid() != 0:
         raise LabError("the emulated lab needs root (network namespaces, tc, cgroups): "
                        "run `sudo .venv/bin/testbed demo`")
+    from testbed.commands import writable_file, writable_folder
+    writable_folder(args.out, "--out")               # before anything is brought up
+    writable_file(args.profile_out, "--profile-out")
     exp = load_experiment(args.experiment)
     inv = exp.inventory
     t0 = time.monotonic()
@@ -55,7 +58,8 @@ def run(args) -> int:
     models.prepare(progress=lambda step: console.log(str(step)))
     console.print(Rule("2/6 emulated lab and its Ray cluster"))
     code = 1
-    with bring_up(inv, console.log):
+    from testbed.lab.lock import lab_lock
+    with lab_lock(inv, "testbed demo"), bring_up(inv, console.log):
         console.print(Rule("3/6 profile (--quick)"))
         profile = profile_inventory(inv, quick=True, progress=console.log, experiment=exp)
         atomic_write_json(args.profile_out, profile)

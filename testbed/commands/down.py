@@ -6,6 +6,7 @@ with a machine-wide ``ray stop``. The emulated lab itself stays: `testbed lab do
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -25,10 +26,16 @@ def run(args) -> int:
     from testbed.inputs.inventory import load_inventory
     from testbed.lab import cluster
 
+    from testbed.errors import LabError
+    from testbed.lab.lock import lab_lock
+
     console = Console(log_path=False)
     inv = load_inventory(args.inventory)
+    if inv.kind == "emulated" and os.geteuid() != 0:
+        raise LabError("`testbed down` on an emulated lab needs root (its processes run in "
+                       "root's namespaces): run it with sudo")
     t0 = time.monotonic()
-    with console.status("") as spinner:
+    with lab_lock(inv, "testbed down"), console.status("") as spinner:
         def progress(msg: str) -> None:
             spinner.update(f"down: {msg}")
             console.log(msg)

@@ -9,6 +9,8 @@ and whether each sshd answers (exit 1 when something is missing); ``clean`` is c
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 
@@ -36,13 +38,21 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
 
+    from testbed.errors import LabError
     from testbed.inputs.inventory import load_inventory
     from testbed.lab import cluster, emulated
 
+    from testbed.lab.lock import lab_lock
+
     console = Console(log_path=False)
     inv = load_inventory(args.inventory)
+    if os.geteuid() != 0:
+        raise LabError(f"`testbed lab {args.action}` needs root (the lab's namespaces, cgroups "
+                       f"and its state folder {inv.state_dir} are root's): run it with sudo")
     t0 = time.monotonic()
-    with console.status("") as spinner:
+    held = lab_lock(inv, f"testbed lab {args.action}") if args.action != "status" \
+        else contextlib.nullcontext()
+    with held, console.status("") as spinner:
         def progress(msg: str) -> None:
             spinner.update(f"lab {args.action}: {msg}")
             console.log(msg)

@@ -12,7 +12,6 @@ The measurement itself is ``testbed.profiling.profiler``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 EXIT_DEVICES_FAILED = 3
 
@@ -62,12 +61,12 @@ def run(args) -> int:
         channel = exp.channel
     else:
         workloads = profiler.workloads_from_files(args.prompts)
-    out = Path(args.out or f"profiles/{inv.name}.json")
-    if out.exists() and out.is_dir():
-        raise InputError("is a folder, expected a file name", source=str(out), field="--out")
+    from testbed.commands import writable_file
+    out = writable_file(args.out or f"profiles/{inv.name}.json", "--out")
 
     t0 = time.monotonic()
-    with bring_up(inv, console.log) as lab_up:
+    from testbed.lab.lock import lab_lock
+    with lab_lock(inv, "testbed profile"), bring_up(inv, console.log) as lab_up:
         t_up = time.monotonic() - t0
         budget = profiler.QUICK if args.quick else profiler.FULL
         with ProgressReporter(console) as rep:

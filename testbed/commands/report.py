@@ -34,6 +34,9 @@ def run(args) -> int:
     from testbed.records.report import (breakdown_table, comparison_table, device_table, load_run,
                                         report_json, response_table, write_plots)
 
+    if args.out and not args.no_plots:
+        from testbed.commands import writable_folder
+        writable_folder(args.out, "--out")
     runs = [load_run(r) for r in args.runs]
     plots: dict[str, list[str]] = {}
     if not args.no_plots:

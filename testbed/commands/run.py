@@ -39,11 +39,22 @@ def _experiment_and_profile(args):
     if args.replay:
         from testbed.records.runs import read_manifest
         manifest = read_manifest(args.replay)
-        exp = load_experiment(manifest["experiment_path"])
-        if exp.digest and manifest.get("experiment", {}).get("digest") not in (None, exp.digest):
+        path = manifest.get("experiment_path")
+        if not isinstance(path, str) or not path:
+            raise InputError("the manifest names no experiment file (experiment_path)",
+                             source=str(Path(args.replay) / "manifest.json"),
+                             field="experiment_path")
+        exp = load_experiment(path)
+        recorded = manifest.get("experiment")
+        recorded = recorded.get("digest") if isinstance(recorded, dict) else None
+        if exp.digest and recorded not in (None, exp.digest):
             raise InputError("the experiment file changed since that run (digest differs)",
-                             source=manifest["experiment_path"])
-        return exp, manifest.get("profile")
+                             source=path)
+        profile = manifest.get("profile")
+        if profile is not None and not isinstance(profile, dict):
+            raise InputError("expected the recorded profile (an object)",
+                             source=str(Path(args.replay) / "manifest.json"), field="profile")
+        return exp, profile
     if not args.experiment:
         raise InputError("give an EXPERIMENT file or --replay RUN_DIR", source="testbed run")
     exp = load_experiment(args.experiment)
@@ -62,10 +73,13 @@ def run(args) -> int:
     from testbed.live.loop import run as run_experiment
     from testbed.records.view import LiveView, RunView
 
+    from testbed.commands import writable_folder
     console = Console(log_path=False)
+    writable_folder(args.out, "--out")           # before anything is brought up
     exp, profile = _experiment_and_profile(args)
     inv = exp.inventory
-    with bring_up(inv, console.log):
+    from testbed.lab.lock import lab_lock
+    with lab_lock(inv, "testbed run " + " ".join(sys.argv[2:])), bring_up(inv, console.log):
         if profile is None:
             from testbed.profiling.profiler import profile_inventory
             console.log("profiling the lab first (--quick)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from testbed.channel import MAX_DRAFT_LEN, MAX_TOP_K
+from testbed.commands import float_in, int_in
 from testbed.errors import InputError
 
 
@@ -23,17 +25,25 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="the user prompt")
     p.add_argument("--template", choices=("chatml", "none"), default="chatml",
                    help="wrap the prompt in the ChatML chat template (default) or use it raw")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default 4)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, default=0, help="top-k of the target (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="top-p of the target (1: off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--max-tokens", type=int_in(1, 32768), default=64,
+                   help="tokens to generate, 1..32768 (default 64)")
+    p.add_argument("--draft-len", type=int_in(0, MAX_DRAFT_LEN), default=4,
+                   help=f"draft tokens per round, 0..{MAX_DRAFT_LEN} (default 4)")
+    p.add_argument("--temperature", type=float_in(0, 10), default=0.0,
+                   help="0 (default): greedy; at most 10")
+    p.add_argument("--top-k", type=int_in(0, 1_000_000), default=0,
+                   help="top-k of the target (0: off)")
+    p.add_argument("--top-p", type=float_in(0, 1, lo_exclusive=True), default=1.0,
+                   help="top-p of the target, in (0, 1] (1: off)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+                   help="random seed, 0..2^32-1 (default 0)")
     p.add_argument("--payload", choices=("ids", "topk"), default=None,
                    help="draft payload: ids (default when greedy; when sampling the draft is then "
                    "greedy) or topk (default when sampling)")
-    p.add_argument("--payload-k", type=int, default=8, help="entries per token in topk payloads")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--payload-k", type=int_in(1, MAX_TOP_K), default=8,
+                   help=f"entries per token in topk payloads, 1..{MAX_TOP_K}")
+    p.add_argument("--threads", type=int_in(1, 256), default=2,
+                   help="llama.cpp threads, 1..256 (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

@@ -36,7 +36,8 @@ def run(args) -> int:
             spinner.update(f"up: {msg}")
             console.log(msg)
 
-        with bring_up(inv, progress, keep=True, cluster=False):
+        from testbed.lab.lock import lab_lock
+        with lab_lock(inv, "testbed up"), bring_up(inv, progress, keep=True, cluster=False):
             state = cluster.up(inv, progress)
     table = Table(title=f"Ray cluster {state['address']} ({time.monotonic() - t0:.1f} s)")
     for col in ("node", "address", "pinning resource", "python", "ray"):

@@ -19,6 +19,8 @@ draft token must be positive (an upload of a draft always costs band).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,12 @@ SCHEMA = "testbed.problem/1"
 POLICY_NAMES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed",
                 "agnostic-tuned", "server-only")
 PROFILE_SCHEMA_PREFIX = "testbed.profile/"
+PROFILE_SCHEMA = PROFILE_SCHEMA_PREFIX + "1"      # profiling/format.py writes this version
+# Upper bounds of a problem's numbers: far above any real lab, low enough that every round time
+# and goodput the model derives stays finite (1e308 seconds overflowed to inf, then 0/0).
+MAX_TIME_S = 3600.0
+MAX_BANDWIDTH_HZ = 1e12
+MAX_BITS = 1e9
 MAX_DEVICES = 1_000_000
 
 
@@ -140,6 +148,8 @@ def load_problem(path: str | Path, channel: Any = None) -> Problem:
     to the fix; a problem file carries its own channel, so one given with it is refused too.
     """
     data, lines = read_json(path, ProblemError, located=True)
+    if not isinstance(data, dict):
+        raise ProblemError("expected a JSON object at the top", source=str(path), line=1)
     schema = data.get("schema")
     if isinstance(schema, str) and schema.startswith(PROFILE_SCHEMA_PREFIX):
         if channel is None:
@@ -164,18 +174,18 @@ def problem_from_dict(data: Any, source: str = "<problem>",
     schema = root.str("schema")
     if schema != SCHEMA:
         raise root.error("schema", f'expected "{SCHEMA}", got "{schema}"')
-    bandwidth_hz = root.number("bandwidth_hz", min=0, min_exclusive=True)
-    bits = root.number("bits_per_draft_token", min=0, min_exclusive=True)
-    header = root.number("header_bits", min=0)
+    bandwidth_hz = root.number("bandwidth_hz", min=0, min_exclusive=True, max=MAX_BANDWIDTH_HZ)
+    bits = root.number("bits_per_draft_token", min=0, min_exclusive=True, max=MAX_BITS)
+    header = root.number("header_bits", min=0, max=MAX_BITS)
     lmax = root.integer("max_draft_len", min=1, max=MAX_DRAFT_LEN)
     lfix = root.integer("baseline_draft_len", min=1)
     if lfix > lmax:
         raise root.error("baseline_draft_len", f"must be at most max_draft_len ({lmax}), "
                          f"got {lfix}")
     sec = root.section("server")
-    server = Server(verify_base_s=sec.number("verify_base_s", min=0),
-                    verify_per_token_s=sec.number("verify_per_token_s", min=0),
-                    downlink_s=sec.number("downlink_s", 0.0, min=0))
+    server = Server(verify_base_s=sec.number("verify_base_s", min=0, max=MAX_TIME_S),
+                    verify_per_token_s=sec.number("verify_per_token_s", min=0, max=MAX_TIME_S),
+                    downlink_s=sec.number("downlink_s", 0.0, min=0, max=MAX_TIME_S))
     sec.done()
     if server.verify_base_s + server.verify_per_token_s + server.downlink_s <= 0:
         raise root.error("server", "verify_base_s, verify_per_token_s and downlink_s are all "
@@ -194,8 +204,10 @@ def problem_from_dict(data: Any, source: str = "<problem>",
         if name in seen:
             raise d.error("name", f'duplicate device name "{name}" (also devices[{seen[name]}])')
         seen[name] = i
-        devices.append(Device(name=name, draft_base_s=d.number("draft_base_s", min=0),
-                              draft_per_token_s=d.number("draft_per_token_s", min=0),
+        devices.append(Device(name=name,
+                              draft_base_s=d.number("draft_base_s", min=0, max=MAX_TIME_S),
+                              draft_per_token_s=d.number("draft_per_token_s", min=0,
+                                                         max=MAX_TIME_S),
                               acceptance=d.number("acceptance", min=0, max=1),
                               snr_db=d.number("snr_db", min=-100, max=100)))
         d.done()
@@ -203,6 +215,31 @@ def problem_from_dict(data: Any, source: str = "<problem>",
     return Problem(bandwidth_hz=bandwidth_hz, bits_per_draft_token=bits, header_bits=header,
                    max_draft_len=lmax, baseline_draft_len=lfix, server=server,
                    devices=tuple(devices))
+
+
+def check_profile_shape(profile: Any, source: str, error_cls: type = ProblemError) -> None:
+    """A profile's schema (exactly ``PROFILE_SCHEMA``) and the types of its top-level blocks, so
+    that readers can index them: ``error_cls`` (file: field: what) otherwise."""
+    def err(field: str, message: str):
+        return error_cls(message, source=source, field=field)
+    if not isinstance(profile, dict):
+        raise err("", "expected a profile object")
+    schema = profile.get("schema")
+    if schema != PROFILE_SCHEMA:
+        raise err("schema", f'expected "{PROFILE_SCHEMA}", got {json.dumps(schema)} (a profile '
+                  "of another version of testbed: profile again)")
+    for key, kind in (("channel", dict), ("payload", dict), ("server", dict), ("devices", list)):
+        if key not in profile:
+            raise err(key, "missing")
+        if not isinstance(profile[key], kind):
+            raise err(key, f"expected {'an object' if kind is dict else 'a list'}, got "
+                      f"{type(profile[key]).__name__}")
+    verify = profile["server"].get("verify", {})
+    if not isinstance(verify, dict):
+        raise err("server.verify", f"expected an object, got {type(verify).__name__}")
+    for i, d in enumerate(profile["devices"]):
+        if not isinstance(d, dict):
+            raise err(f"devices[{i}]", f"expected an object, got {type(d).__name__}")
 
 
 def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
@@ -225,18 +262,12 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
         return ProblemError(message, source=source, field=field)
 
     def num(value: Any, field: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
             raise err(field, f"expected a number, got {value!r}")
         return float(value)
 
-    if not isinstance(profile, dict):
-        raise err("", "expected a profile object")
-    schema = profile.get("schema")
-    if not (isinstance(schema, str) and schema.startswith(PROFILE_SCHEMA_PREFIX)):
-        raise err("schema", f'expected "{PROFILE_SCHEMA_PREFIX}1", got {schema!r}')
-    for key in ("payload", "server", "devices"):
-        if not isinstance(profile.get(key), (dict, list)):
-            raise err(key, "missing")
+    check_profile_shape(profile, source, ProblemError)
     profiled = (profile.get("channel") or {}).get("payload")
     bits = getattr(channel, "bits_per_draft_token", None)
     payload = profile["payload"]
@@ -258,6 +289,9 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
             continue
         name = d.get("name")
         draft, acc, link = d.get("draft") or {}, d.get("acceptance") or {}, d.get("link") or {}
+        for key, value in (("draft", draft), ("acceptance", acc), ("link", link)):
+            if not isinstance(value, dict):
+                raise err(f"{where}.{key}", f"expected an object, got {type(value).__name__}")
         base = draft.get("round_base_s", draft.get("base_s"))
         wanted = workloads.get(name) if isinstance(workloads, dict) else workloads
         if wanted is None:

@@ -44,6 +44,11 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 WORKLOAD_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_WORKLOAD = "default"
 
+# Upper bounds for budgets and event times: a day of measuring per policy, ten million rounds.
+# Far above any experiment, and they keep every derived time finite.
+MAX_DURATION_S = 86_400.0
+MAX_ROUNDS = 10_000_000
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -215,7 +220,7 @@ def _workloads(root: Section, base: Path, channel: Channel) -> dict[str, Workloa
         wl = Workload(name=name, prompts_path=path,
                       max_tokens=w.integer("max_tokens", 128, min=1, max=32768),
                       temperature=temperature,
-                      top_k=w.integer("top_k", 0, min=0),
+                      top_k=w.integer("top_k", 0, min=0, max=1_000_000),
                       top_p=w.number("top_p", 1.0, min=0, min_exclusive=True, max=1),
                       prompt_set=load_prompts(path))
         if temperature > 0 and channel.payload != "topk":
@@ -257,15 +262,17 @@ def _replan(root: Section) -> Replan:
     if sec is None:
         return Replan()
     d = Replan()
-    hysteresis = sec.number("hysteresis", d.hysteresis, min=0)
+    hysteresis = sec.number("hysteresis", d.hysteresis, min=0, max=100)
     if hysteresis >= 1:
         raise sec.error("hysteresis", f"must be below 1 (a relative gain), got {hysteresis:g}")
-    out = Replan(interval_rounds=sec.integer("interval_rounds", d.interval_rounds, min=1),
+    out = Replan(interval_rounds=sec.integer("interval_rounds", d.interval_rounds, min=1,
+                                             max=MAX_ROUNDS),
                  hysteresis=hysteresis,
-                 min_dwell_rounds=sec.integer("min_dwell_rounds", d.min_dwell_rounds, min=0),
+                 min_dwell_rounds=sec.integer("min_dwell_rounds", d.min_dwell_rounds, min=0,
+                                              max=MAX_ROUNDS),
                  ewma=sec.number("ewma", d.ewma, min=0, min_exclusive=True, max=1),
                  rate_ewma=sec.number("rate_ewma", None, min=0, min_exclusive=True, max=1),
-                 surprise=sec.number("surprise", None, min=0, min_exclusive=True))
+                 surprise=sec.number("surprise", None, min=0, min_exclusive=True, max=1000))
     sec.done()
     return out
 
@@ -277,8 +284,8 @@ def _event(sec: Section, devices: list[str], workloads: dict) -> Event:
     has_s, has_round = sec.has("at_s"), sec.has("at_round")
     if has_s == has_round:
         raise sec.error(None, "give exactly one of at_s or at_round")
-    at_s = sec.number("at_s", min=0) if has_s else None
-    at_round = sec.integer("at_round", min=0) if has_round else None
+    at_s = sec.number("at_s", min=0, max=MAX_DURATION_S) if has_s else None
+    at_round = sec.integer("at_round", min=0, max=MAX_ROUNDS) if has_round else None
     given = [k for k in _EVENT_KEYS if k in sec.data]
     if len(given) != 1:
         raise sec.error(None, "give exactly one of snr_db, workload, leave: true, rejoin: true")
@@ -358,8 +365,9 @@ def load_experiment(path: str | Path) -> Experiment:
     budget = root.section("per_policy")
     if budget.has("duration_s") == budget.has("rounds"):
         raise budget.error(None, "give exactly one of duration_s or rounds")
-    duration_s = budget.number("duration_s", None, min=0, min_exclusive=True)
-    rounds = budget.integer("rounds", None, min=1)
+    duration_s = budget.number("duration_s", None, min=0, min_exclusive=True,
+                               max=MAX_DURATION_S)
+    rounds = budget.integer("rounds", None, min=1, max=MAX_ROUNDS)
     budget.done()
     warmup_rounds = root.integer("warmup_rounds", 2, min=0, max=1000)
 

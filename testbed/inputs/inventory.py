@@ -172,6 +172,17 @@ def _check_name(value: str) -> str | None:
     return None
 
 
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def _check_user(value: str) -> str | None:
+    # It reaches sshd_config (AllowUsers) and sudoers lines: nothing but a plain POSIX name.
+    if not USER_RE.match(value):
+        return (f"{value!r} is not a valid user name (lower-case letters, digits, \"_\" and "
+                "\"-\", starting with a letter or \"_\", at most 32 characters)")
+    return None
+
+
 def _check_iface(value: str) -> str | None:
     if not IFACE_RE.match(value):
         return f'"{value}" is not a valid interface name (at most 15 characters, no spaces)'
@@ -253,7 +264,7 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         else:
             raise sec.error_cls(f"expected a mapping, got {raw!r}", source=sec.source,
                                 line=sec.lines.get("defaults.ssh"), field="defaults.ssh")
-        user = s.str("user")
+        user = s.str("user", check=_check_user)
         port = s.integer("port", 22, min=1, max=65535)
         key = s.str("key", None)
         known = s.str("known_hosts", None)
@@ -304,9 +315,9 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         if role != "server" or kind != "emulated":
             raise sec.error("emulation", "only the server of an emulated lab has an emulation profile")
         e = sec.section("emulation")
-        emulation = Emulation(verify_base_s=e.number("verify_base_s", min=0),
-                              verify_per_token_s=e.number("verify_per_token_s", min=0),
-                              downlink_s=e.number("downlink_s", 0.0, min=0))
+        emulation = Emulation(verify_base_s=e.number("verify_base_s", min=0, max=60),
+                              verify_per_token_s=e.number("verify_per_token_s", min=0, max=10),
+                              downlink_s=e.number("downlink_s", 0.0, min=0, max=60))
         e.done()
     sec.done()
     return Node(name=name, role=role, host=host, connection=connection, ssh=ssh, python=python,
@@ -361,10 +372,16 @@ def load_inventory(path: str | Path) -> Inventory:
     dsec = root.section("defaults", None)
     defaults: dict = {}
     if dsec is not None:
-        for key in ("ssh", "venv", "python", "threads"):
-            if key in dsec.data:
-                dsec.raw(key)
-                defaults[key] = dsec.data[key]
+        # Each default is validated here, at its own line, like the field it stands for.
+        if "ssh" in dsec.data:
+            dsec.raw("ssh")
+            defaults["ssh"] = dsec.data["ssh"]
+        if "venv" in dsec.data:
+            defaults["venv"] = dsec.str("venv", check=_check_abs)
+        if "python" in dsec.data:
+            defaults["python"] = dsec.str("python", check=_check_python)
+        if "threads" in dsec.data:
+            defaults["threads"] = dsec.integer("threads", min=1, max=256)
         dsec.done()
 
     server = _node(root.section("server"), "server", kind, defaults, ncpu)

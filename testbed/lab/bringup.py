@@ -39,8 +39,13 @@ class bring_up:
         inv = self.inv
         try:
             if inv.kind == "emulated" and not emulated.status(inv).ok:
-                self.progress("the emulated lab is not up: bringing it up")
-                self.brought.append("lab")
+                if emulated.load_state(inv) is None:
+                    self.progress("the emulated lab is not up: bringing it up")
+                    self.brought.append("lab")
+                else:
+                    # Recorded but incomplete (an sshd died, say): repaired, and left up at
+                    # the end as found: it is the user's lab, not this command's.
+                    self.progress("the emulated lab is incomplete: repairing it")
                 emulated.up(inv, self.progress)
             if self.want_cluster and not cluster.is_up(inv):
                 self.progress("the Ray cluster is not up: starting it")

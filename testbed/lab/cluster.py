@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -118,10 +119,17 @@ def _refresh_ray_config() -> None:
             pass
 
 
-def temp_dir(inv: Inventory, node: Node) -> str:
-    """A short, per-lab, per-node Ray temp dir (Ray's socket paths must stay < 107 chars)."""
+def temp_root(inv: Inventory, node: Node) -> str:
+    """A short, per-lab, per-node folder, 0700, that holds Ray's temp dir (``temp_dir``)."""
     tag = hashlib.sha1(f"{inv.name}/{node.name}".encode()).hexdigest()[:8]
     return f"/tmp/tbr-{tag}"
+
+
+def temp_dir(inv: Inventory, node: Node) -> str:
+    """Ray's temp dir for a node (its socket paths must stay under 107 characters). Ray makes
+    it 0777 whenever a node or a driver starts (no sticky bit, a predictable name), so it sits
+    in ``temp_root``, which testbed makes 0700 for the user Ray runs as, and removes on down."""
+    return f"{temp_root(inv, node)}/r"
 
 
 def address(inv: Inventory) -> str:
@@ -260,12 +268,20 @@ def _save(inv: Inventory, state: dict) -> None:
 def probe_versions(inv: Inventory, runners: dict[str, Runner]) -> dict[str, dict]:
     found = {}
     for node in inv.nodes:
+        runner = runners[node.name]
         try:
-            res = runners[node.name].run([node.python_bin, "-c", PROBE], timeout_s=60)
-            found[node.name] = json.loads(res.stdout.strip().splitlines()[-1])
+            if hasattr(runner, "connect"):
+                runner.connect()     # SSH and host-key failures are not the venv's fault
         except RemoteError as exc:
+            raise ClusterError(f"node {node.name}: {exc} (`testbed check {inv.path}` says "
+                               "what to fix)") from None
+        try:
+            res = runner.run([node.python_bin, "-c", PROBE], timeout_s=60)
+            found[node.name] = json.loads(res.stdout.strip().splitlines()[-1])
+        except (RemoteError, ValueError, IndexError) as exc:
             raise ClusterError(f"node {node.name}: cannot run {node.python_bin} ({exc}); "
-                               f"create the venv there and install testbed") from None
+                               f"create the venv there and install testbed (`testbed "
+                               f"provision {inv.path}` on a real lab)") from None
     return found
 
 
@@ -351,6 +367,8 @@ def _start(inv: Inventory, state: dict, node: Node, runner: Runner, argv: list[s
     state["nodes"][node.name] = {"temp_dir": temp_dir(inv, node), "pids": [], "started": True}
     _save(inv, state)   # recorded before it runs: a crash mid-start still leaves a record
     try:
+        runner.run(["mkdir", "-p", temp_root(inv, node)], timeout_s=30)
+        runner.run(["chmod", "700", temp_root(inv, node)], timeout_s=30)
         runner.run(argv, env=ray_env(inv, node), timeout_s=180)
     except RemoteError as exc:
         raise ClusterError(f"node {node.name}: ray start failed: {exc}") from None
@@ -423,11 +441,35 @@ def _record_pids(inv: Inventory, state: dict) -> None:
 
 # -- down ----------------------------------------------------------------------------------------
 
+def clear_shaping(inv: Inventory, progress: Progress = _quiet) -> tuple[list[str], list[str]]:
+    """Remove the htb qdisc a run left on each device's uplink (a runner killed with SIGKILL
+    leaves it; on a real lab it would stay until someone removes it by hand). Only when the
+    lab's addresses can be reached. Returns (what was cleared, problems)."""
+    from testbed.errors import ShapingError
+    from testbed.lab import shaping
+    from testbed.lab.precheck import unreachable
+    if unreachable(inv):
+        return [], []
+    cleared, problems = [], []
+    for node in inv.devices:
+        try:
+            with runner_for(node, inv) as r:
+                if shaping.clear(r, node.interface):
+                    cleared.append(f"{node.name}: shaping on {node.interface}")
+                    progress(f"{node.name}: removed the shaping left on {node.interface}")
+        except (RemoteError, ShapingError) as exc:
+            problems.append(f"{node.name}: clearing shaping: {exc}")
+    return cleared, problems
+
+
 def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
-    """Stop the cluster's Ray processes (devices first, then the head). Safe to repeat."""
+    """Stop the cluster's Ray processes (devices first, then the head) and remove the shaping a
+    run left behind (``clear_shaping``). Safe to repeat."""
     state = load_state(inv)
-    stopped: list[str] = []
+    stopped, shaping_problems = clear_shaping(inv, progress)
     if inv.kind == "emulated":
+        for problem in shaping_problems:
+            progress(problem)
         # Even without a state file: a crash may have lost it; temp dirs and namespaces are ours.
         for node in (*inv.devices, inv.server):
             pids = set(_node_pids(inv, node))
@@ -438,6 +480,8 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
                 done = procs.terminate(sorted(pids))
                 if done:
                     stopped.append(f"{node.name}: {len(done)} processes")
+            if not [p for p in pids if procs.alive(p)]:
+                shutil.rmtree(temp_root(inv, node), ignore_errors=True)
     else:
         # A real lab: on each node, this lab's Ray processes (found by their temp dir, as
         # the emulated lab's head) are stopped through the node's runner. Not `ray stop`: it
@@ -452,7 +496,7 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
             progress(f"not contacting any node: {why}")
             state_path(inv).unlink(missing_ok=True)
             return stopped
-        problems = []
+        problems = list(shaping_problems)
         for node in (*inv.devices, inv.server):
             try:
                 n = _stop_on_node(inv, node)
@@ -474,9 +518,9 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
 
 
 STOP_SCRIPT = """
-import json, os, sys
+import json, os, shutil, sys
 import psutil
-tag, me = sys.argv[1], os.getpid()
+tag, root, me = sys.argv[1], sys.argv[2], os.getpid()
 found = []
 for p in psutil.process_iter(["cmdline"]):
     try:
@@ -492,6 +536,8 @@ for how, wait_s in (("terminate", 10), ("kill", 5)):   # SIGTERM, then SIGKILL w
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(alive, timeout=wait_s)
+if not alive:
+    shutil.rmtree(root, ignore_errors=True)       # the temp dirs: nothing uses them now
 print(json.dumps({"found": len(found), "left": [p.pid for p in alive]}))
 """
 
@@ -499,7 +545,8 @@ print(json.dumps({"found": len(found), "left": [p.pid for p in alive]}))
 def _stop_on_node(inv: Inventory, node: Node) -> int:
     """Stop the Ray processes of this lab on a real node (by temp dir); how many there were."""
     with runner_for(node, inv) as r:
-        res = r.run([node.python_bin, "-c", STOP_SCRIPT, temp_dir(inv, node)], timeout_s=60)
+        res = r.run([node.python_bin, "-c", STOP_SCRIPT, temp_dir(inv, node),
+                     temp_root(inv, node)], timeout_s=60)
     report = json.loads(res.stdout.strip().splitlines()[-1])
     if report["left"]:
         raise ClusterError(f"processes {report['left']} did not stop (another user's? stop them "

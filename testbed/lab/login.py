@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from testbed.errors import LabError
+from testbed.inputs.inventory import USER_RE
 from testbed.lab import procs, sshd
 from testbed.lab.remote import LocalRunner
 from testbed.lab.shaping import sudoers_line
 
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 SUDOERS_DIR = Path("/etc/sudoers.d")
 AUTHORIZED_KEYS = ".ssh/authorized_keys"     # relative: in the login user's home
 SHARED_TEMP = (Path("/tmp"), Path("/dev/shm"))
@@ -47,7 +46,7 @@ Progress = Callable[[str], None]
 
 def check_name(user: str) -> None:
     """Refuse what is not a plain POSIX user name, and root."""
-    if not USER_RE.match(user):
+    if not USER_RE.match(user):      # the inventory's rule for ssh.user
         raise LabError(f'--login-user "{user}" is not a valid user name (lower-case letters, '
                        'digits, "_" and "-", starting with a letter or "_", at most 32)')
     if user == "root":

@@ -52,7 +52,7 @@ from testbed.control.estimator import Estimator, RoundObservation
 from testbed.control.model import arrays, evaluate
 from testbed.control.problem import Plan, Problem, plan_to_dict, problem_from_profile
 from testbed.control.replan import Replanner
-from testbed.errors import ProblemError, RunError
+from testbed.errors import ProblemError, RunError, TestbedError
 from testbed.inputs.experiment import Experiment
 from testbed.inputs.inventory import Inventory
 from testbed.live.datapath import metered_bits
@@ -186,13 +186,21 @@ class ExperimentLoop:
         """The controller's view: the profile updated by the estimator, present devices only."""
         return est.problem([n for n, d in pol.devices.items() if d.present])
 
-    def _apply_plan(self, pol: PolicyState, plan: Plan) -> float:
-        """Shares -> tc rates (with each device's true SNR); lengths are used by the next round."""
-        applied_s = self.session.set_shares({d.name: link_share(plan, d.name)
-                                             for d in plan.devices
-                                             if pol.devices[d.name].present})
+    def _apply_plan(self, pol: PolicyState, plan: Plan, *, verify: bool = False) -> float:
+        """Shares -> tc rates (with each device's true SNR); lengths are used by the next round.
+        A device whose link cannot be changed (its node unreachable) is lost, not the run.
+        ``verify`` (at each policy's start): every device's rate is read back from tc, so a
+        device whose control channel died is found even when its rate does not change."""
+        t0 = self.clock()
+        try:
+            self.session.set_shares({d.name: link_share(plan, d.name) for d in plan.devices
+                                     if pol.devices[d.name].present},
+                                    read_back={} if verify else None)
+        except DeviceFailed as exc:
+            for name, why in exc.failed.items():
+                self._lose(pol, name, f"shaping: {why}")
         pol.plan = plan
-        return applied_s
+        return self.clock() - t0
 
     def _start_prompt(self, pol: PolicyState, dev: DeviceRun) -> None:
         w = self.exp.workloads[dev.workload]
@@ -218,9 +226,14 @@ class ExperimentLoop:
                 for i, d in enumerate(exp.inventory.devices)}
         self.session.reset_channels()  # every policy starts on the inventory's channels
         # Devices that left during the previous policy come back for this one.
+        failed_back: dict[str, str] = {}
         for name in list(self.session.devices):
             if not self.session.devices[name].active and name not in self.lost:
-                self.session.add_device(name)
+                try:
+                    self.session.add_device(name)
+                except TestbedError as exc:      # it cannot come back: lost (said below)
+                    self.lost.append(name)
+                    failed_back[name] = str(exc).splitlines()[0]
         for name in self.lost:
             devs[name].present = False
         for name in devs:            # a device the profile could not measure does not take part
@@ -232,11 +245,14 @@ class ExperimentLoop:
                          min_dwell_rounds=exp.replan.min_dwell_rounds)
         self._rules[policy] = rule
         plan = rule.decide(None, self._problem_for(pol, est), 0).plan
-        self._apply_plan(pol, plan)
+        self._apply_plan(pol, plan, verify=True)
         for dev in devs.values():
             if dev.present:
                 self._start_prompt(pol, dev)
         self.emit({"type": "policy_start", "policy": policy, "plan": plan_to_dict(plan)})
+        for name, why in failed_back.items():
+            self.emit({"type": "event", "policy": policy, "kind": "lost", "device": name,
+                       "detail": {"error": f"rejoin: {why}"}, "applied_s": 0.0})
 
         pending = list(exp.events)
         warmup = exp.warmup_rounds
@@ -287,7 +303,11 @@ class ExperimentLoop:
         if ev.kind == "snr_change":
             detail = {"snr_db": ev.snr_db, "from_db": self.session.devices[dev.name].snr_db}
             read: dict = {}
-            self.session.set_snr(dev.name, ev.snr_db, read_back=read)
+            try:
+                self.session.set_snr(dev.name, ev.snr_db, read_back=read)
+            except DeviceFailed as exc:
+                self._lose(pol, dev.name, f"shaping: {exc.failed[dev.name]}")
+                return
             detail["rate_bps"] = self.session.devices[dev.name].rate_bps
             detail["tc_rate_bps"] = read.get(dev.name)
         elif ev.kind == "workload_switch":
@@ -303,7 +323,11 @@ class ExperimentLoop:
             self.session.remove_device(dev.name)
             dev.present = False
         elif ev.kind == "rejoin":
-            self.session.add_device(dev.name)
+            try:
+                self.session.add_device(dev.name)
+            except TestbedError as exc:          # it cannot come back: lost
+                self._lose(pol, dev.name, f"rejoin: {str(exc).splitlines()[0]}")
+                return
             dev.present = True
             self._start_prompt(pol, dev)
         applied_s = self.clock() - t0
@@ -424,34 +448,46 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
         models=manifest_models(exp.inventory, {}), seeds={"experiment": exp.seed}, argv=argv)
     runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
-    with runs.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
-        session = LiveSession(exp.inventory, exp.channel, seed=exp.seed, progress=progress)
-        loop = None
+    try:
+        with runs.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
+            session = LiveSession(exp.inventory, exp.channel, seed=exp.seed, progress=progress)
+            loop = None
+            try:
+                session.open()
+                # The agents are up: the manifest gets the model files they really loaded.
+                manifest["models"] = runs.jsonable(manifest_models(exp.inventory,
+                                                                   session.models()))
+                runs.write_manifest(run_dir, manifest)
+                loop = ExperimentLoop(exp, profile, session, writer)
+                loop.emit({"type": "run_start", "run": run_dir.name,
+                           "policies": list(exp.policies), "t": 0.0})
+                for policy in exp.policies:
+                    loop.run_policy(policy)
+                if loop.lost:
+                    status, code = "lost_devices", EXIT_LOST_DEVICES
+            except KeyboardInterrupt:
+                status, message, code = "interrupted", "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+            except Exception as exc:
+                status, message, code = "failed", str(exc).splitlines()[0][:500], EXIT_FAILED
+                if isinstance(exc, TestbedError):
+                    raise
+                # A Ray or Python error (the server's agent died, say): one line, not a
+                # traceback; the chain keeps it for --debug.
+                raise RunError(f"the run failed: {message}") from exc
+            finally:
+                problems = session.close()
+                end = {"type": "run_end", "status": status, "message": message}
+                if problems:
+                    end["cleanup_problems"] = problems
+                if loop is not None:
+                    loop.emit(end)
+                else:
+                    writer.write({**end, "t": 0.0})
+    finally:
+        # Every exit path, a failure's too, leaves a summary with the run's status (the
+        # original error, if any, goes on up unmasked).
         try:
-            session.open()
-            # The agents are up: the manifest gets the model files they really loaded.
-            manifest["models"] = runs.jsonable(manifest_models(exp.inventory, session.models()))
-            runs.write_manifest(run_dir, manifest)
-            loop = ExperimentLoop(exp, profile, session, writer)
-            loop.emit({"type": "run_start", "run": run_dir.name,
-                         "policies": list(exp.policies), "t": 0.0})
-            for policy in exp.policies:
-                loop.run_policy(policy)
-            if loop.lost:
-                status, code = "lost_devices", EXIT_LOST_DEVICES
-        except KeyboardInterrupt:
-            status, message, code = "interrupted", "interrupted (Ctrl-C)", EXIT_INTERRUPTED
-        except Exception as exc:
-            status, message, code = "failed", str(exc).splitlines()[0][:500], EXIT_FAILED
-            raise
-        finally:
-            problems = session.close()
-            end = {"type": "run_end", "status": status, "message": message}
-            if problems:
-                end["cleanup_problems"] = problems
-            if loop is not None:
-                loop.emit(end)
-            else:
-                writer.write({**end, "t": 0.0})
-    runs.write_summary(run_dir)
+            runs.write_summary(run_dir)
+        except (TestbedError, OSError) as exc:
+            progress(f"could not write the summary: {exc}")
     return run_dir, code

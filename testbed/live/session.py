@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from testbed.control.model import uplink_rate_bps
-from testbed.errors import ClusterError, ModelFileError, RunError, TestbedError
+from testbed.errors import (ClusterError, ModelFileError, RemoteError, RunError, ShapingError,
+                            TestbedError)
 from testbed.channel import Channel
 from testbed.inputs.inventory import Inventory, Node
 from testbed.lab import cluster, shaping
@@ -150,6 +151,7 @@ class LiveSession:
             ray.init(address=cluster.address(self.inv), _node_ip_address=self.inv.server.host,
                      log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
+        self._check_nodes(keep_going)
         device_cls, server_cls = self._classes()
         target = model_arg(self.inv, self.inv.server)
         if self.inv.server.gpu_layers and ray.cluster_resources().get("GPU", 0) < 1:
@@ -170,17 +172,37 @@ class LiveSession:
                 target, s.host, self.inv.data_port, [d.name for d in self.inv.devices],
                 threads=s.threads, n_ctx=self.n_ctx, seed=self.seed, emulation=s.emulation,
                 max_draft_len=self.channel.max_draft_len, gpu_layers=s.gpu_layers)
-            for i, dev in enumerate(self.devices.values()):
-                self._create(dev, i)
+            for i, (name, dev) in enumerate(self.devices.items()):
+                if name not in self.failed:
+                    self._create(dev, i)
             self.server_info = ray.get(self.server.where.remote())
             for name, dev in self.devices.items():
-                self._guard(keep_going, name, "load", lambda dev=dev: self._started(dev))
+                if name not in self.failed:
+                    self._guard(keep_going, name, "load", lambda dev=dev: self._started(dev))
         for name, dev in self.devices.items():
             if dev.active:
                 self._guard(keep_going, name, "vocab", lambda dev=dev: self._check_vocab(dev))
         self.progress("shaping the uplinks")
         self._shape_all(keep_going)
         return self
+
+    def _check_nodes(self, keep_going: bool) -> None:
+        """Every device's Ray node must be alive before agents are placed on it: an agent for a
+        dead node would wait for its resource until the 300 s load deadline. A dead device
+        fails at once, named (with ``keep_going``: it is left out)."""
+        alive = {key for n in self._ray.nodes() if n.get("Alive") for key in n["Resources"]}
+        if "server" not in alive:
+            raise ClusterError(f"the server's Ray node is not alive in the cluster of "
+                               f"{self.inv.path}: run `testbed down {self.inv.path}`, then "
+                               f"`testbed up {self.inv.path}`")
+        dead = [name for name in self.devices if cluster.device_resource(name) not in alive]
+        if dead and not keep_going:
+            raise ClusterError(f"device(s) {', '.join(dead)} not alive in the Ray cluster of "
+                               f"{self.inv.path} (their raylet stopped?): run `testbed down "
+                               f"{self.inv.path}`, then `testbed up {self.inv.path}`")
+        for name in dead:
+            self.failed[name] = "load: its Ray node is not alive in the cluster"
+            self.remove_device(name)
 
     def _guard(self, keep_going: bool, name: str, step: str, fn) -> None:
         """Run one device's set-up step; with ``keep_going`` a failure leaves the device out."""
@@ -314,19 +336,27 @@ class LiveSession:
     def _apply_rates(self, names: list[str], read_back: dict | None) -> float:
         t0 = time.perf_counter()
 
-        def one(name: str) -> None:
+        def one(name: str) -> str | None:
             dev = self.devices[name]
             rate = self.rate_bps(name)
             changed = dev.rate_bps is None or abs(rate - dev.rate_bps) >= 1.0
             if not changed and read_back is None:
-                return
-            with self._tc_work():
-                if changed:
-                    shaping.change(dev.shell, dev.node.interface, rate)
-                    dev.rate_bps = rate
-                if read_back is not None:
-                    read_back[name] = shaping.read_rate_bps(dev.shell, dev.node.interface)
-        list(self._pool.map(one, [n for n in names if self.devices[n].shell is not None]))
+                return None
+            try:
+                with self._tc_work():
+                    if changed:
+                        shaping.change(dev.shell, dev.node.interface, rate)
+                        dev.rate_bps = rate
+                    if read_back is not None:
+                        read_back[name] = shaping.read_rate_bps(dev.shell, dev.node.interface)
+            except (RemoteError, ShapingError) as exc:
+                return _first_line(exc)       # its link is unreachable: that device's loss
+            return None
+        names = [n for n in names if self.devices[n].shell is not None]
+        failed = {n: why for n, why in zip(names, self._pool.map(one, names)) if why}
+        if failed:
+            # The other devices' rates are in effect; the caller drops the failed ones.
+            raise DeviceFailed(None, failed, stage="changing the uplink rates")
         return time.perf_counter() - t0
 
     def call(self, name: str, method: str, *args, timeout: float | None = None, **kwargs):
@@ -493,10 +523,11 @@ class DeviceFailed(RunError):
     each to its error. The round has no verdicts: the other devices' sequences must restart.
     ``round_id`` None: the device failed while starting a sequence (``start_sequence``)."""
 
-    def __init__(self, round_id: int | None, failed: Mapping[str, str]):
+    def __init__(self, round_id: int | None, failed: Mapping[str, str],
+                 stage: str = "starting a sequence"):
         self.round_id = round_id
         self.failed = dict(failed)
-        where = "starting a sequence" if round_id is None else f"round {round_id}"
+        where = stage if round_id is None else f"round {round_id}"
         super().__init__(f"{where}: " + "; ".join(f"{n}: {m}" for n, m in
                                                   self.failed.items()))
 

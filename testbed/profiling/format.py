@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from testbed import files
+from testbed.control.problem import check_profile_shape
 from testbed.errors import ProfileError
 from testbed.live.datapath import FRAME_OVERHEAD_BYTES, MSS_BYTES, metered_bits
 from testbed.profiling.stats import AcceptanceTally, fit_line, mean_sd
@@ -166,4 +167,5 @@ def load_profile(path: str | Path) -> dict:
     for key in REQUIRED:
         if key not in data:
             raise ProfileError("missing", source=str(path), field=key)
+    check_profile_shape(data, str(path), ProfileError)
     return data

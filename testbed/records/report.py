@@ -61,10 +61,56 @@ def load_run(path: str | Path) -> RunData:
         raise RecordsError('"policies" must be a list of objects with a "policy" name',
                            source=str(path / SUMMARY) if has_summary else str(path / EVENTS),
                            field="policies")
+    check_summary(summary, str(path / SUMMARY) if has_summary else str(path / EVENTS))
     manifest = read_json(path / MANIFEST, MANIFEST_SCHEMA) if (path / MANIFEST).is_file() else None
     run_id = summary.get("run") or (manifest or {}).get("run") or path.name
     return RunData(path=path, run_id=str(run_id), summary=summary, events=events,
                    manifest=manifest, truncated=truncated)
+
+
+_NUMBERS = ("rounds", "duration_s", "tokens", "goodput_tps", "goodput_std",
+            "predicted_goodput_tps", "predicted_round_s", "prediction_error",
+            "planned_goodput_tps", "plan_prediction_error", "overhead_frac", "replans", "events")
+_TEXT = ("name", "status", "workload", "policy")
+
+
+def _is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def check_summary(summary: dict, source: str) -> None:
+    """The types of every summary field the report reads (RecordsError naming the field): a
+    hand-edited or foreign summary gets one line instead of a TypeError deep in a table."""
+    def bad(field: str, want: str, value) -> RecordsError:
+        return RecordsError(f"expected {want}, got {type(value).__name__} {value!r:.40}",
+                            source=source, field=field)
+    for i, p in enumerate(summary["policies"]):
+        where = f"policies[{i}]"
+        for key in _NUMBERS:
+            if key in p and not _is_number(p[key]):
+                raise bad(f"{where}.{key}", "a number", p[key])
+        if "complete" in p and not isinstance(p["complete"], bool):
+            raise bad(f"{where}.complete", "true or false", p["complete"])
+        for key in ("breakdown", "gain_vs"):
+            block = p.get(key)
+            if block is None:
+                continue
+            if not isinstance(block, dict):
+                raise bad(f"{where}.{key}", "an object", block)
+            for k, v in block.items():
+                if not _is_number(v):
+                    raise bad(f"{where}.{key}.{k}", "a number", v)
+        devices = p.get("devices")
+        if devices is None:
+            continue
+        if not isinstance(devices, list):
+            raise bad(f"{where}.devices", "a list", devices)
+        for j, d in enumerate(devices):
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                raise bad(f"{where}.devices[{j}]", "an object with a name", d)
+            for k, v in d.items():
+                if k not in _TEXT and not _is_number(v) and not isinstance(v, (bool, dict)):
+                    raise bad(f"{where}.devices[{j}].{k}", "a number", v)
 
 
 # -- numbers ---------------------------------------------------------------------------------
