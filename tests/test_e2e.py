@@ -218,6 +218,23 @@ def test_run_with_events_and_a_killed_agent_then_nothing_left(tmp_path: Path):
                                  "--no-live", "--out", str(runs)], stdout=out,
                                 stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
         try:
+            # While it runs, the lab is held: `lab down` and a second run are refused in one
+            # line, and the run goes on undisturbed (every check below).
+            while proc.poll() is None and not any(e["type"] == "round"
+                                                  for e in _events_so_far(runs)):
+                assert time.monotonic() < deadline, "no round before the deadline"
+                try:
+                    proc.wait(timeout=0.2)    # the poll interval: returns at once if it ends
+                except subprocess.TimeoutExpired:
+                    pass
+            for args in (["lab", "down", str(inv_path)],
+                         ["run", str(exp), "--no-live", "--out", str(tmp_path / "second")]):
+                other = subprocess.run([sys.executable, "-m", "testbed.cli", *args],
+                                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                assert other.returncode == 1, (args, other.stderr)
+                assert "the lab is in use by `testbed run" in other.stderr, other.stderr
+                assert len(other.stderr.strip().splitlines()) == 1, other.stderr
+            assert not (tmp_path / "second").exists()
             killed = _kill_agent_once_policy_runs(proc, runs, POLICIES[-1], f"tbe-{KILLED}",
                                                   deadline)
             code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))

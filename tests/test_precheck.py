@@ -65,7 +65,7 @@ def test_all_checks_pass_on_a_good_lab(sshd_server, tmp_path, model):
     assert report.passed, [c for c in report.checks if c.status != OK]
     names = [c.name for c in report.checks if c.node == "dev-1"]
     assert names == ["ssh", "host key", "sudo tc", "sudo ip gso", "python", "ray", "llama-cpp",
-                     "testbed", "memory", "disk", "model"]
+                     "testbed", "memory", "disk", "model", "ray ports"]
     assert "matches" in by(report, "dev-1", "model").detail
     assert by(report, "dev-1", "ray").detail == metadata.version("ray")
     assert by(report, "srv", "ssh").detail == "local node (no SSH)"
@@ -166,7 +166,7 @@ def test_cli_exit_codes_and_table(sshd_server, tmp_path, model, capsys):
     inv = write_inventory(tmp_path / "good.yaml", sshd_server, path, sha)
     assert cli.main(["check", str(inv)]) == 0
     out = capsys.readouterr().out
-    assert "dev-1" in out and "all 20 checks passed" in out
+    assert "dev-1" in out and "all 22 checks passed" in out
     bad = write_inventory(tmp_path / "bad.yaml", sshd_server, path, "f" * 64)
     assert cli.main(["check", str(bad)]) == 1
     out = capsys.readouterr().out
@@ -257,7 +257,7 @@ def test_unreachable_node_skips_the_rest(tmp_path):
     inv = inventory(tmp_path, [rpi()], ModelRef(path="/m.gguf"))
     facts = NodeFacts(rpi(), [], reachable=False)
     checks = evaluate(facts, REF, TARGET, inv)
-    assert {c.status for c in checks} == {SKIP} and len(checks) == 7
+    assert {c.status for c in checks} == {SKIP} and len(checks) == 8     # "ray ports" too
 
 
 def test_local_versions_are_this_environment():

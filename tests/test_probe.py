@@ -88,3 +88,34 @@ def test_probe_sees_its_cpu_quota(tmp_path):
         parent = os.path.dirname(g.path)
         if os.path.isdir(parent):
             os.rmdir(parent)
+
+
+def test_probe_lists_ray_listeners_with_their_addresses():
+    """A process titled like a Ray worker listening on every interface, and one on loopback,
+    are both reported with the address each is bound to; `testbed check` warns on the first."""
+    from testbed.inputs.inventory import ModelRef, Node
+    from testbed.lab import precheck
+
+    code = ("import socket, sys\n"
+            "a = socket.socket(); a.bind(('0.0.0.0', 0)); a.listen()\n"
+            "b = socket.socket(); b.bind(('127.0.0.1', 0)); b.listen()\n"
+            "print(a.getsockname()[1], b.getsockname()[1], flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen(["bash", "-c", f'exec -a "ray::IDLE" {sys.executable} -c "$0"',
+                             code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        wild, loop = map(int, proc.stdout.readline().split())
+        found = run_probe(sys.executable)["ray_listeners"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    mine = {(d["address"], d["port"]) for d in found}
+    assert ("0.0.0.0", wild) in mine and ("127.0.0.1", loop) in mine, found
+    node = Node(name="dev-1", role="device", host="10.0.0.2", connection="local", ssh=None,
+                python="3.11", venv=sys.prefix, interface="lo", model=ModelRef(name="m"))
+    check = precheck._exposure_check(node, {"ray_listeners": found})
+    assert check.status == precheck.WARN and f"0.0.0.0:{wild}" in check.detail
+    assert "docs/real-lab.md" in check.fix
+    only_local = [d for d in found if d["address"] == "127.0.0.1"]
+    assert precheck._exposure_check(node, {"ray_listeners": only_local}).status == precheck.OK
+    assert precheck._exposure_check(node, {"ray_listeners": []}).status == precheck.OK

@@ -276,7 +276,7 @@ def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
     """All checks of one node from its gathered facts."""
     node = facts.node
     checks = list(facts.checks)
-    names = ["python", "ray", "llama-cpp", "testbed", "memory", "disk", "model"]
+    names = ["python", "ray", "llama-cpp", "testbed", "memory", "disk", "model", "ray ports"]
     if node.cpu_quota is not None:
         names.append("cpu quota")
     if node.gpu_layers:
@@ -328,11 +328,33 @@ def evaluate(facts: NodeFacts, reference: dict, target: ModelTarget,
     checks.append(_memory_check(node, p))
     checks.append(_disk_check(node, p))
     checks.append(_model_check(node, p, target, inventory, facts))
+    checks.append(_exposure_check(node, p))
     if node.cpu_quota is not None:
         checks.append(_quota_check(node, p, inventory))
     if node.gpu_layers:
         checks.append(_gpu_check(node, p, pip))
     return checks
+
+
+WILDCARD = ("0.0.0.0", "::")
+
+
+def _exposure_check(node: Node, p: dict) -> Check:
+    """Which ports Ray listens on, on which addresses (a warning when on every interface: Ray
+    binds there whatever --node-ip-address says; only the lab's token guards them)."""
+    found = p.get("ray_listeners")
+    if found is None:
+        return Check(node.name, "ray ports", WARN, "cannot list listening sockets here "
+                     "(psutil missing, or not allowed)")
+    if not found:
+        return Check(node.name, "ray ports", OK, "no Ray process listens (cluster down)")
+    shown = ", ".join(f"{d['address']}:{d['port']} ({d['process']})" for d in found[:6])
+    more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+    if any(d["address"] in WILDCARD for d in found):
+        return Check(node.name, "ray ports", WARN, f"Ray listens on every interface: {shown}"
+                     f"{more}", "allow Ray's ports from the lab's network only "
+                     "(docs/real-lab.md, \"Network\")")
+    return Check(node.name, "ray ports", OK, f"{shown}{more}")
 
 
 def _gpu_check(node: Node, p: dict, pip: str) -> Check:

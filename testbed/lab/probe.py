@@ -212,8 +212,35 @@ def probe(models: list[str] = ()) -> dict:
         "kernel": platform.release(),
         "tc": tc, "tc_error": tc_err,
         "models": [model_info(p) for p in models],
+        "ray_listeners": ray_listeners(),
     }
     return out
+
+
+RAY_PROCESS_NAMES = ("gcs_server", "raylet", "plasma_store")
+
+
+def ray_listeners() -> list[dict] | None:
+    """TCP sockets Ray's processes listen on in this network namespace: address, port, process
+    (None when psutil is missing or sockets cannot be read). Ray binds most of them to every
+    interface, whatever ``--node-ip-address`` says (docs/real-lab.md, "Network")."""
+    try:
+        import psutil
+        conns = psutil.net_connections(kind="tcp")
+    except Exception:  # noqa: BLE001 - psutil missing, or AccessDenied on some systems
+        return None
+    out = []
+    for c in conns:
+        if c.status != psutil.CONN_LISTEN or c.pid is None:
+            continue
+        try:
+            proc = psutil.Process(c.pid)
+            name, cmd = proc.name(), " ".join(proc.cmdline()[:2])
+        except psutil.Error:
+            continue
+        if name in RAY_PROCESS_NAMES or "/ray/" in cmd or cmd.startswith("ray::"):
+            out.append({"address": c.laddr.ip, "port": c.laddr.port, "process": name})
+    return sorted(out, key=lambda d: (d["port"], d["address"]))
 
 
 def _user() -> str | None:

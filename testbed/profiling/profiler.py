@@ -225,6 +225,13 @@ class Profiler:
             fidelity = self._timed("fidelity", lambda: self._fidelity(partial))
             profile = self._assemble(created, self.clock() - t_start, facts0, t_facts0,
                                      verify, links, fidelity)
+        except (TestbedError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            # A Ray or Python error (the server's agent died, say): one line, not a
+            # traceback; the chain keeps it for --debug.
+            raise RunError(f"profiling failed: {str(exc).strip().splitlines()[0][:500]}") \
+                from exc
         finally:
             t_close = self.clock()
             for problem in self.session.close():
