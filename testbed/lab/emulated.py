@@ -445,7 +445,8 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
 def clean(inv: Inventory, progress: Progress = _quiet) -> list[str]:
     """Crash recovery: ``down``, then remove anything left that carries this lab's names
     (namespaces and host links starting with the prefix, the bridge, cgroups under
-    ``lab.cgroup`` starting with the prefix)."""
+    ``lab.cgroup`` starting with the prefix, the login user made for this lab and its sudoers
+    file, found by the account's comment)."""
     lab = _lab(inv)
     removed = []
     try:
@@ -481,6 +482,8 @@ def clean(inv: Inventory, progress: Progress = _quiet) -> list[str]:
     if link_exists(r, lab.bridge):
         r.run(["ip", "link", "del", "dev", lab.bridge], check=False)
         removed.append(f"bridge {lab.bridge}")
+    for record in login.leftovers(inv.name, Path(inv.state_dir)):
+        removed += login.remove(record, progress)
     return removed
 
 

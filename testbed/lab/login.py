@@ -93,7 +93,7 @@ def ensure(lab_name: str, state_dir: Path, user: str, recorded: dict | None,
         save(record)
         progress(f"login user {user}")
         res = r.run(["useradd", "--create-home", "--shell", "/bin/sh", "--comment",
-                     f"testbed lab {lab_name} login", user], check=False)
+                     comment(lab_name), user], check=False)
         if res.rc != 0:
             raise LabError(f"useradd {user} failed: {res.stderr.strip()}")
     elif not record.get("created"):
@@ -136,6 +136,18 @@ def write_sudoers(path: Path, line: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def comment(lab_name: str) -> str:
+    """The account's GECOS comment: how ``leftovers`` finds it when the lab's state is lost."""
+    return f"testbed lab {lab_name} login"
+
+
+def leftovers(lab_name: str, state_dir: Path) -> list[dict]:
+    """Records for the accounts this lab made, found by their comment (crash recovery)."""
+    return [{"user": e.pw_name, "created": True, "sudoers": str(sudoers_path(lab_name)),
+             "key": str(key_path(state_dir, e.pw_name))}
+            for e in pwd.getpwall() if e.pw_gecos == comment(lab_name)]
 
 
 def remove(record: dict, progress: Progress) -> list[str]:
