@@ -31,7 +31,7 @@ from lab_helper import leftovers
 
 from testbed.inputs import models
 from testbed.inputs.inventory import load_inventory
-from testbed.lab import cluster, emulated
+from testbed.lab import cluster, emulated, login, shaping
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "tbrealtest"
@@ -143,7 +143,7 @@ def _device_processes(emu_inv) -> dict[int, tuple[str, str]]:
 def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
     require_root()
     require_tools("ip", "tc", "sshd", "sudo", "useradd", "visudo")
-    assert not _user_exists(USER), f"user {USER} exists: a crashed test? userdel -r {USER}"
+    assert not login.exists(USER), f"user {USER} exists: a crashed test? userdel -r {USER}"
     models.prepare()
     emu, real = _inventories(tmp_path)
     emu_inv, real_inv = load_inventory(emu), load_inventory(real)
@@ -151,9 +151,7 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
     try:
         _testbed("lab", "up", str(emu), "--login-user", USER)
         sudoers = Path(f"/etc/sudoers.d/testbed-{emu_inv.name}")
-        assert sudoers.read_text().strip().endswith(
-            f"{USER} ALL=(root) NOPASSWD: /usr/sbin/tc, /sbin/tc, "
-            "/usr/sbin/ip link set dev * gso_max_segs *, /sbin/ip link set dev * gso_max_segs *")
+        assert sudoers.read_text().strip().endswith(shaping.sudoers_line(USER))
 
         first = _testbed("provision", str(real))
         assert "provisioned" in first.stdout and "copied" in first.stdout
@@ -243,7 +241,7 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
         subprocess.run([sys.executable, "-m", "testbed.cli", "down", str(real)],
                        capture_output=True, timeout=300, cwd=ROOT)
         _testbed("lab", "down", str(emu))
-    assert not _user_exists(USER)
+    assert not login.exists(USER)
     assert not Path(f"/etc/sudoers.d/testbed-{emu_inv.name}").exists()
     assert not Path(f"/home/{USER}").exists()
     assert leftovers(emu_inv) == []
@@ -263,14 +261,6 @@ def _shaped(emu_inv, node) -> bool:
                           "qdisc", "show", "dev", node.interface], capture_output=True,
                          text=True, timeout=30).stdout
     return "htb" in out
-
-
-def _user_exists(user: str) -> bool:
-    try:
-        pwd.getpwnam(user)
-        return True
-    except KeyError:
-        return False
 
 
 def test_netns_real_is_a_real_inventory_of_the_emulated_hosts():

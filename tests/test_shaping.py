@@ -150,6 +150,8 @@ def test_sudoers_line_allows_exactly_what_shaping_runs():
         full = "/usr/sbin/" + " ".join(argv)
         assert any(fnmatch.fnmatchcase(full, a) if "*" in a else
                    full == a or full.startswith(a + " ") for a in allowed), full
-    assert not any(fnmatch.fnmatchcase("/usr/sbin/ip link show", a) for a in allowed)
+    for refused in ("/usr/sbin/ip link show", "/usr/sbin/tc -b /etc/shadow",
+                    "/usr/sbin/tc exec bpf import /tmp/x run /bin/sh", "/usr/sbin/tc -V"):
+        assert not any(fnmatch.fnmatchcase(refused, a) for a in allowed), refused
     docs = (Path(__file__).resolve().parents[1] / "docs/real-lab.md").read_text()
     assert shaping.sudoers_line("lab") in docs

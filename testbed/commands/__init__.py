@@ -52,9 +52,13 @@ def writable_folder(path: str | Path, option: str) -> Path:
     """``path`` is a folder, or can be made: refuse (InputError naming ``option``) otherwise."""
     from testbed.errors import InputError
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError("exists and is not a folder", source=str(path), field=option)
-    base = _first_existing(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise InputError("exists and is not a folder", source=str(path), field=option)
+        base = _first_existing(path)
+    except OSError as exc:
+        raise InputError(f"cannot be used: {exc.strerror}", source=str(path),
+                         field=option) from None
     if not base.is_dir():
         raise InputError(f"cannot be made: {base} is a file, not a folder", source=str(path),
                          field=option)
@@ -68,6 +72,11 @@ def writable_file(path: str | Path, option: str) -> Path:
     """``path`` can be written as a file (its folder exists or can be made)."""
     from testbed.errors import InputError
     path = Path(path)
+    try:
+        path.is_dir()
+    except OSError as exc:
+        raise InputError(f"cannot be used: {exc.strerror}", source=str(path),
+                         field=option) from None
     if path.is_dir():
         raise InputError("is a folder, expected a file name", source=str(path), field=option)
     if path.exists() and not os.access(path, os.W_OK):

@@ -41,7 +41,12 @@ def run(args) -> int:
     def progress(node: str, msg: str) -> None:
         console.print(f"[bold]{escape(node)}[/]: {escape(msg)}")
 
-    results = provision(inv, dry_run=args.dry_run, progress=progress)
+    if args.dry_run:
+        results = provision(inv, dry_run=True, progress=progress)
+    else:
+        from testbed.lab.lock import lab_lock      # not while a run uses the venvs
+        with lab_lock(inv, "testbed provision"):
+            results = provision(inv, progress=progress)
     took = time.monotonic() - t0
     failed = [r for r in results if not r.ok]
     copied = sum(r.copied_bytes for r in results)

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -367,8 +368,15 @@ def _start(inv: Inventory, state: dict, node: Node, runner: Runner, argv: list[s
     state["nodes"][node.name] = {"temp_dir": temp_dir(inv, node), "pids": [], "started": True}
     _save(inv, state)   # recorded before it runs: a crash mid-start still leaves a record
     try:
-        runner.run(["mkdir", "-p", temp_root(inv, node)], timeout_s=30)
-        runner.run(["chmod", "700", temp_root(inv, node)], timeout_s=30)
+        # Made 0700 here, or (from an earlier start) a real folder this user owns: a folder of
+        # that predictable name made by someone else first is refused, not used.
+        root = shlex.quote(temp_root(inv, node))
+        res = runner.run(["sh", "-c", f"mkdir -m 700 {root} 2>/dev/null || {{ [ -d {root} ] && "
+                          f"[ ! -L {root} ] && [ -O {root} ] && chmod 700 {root}; }}"],
+                         check=False, timeout_s=30)
+        if res.rc != 0:
+            raise ClusterError(f"node {node.name}: {temp_root(inv, node)} exists and is not "
+                               "this user's own folder: remove it (it may be another user's)")
         runner.run(argv, env=ray_env(inv, node), timeout_s=180)
     except RemoteError as exc:
         raise ClusterError(f"node {node.name}: ray start failed: {exc}") from None
@@ -454,6 +462,8 @@ def clear_shaping(inv: Inventory, progress: Progress = _quiet) -> tuple[list[str
     for node in inv.devices:
         try:
             with runner_for(node, inv) as r:
+                if shaping.DATA_CLASS not in shaping.read_classes(r, node.interface):
+                    continue                    # not testbed's htb: someone else's, left alone
                 if shaping.clear(r, node.interface):
                     cleared.append(f"{node.name}: shaping on {node.interface}")
                     progress(f"{node.name}: removed the shaping left on {node.interface}")
@@ -490,10 +500,14 @@ def down(inv: Inventory, progress: Progress = _quiet) -> list[str]:
         from testbed.lab.precheck import unreachable
         why = unreachable(inv)
         if why:
-            # Its server's address is not here: no head can run, and the devices must not be
-            # contacted (the address may lead off this machine). Nothing of the cluster can be
-            # reached; the record names only derived temp dirs, so it goes.
-            progress(f"not contacting any node: {why}")
+            # The devices must not be contacted (their addresses may lead off this machine);
+            # a server that is this machine is stopped all the same (a head left running
+            # would clash with the next `up`). The record names only derived temp dirs.
+            progress(f"not contacting the devices: {why}")
+            if inv.server.connection == "local":
+                n = _stop_on_node(inv, inv.server)
+                if n:
+                    stopped.append(f"{inv.server.name}: {n} processes")
             state_path(inv).unlink(missing_ok=True)
             return stopped
         problems = list(shaping_problems)

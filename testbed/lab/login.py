@@ -109,10 +109,13 @@ def ensure(lab_name: str, state_dir: Path, user: str, recorded: dict | None,
         sshd.generate_key(key, f"testbed-{lab_name}-{user}")
     except sshd.SSHDSetupError as exc:
         raise LabError(str(exc)) from None
-    ssh_dir = Path(info.pw_dir) / ".ssh"
-    keys = sshd.write_authorized_keys(ssh_dir / "authorized_keys", [sshd.read_public_key(key)])
-    for path in (ssh_dir, keys):
-        os.chown(path, info.pw_uid, info.pw_gid)
+    # Written AS the user (runuser), never by root into a home the user controls: a link
+    # planted there (~/.ssh -> /root/.ssh) would otherwise have root overwrite its own keys.
+    res = r.run(["runuser", "-u", user, "--", "sh", "-c",
+                 "umask 077 && mkdir -p ~/.ssh && cat > ~/.ssh/authorized_keys"],
+                stdin=(sshd.read_public_key(key) + "\n").encode(), check=False)
+    if res.rc != 0:
+        raise LabError(f"writing {user}'s authorized_keys failed: {res.stderr.strip()}")
     write_sudoers(sudoers_path(lab_name), sudoers_line(user))
     return record
 
@@ -144,10 +147,12 @@ def comment(lab_name: str) -> str:
 
 
 def leftovers(lab_name: str, state_dir: Path) -> list[dict]:
-    """Records for the accounts this lab made, found by their comment (crash recovery)."""
+    """Records for the accounts this lab made, found by their comment AND the key the lab made
+    for them in its (root-only) state folder: a comment alone could be anyone's."""
     return [{"user": e.pw_name, "created": True, "sudoers": str(sudoers_path(lab_name)),
              "key": str(key_path(state_dir, e.pw_name))}
-            for e in pwd.getpwall() if e.pw_gecos == comment(lab_name)]
+            for e in pwd.getpwall() if e.pw_gecos == comment(lab_name)
+            and key_path(state_dir, e.pw_name).exists()]
 
 
 def remove(record: dict, progress: Progress) -> list[str]:

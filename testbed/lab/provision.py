@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from testbed.errors import LabError, ModelFileError, RemoteError, TestbedError
+from testbed.errors import LabError, ModelFileError, TestbedError
 from testbed.inputs.inventory import Inventory, Node
 from testbed.lab import versions
 from testbed.lab.remote import Runner, runner_for
@@ -190,8 +191,10 @@ def _json_run(runner: Runner, argv: list[str], what: str, timeout_s: float = 300
 
 
 def file_facts(runner: Runner, python: str, paths: list[str]) -> dict:
-    """size and sha256 of files (and every file of folders) on the node; ``.part`` sizes."""
-    return _json_run(runner, [python, "-c", FILE_FACTS, *paths], "hashing files on the node")
+    """size and sha256 of files (and every file of folders) on the node; ``.part`` sizes.
+    The deadline allows for a multi-GB model on a Raspberry Pi's SD card (~20 MB/s)."""
+    return _json_run(runner, [python, "-c", FILE_FACTS, *paths], "hashing files on the node",
+                     timeout_s=3600)
 
 
 # ---------------------------------------------------------------- the driver's wheelhouse
@@ -427,18 +430,25 @@ class _Node:
 
     def build_llama(self, house: str, sdist: str) -> None:
         node = self.node
-        res = self.r.run(["sh", "-c", f"ls {house}/llama_cpp_python-*.whl"], check=False)
+        version = metadata.version(LLAMA)
+        q = shlex.quote
+        res = self.r.run(["sh", "-c", f"ls {q(house)}/llama_cpp_python-{version}-*.whl"],
+                         check=False)
         if res.rc == 0:
             return                       # built on the node before: kept in its wheelhouse
         self.act("build llama-cpp-python on the node (kept in its wheelhouse; ~15 min on a Pi)")
-        script = (f"CMAKE_ARGS=\"$({node.python_bin} - cmake)\" {node.python_bin} -m pip wheel "
-                  f"-q --no-deps --no-index --find-links {house} -w {house} {house}/{sdist}")
+        # Not --no-index: pip's isolated build fetches llama-cpp-python's build backend
+        # (scikit-build-core) from PyPI, so this one step needs the node on the Internet.
+        script = (f"CMAKE_ARGS=\"$({q(node.python_bin)} - cmake)\" {q(node.python_bin)} -m pip "
+                  f"wheel -q --no-deps -w {q(house)} {q(house + '/' + sdist)}")
         res = self.r.run(["sh", "-c", script], stdin=BUILD_FLAGS.read_bytes(), check=False,
                          timeout_s=3600)
         if res.rc != 0:
             raise NodeFailed(f"building llama-cpp-python: {res.stderr.strip()[-400:]}",
-                             f"install a C++ compiler and cmake on node {node.name} "
-                             "(apt-get install build-essential cmake), then provision again")
+                             f"node {node.name} needs a C++ compiler, cmake and access to PyPI "
+                             "for the build backend (apt-get install build-essential cmake), "
+                             "or build the wheel there by hand into "
+                             f"{house}; then provision again")
 
     def copy_files(self, files: list[Path], folder: str, what: str) -> None:
         """Copy ``files`` into ``folder`` on the node, skipping those it has (same sha256)."""
@@ -459,17 +469,21 @@ class _Node:
             self.put(f, f"{folder}/{f.name}", _sha256(f), have)
 
     def put(self, local: Path, remote: str, sha: str, have: dict) -> None:
-        """Copy resuming a ``.part`` left by an interrupted copy; verified on the node."""
+        """Copy resuming a ``.part`` left by an interrupted copy; verified on the node. A
+        resumed copy that does not verify (the ``.part`` came from another file) is made once
+        more from the start."""
         part = have.get(remote + ".part", {}).get("size", 0)
-        sent = self.r.put_resumable(str(local), remote + ".part",
-                                    offset=part if 0 < part <= local.stat().st_size else 0)
-        self.result.copied_bytes += sent
-        got = file_facts(self.r, f"python{self.node.python}", [remote + ".part"])
-        if got.get(remote + ".part", {}).get("sha256") != sha:
-            self.r.run(["rm", "-f", remote + ".part"], check=False)
-            raise NodeFailed(f"{remote}: the copy does not have the sha256 {sha[:12]}...",
-                             "provision again (the partial copy was removed)")
-        self.r.run(["mv", "-f", remote + ".part", remote], check=True)
+        offset = part if 0 < part <= local.stat().st_size else 0
+        for attempt in (offset, 0) if offset else (0,):
+            self.result.copied_bytes += self.r.put_resumable(str(local), remote + ".part",
+                                                             offset=attempt)
+            got = file_facts(self.r, f"python{self.node.python}", [remote + ".part"])
+            if got.get(remote + ".part", {}).get("sha256") == sha:
+                self.r.run(["mv", "-f", remote + ".part", remote], check=True)
+                return
+        self.r.run(["rm", "-f", remote + ".part"], check=False)
+        raise NodeFailed(f"{remote}: the copy does not have the sha256 {sha[:12]}...",
+                         "provision again (the partial copy was removed)")
 
     # 4. models
     def models(self, facts: dict) -> None:
@@ -531,6 +545,9 @@ class _Node:
     # 5. token
     def token(self) -> None:
         from testbed.lab import cluster
+        if self.dry_run and not (Path(self.inv.state_dir) / cluster.TOKEN_FILE).exists():
+            self.act("make the lab's Ray token and copy it to the node")
+            return
         local = cluster.ensure_token(self.inv)
         dest = cluster.token_path(self.inv, self.node)
         have = file_facts(self.r, f"python{self.node.python}", [dest]).get(dest)
@@ -580,7 +597,7 @@ def provision(inv: Inventory, *, dry_run: bool = False, progress: Progress = _qu
         except NodeFailed as exc:
             say(f"FAILED: {exc}" + (f"; fix: {exc.fix}" if exc.fix else ""))
             return NodeResult(node.name, ok=False, error=str(exc), fix=exc.fix)
-        except (RemoteError, LabError) as exc:
+        except (TestbedError, OSError) as exc:     # RemoteError, ClusterError, a local file
             say(f"FAILED: {exc}")
             return NodeResult(node.name, ok=False, error=str(exc))
 

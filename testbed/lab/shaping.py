@@ -248,14 +248,15 @@ def apply_script(interface: str, rate_bps: float, server: str, data_port: int,
             + " && ".join(join(pre + c) for c in steps))
 
 
-# What a real device's login user may run as root without a password: tc, and the one ip
-# command that limits GSO. Written to /etc/sudoers.d by `testbed lab up --login-user` and given in
-# docs/real-lab.md (a test holds the two equal). sudoers' "*" also matches spaces, so the ip
-# entry allows other `ip link set` words between "dev" and "gso_max_segs"; tc as root can
-# already disrupt the node's traffic as much.
-SUDO_COMMANDS = ("/usr/sbin/tc", "/sbin/tc",
-                 "/usr/sbin/ip link set dev * gso_max_segs *",
-                 "/sbin/ip link set dev * gso_max_segs *")
+# What a real device's login user may run as root without a password: the tc objects shaping
+# uses (not plain tc: `tc -b FILE` reads any file as root and prints its lines in errors, and
+# `tc exec` runs BPF), and the one ip command that limits GSO. Written to /etc/sudoers.d by
+# `testbed lab up --login-user` and given in docs/real-lab.md (a test holds the two equal).
+# sudoers' "*" also matches spaces, so these allow any arguments after the object: tc as root
+# can still disturb the node's traffic, which is what it is for.
+SUDO_COMMANDS = tuple(f"{d}/{c}" for c in ("tc qdisc *", "tc class *", "tc filter *",
+                                          "tc -s class *", "ip link set dev * gso_max_segs *")
+                      for d in ("/usr/sbin", "/sbin"))
 
 
 def sudoers_line(user: str) -> str:

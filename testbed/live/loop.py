@@ -232,6 +232,7 @@ class ExperimentLoop:
                 try:
                     self.session.add_device(name)
                 except TestbedError as exc:      # it cannot come back: lost (said below)
+                    self.session.remove_device(name)      # an agent half made goes too
                     self.lost.append(name)
                     failed_back[name] = str(exc).splitlines()[0]
         for name in self.lost:
