@@ -97,3 +97,14 @@ def test_real_inventory_fields(tmp_path):
     assert "num_gpus" not in cluster.options_for_device("rpi-1", 0)
     # Ray's level reaches every Ray process of the lab.
     assert cluster.ray_env(inv, dev)[versions.LEVEL_ENV] == "minor"
+
+
+def test_a_real_lab_driven_by_another_user_keeps_its_state_in_their_home(monkeypatch, tmp_path):
+    inv = load_inventory(ROOT / "inventory/lab.yaml")
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert inv.state_dir == Path("/var/lib/testbed/lab")
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert inv.state_dir == tmp_path / ".local/state/testbed/lab"
+    local = load_inventory(ROOT / "inventory/local.yaml")     # the emulated lab: root's anyway
+    assert local.state_dir == Path("/var/lib/testbed/local")

@@ -144,9 +144,14 @@ class Inventory:
 
     @property
     def state_dir(self) -> Path:
-        """Where the emulated lab keeps its state (keys, known_hosts, state.json, logs)."""
+        """Where testbed keeps a lab's state (the emulated lab's keys and lab.json, the
+        cluster's record and Ray token, the lab lock): ``lab.state_dir``, else
+        /var/lib/testbed/<name> as root; a real lab driven by another user keeps it in
+        ~/.local/state/testbed/<name> (it needs no root, and /var/lib is root's)."""
         if self.lab and self.lab.state_dir:
             return Path(self.lab.state_dir)
+        if self.kind == "real" and os.geteuid() != 0:
+            return Path.home() / ".local" / "state" / "testbed" / self.name
         return Path("/var/lib/testbed") / self.name
 
 
