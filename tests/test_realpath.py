@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import pwd
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from lab_helper import leftovers
 from testbed.inputs import models
 from testbed.inputs.inventory import load_inventory
 from testbed.lab import cluster, emulated, login, shaping
+from testbed.records import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "tbrealtest"
@@ -187,6 +189,19 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
             assert got["path"] == f"/home/{USER}/{name}/models/{model}.gguf"
             assert got["sha256"] == registry[model]
         assert manifest["models"]["server"]["sha256"] == registry["smollm2-135m-q4_1"]
+        # What ran on every node, as each node's own probe saw it: the devices' venvs are
+        # Debian's python3.11 under the login user, the server this process's Python.
+        nodes = manifest["nodes"]
+        assert nodes["server"]["python"] == platform.python_version()
+        for name in DEVICES:
+            assert nodes[name]["user"] == USER
+            assert nodes[name]["python_executable"].startswith(f"/home/{USER}/{name}/venv/")
+            assert nodes[name]["ray"] == "2.60.0" and nodes[name]["numpy"]
+            assert nodes[name]["cpu_model"] and nodes[name]["cpu_flags"]
+        assert manifest["digests"]["inventory"] == real_inv.digest
+        assert manifest["digests"]["profile"] == runs.digest(json.loads(
+            (out / "profile.json").read_text()))
+        assert manifest["seeds"]["devices"] == {"dev-a": 7000, "dev-b": 7001}
         profile = json.loads((out / "profile.json").read_text())
         for dev in profile["devices"]:
             assert dev["model"]["sha256"] == registry[DEVICES[dev["name"]]]

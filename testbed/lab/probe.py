@@ -203,6 +203,8 @@ def probe(models: list[str] = ()) -> dict:
         "llama_cpp": llama, "llama_cpp_error": llama_err, "llama_gpu_offload": gpu_offload,
         "testbed": testbed, "testbed_error": testbed_err,
         "psutil": _version("psutil")[0],
+        "numpy": _version("numpy")[0],
+        **cpu_info(),
         "cpu_count": os.cpu_count(),
         **_memory(),
         "disk_free_venv_bytes": _disk_free(sys.prefix),
@@ -215,6 +217,20 @@ def probe(models: list[str] = ()) -> dict:
         "ray_listeners": ray_listeners(),
     }
     return out
+
+
+def cpu_info() -> dict:
+    """The CPU's model and instruction-set flags from /proc/cpuinfo (x86: "model name" and
+    "flags"; Arm: "Model" or "CPU part" and "Features"); None where not found."""
+    text = _read("/proc/cpuinfo") or ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    model = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
+    flags = fields.get("flags") or fields.get("Features")
+    return {"cpu_model": model, "cpu_flags": sorted(flags.split()) if flags else None}
 
 
 RAY_PROCESS_NAMES = ("gcs_server", "raylet", "plasma_store")

@@ -439,6 +439,34 @@ class ExperimentLoop:
                 self._start_prompt(pol, dev)
 
 
+NODE_FACTS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "tc",
+              "cpu_model", "cpu_flags", "hostname", "user", "python_executable")
+
+
+def node_versions(session: LiveSession) -> dict:
+    """What runs on every node, as each agent's probe saw it on its own node (the manifest's
+    ``nodes``): versions, kernel, tc, CPU model and flags. A device whose agent is gone: its
+    error instead."""
+    names = [session.inv.server.name] + [n for n, d in session.devices.items() if d.active]
+    refs = {name: session.call_async(name, "probe") for name in names}
+    out = {}
+    for name, ref in refs.items():
+        try:
+            facts = session.gather([ref], 120)[0]
+            out[name] = {k: facts.get(k) for k in NODE_FACTS}
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+            out[name] = {"error": str(exc).strip().splitlines()[-1][:300]}
+    return out
+
+
+def seeds_of(exp: Experiment) -> dict:
+    """Every seed of the run: the experiment's and those derived from it (as LiveSession and
+    ExperimentLoop derive them), so a replay can check it uses the same."""
+    return {"experiment": exp.seed, "server": exp.seed,
+            "devices": {d.name: exp.seed * 1000 + i for i, d in enumerate(exp.inventory.devices)},
+            "prompt": "experiment * 100003 + device index * 1009 + prompt index"}
+
+
 def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Listener] = (),
         argv: list[str] | None = None, progress=lambda _m: None) -> tuple[Path, int]:
     """Run the experiment; returns the run folder and the exit code (see EXIT_*)."""
@@ -446,7 +474,7 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
     manifest = runs.make_manifest(
         run_id=run_id, experiment=exp.to_dict(), experiment_path=exp.path,
         inventory=exp.inventory, inventory_digest=exp.inventory.digest, profile=profile,
-        models=manifest_models(exp.inventory, {}), seeds={"experiment": exp.seed}, argv=argv)
+        models=manifest_models(exp.inventory, {}), seeds=seeds_of(exp), argv=argv)
     runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
     try:
@@ -458,6 +486,12 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
                 # The agents are up: the manifest gets the model files they really loaded.
                 manifest["models"] = runs.jsonable(manifest_models(exp.inventory,
                                                                    session.models()))
+                manifest["nodes"] = runs.jsonable(node_versions(session))
+                manifest["digests"] = {
+                    "inventory": exp.inventory.digest, "experiment": exp.digest,
+                    "profile": runs.digest(profile) if profile is not None else None,
+                    "prompts": {w.name: w.prompt_set.digest if w.prompt_set else None
+                                for w in exp.workloads.values()}}
                 runs.write_manifest(run_dir, manifest)
                 loop = ExperimentLoop(exp, profile, session, writer)
                 loop.emit({"type": "run_start", "run": run_dir.name,

@@ -22,6 +22,7 @@ up to millions of rounds).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterable
 from testbed import files
 from testbed.errors import RecordsError
 from testbed.files import atomic_write_json, dumps, jsonable
+from testbed.lab.probe import cpu_info
 
 MANIFEST_SCHEMA = "testbed.manifest/1"
 SUMMARY_SCHEMA = "testbed.summary/1"
@@ -46,6 +48,12 @@ EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 BASELINES = ("agnostic-fixed", "server-only")   # the policies gains are measured against
 RUN_STATUSES = ("ok", "lost_devices", "interrupted", "failed")
+
+
+def digest(data) -> str:
+    """sha256 of data as canonical JSON (sorted keys, no spaces): e.g. a run's profile."""
+    text = json.dumps(jsonable(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_json(path: str | Path, schema: str | None = None) -> dict:
@@ -130,7 +138,8 @@ def versions() -> dict:
             "llama_cpp": _dist_version("llama_cpp_python", "llama_cpp"),
             "kernel": platform.release(),
             "tc": tc_version(),
-            "testbed": __version__}
+            "testbed": __version__,
+            "numpy": _dist_version("numpy", "numpy")}
 
 
 def host_facts() -> dict:
@@ -143,7 +152,7 @@ def host_facts() -> dict:
             "machine": platform.machine(), "cpu_count": psutil.cpu_count(logical=True),
             "cpu_count_physical": psutil.cpu_count(logical=False),
             "memory_bytes": psutil.virtual_memory().total, "loadavg": load,
-            "python_executable": sys.executable}
+            "python_executable": sys.executable, **cpu_info()}
 
 
 def make_manifest(*, run_id: str, experiment: dict, experiment_path: str | Path,
