@@ -274,6 +274,11 @@ def prepare(root: Path | None = None, *, progress: Progress | None = None,
     return list_models(root)
 
 
+def registered_sha256(name: str, root: Path | None = None) -> str | None:
+    """The sha256 this store records for a model name (None: not registered here)."""
+    return next((m.sha256 for m in list_models(root) if m.name == name), None)
+
+
 def register(name: str, path: str | os.PathLike, root: Path | None = None) -> ModelEntry:
     """Record a built-in model's file, copied here by ``testbed provision``, in this node's
     store (``path`` must be inside it), so that the node resolves ``name`` itself."""

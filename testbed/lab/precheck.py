@@ -113,8 +113,7 @@ def model_target(node: Node) -> ModelTarget:
         expected = ref.sha256
         if expected is None and ref.name:       # a registry model kept at a path on the node
             from testbed.inputs import models
-            expected = next((m.sha256 for m in models.list_models() if m.name == ref.name),
-                            None)
+            expected = models.registered_sha256(ref.name)
         return ModelTarget(ref.path, expected)
     try:
         from testbed.inputs import models
@@ -127,12 +126,7 @@ def model_target(node: Node) -> ModelTarget:
     except TestbedError as exc:
         return ModelTarget(None, None, f"model {ref.name!r}: {exc}",
                            "testbed models prepare (then check again)")
-    expected = ref.sha256
-    if expected is None:
-        for entry in models.list_models():
-            if entry.name == ref.name:
-                expected = entry.sha256
-    return ModelTarget(str(path), expected)
+    return ModelTarget(str(path), ref.sha256 or models.registered_sha256(ref.name))
 
 
 # ---------------------------------------------------------------- gathering (I/O)
@@ -441,10 +435,8 @@ def _quota_check(node: Node, p: dict, inventory: Inventory) -> Check:
 
 def local_addresses() -> set[str]:
     """The IPv4 addresses of this machine's interfaces (root network namespace)."""
-    import psutil
-    import socket
-    return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-            if a.family == socket.AF_INET}
+    from testbed.lab.probe import _addresses
+    return set(_addresses())
 
 
 def unreachable(inventory: Inventory) -> str | None:

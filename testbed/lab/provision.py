@@ -52,6 +52,7 @@ from typing import Callable
 from testbed.errors import LabError, ModelFileError, TestbedError
 from testbed.inputs.inventory import Inventory, Node
 from testbed.lab import versions
+from testbed.inputs.models import sha256_file
 from testbed.lab.remote import Runner, runner_for
 
 MARKER = ".testbed-provision.json"
@@ -456,7 +457,7 @@ class _Node:
         todo = []
         for f in files:
             got = have.get(f"{folder}/{f.name}")
-            if got is None or got["sha256"] != _sha256(f):
+            if got is None or got["sha256"] != sha256_file(f):
                 todo.append(f)
         if not todo:
             return
@@ -466,7 +467,7 @@ class _Node:
             return
         self.r.run(["mkdir", "-p", folder], check=True)
         for f in todo:
-            self.put(f, f"{folder}/{f.name}", _sha256(f), have)
+            self.put(f, f"{folder}/{f.name}", sha256_file(f), have)
 
     def put(self, local: Path, remote: str, sha: str, have: dict) -> None:
         """Copy resuming a ``.part`` left by an interrupted copy; verified on the node. A
@@ -551,17 +552,12 @@ class _Node:
         local = cluster.ensure_token(self.inv)
         dest = cluster.token_path(self.inv, self.node)
         have = file_facts(self.r, f"python{self.node.python}", [dest]).get(dest)
-        if have and have["sha256"] == _sha256(local):
+        if have and have["sha256"] == sha256_file(local):
             return
         self.act(f"copy the Ray token to {dest}")
         if not self.dry_run:
             self.r.run(["mkdir", "-p", os.path.dirname(dest)], check=True)
             self.r.put(str(local), dest, mode=0o600)
-
-
-def _sha256(path: Path) -> str:
-    from testbed.inputs.models import sha256_file      # cached per file within the process
-    return sha256_file(path)
 
 
 # ---------------------------------------------------------------- entry point

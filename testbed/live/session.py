@@ -99,7 +99,7 @@ def model_arg(inv: Inventory, node: Node) -> str | dict:
     ref = node.model
     sha = ref.sha256
     if sha is None and ref.name:
-        sha = next((m.sha256 for m in models.list_models() if m.name == ref.name), None)
+        sha = models.registered_sha256(ref.name)
     return {"name": ref.name, "path": ref.path, "sha256": sha}
 
 
