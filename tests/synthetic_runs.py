@@ -32,10 +32,10 @@ POLICIES = {
 }
 
 
-def verify_s(policy: str) -> float:
+def verify_s(policy: str, scale: float = 1.0) -> float:
     """Emulated verify time; server-only (nothing drafted) spends the whole round verifying."""
     p = POLICIES[policy]
-    return VERIFY_S if any(p["L"]) else p["round_s"] - DOWNLINK_S - OVERHEAD_S
+    return VERIFY_S if any(p["L"]) else p["round_s"] * scale - DOWNLINK_S - OVERHEAD_S
 
 
 def expected_goodput(policy: str) -> float:
@@ -52,9 +52,11 @@ def _plan(policy: str) -> dict:
                         for k, n in enumerate(DEVICES)]}
 
 
-def _round(policy: str, i: int, t: float, warmup: bool = False) -> dict:
-    p = POLICIES[policy]
-    slowest = p["round_s"] - verify_s(policy) - DOWNLINK_S - OVERHEAD_S   # max draft+upload
+def _round(policy: str, i: int, t: float, warmup: bool = False, scale: float = 1.0,
+           repeat: int | None = None) -> dict:
+    p = dict(POLICIES[policy])
+    p["round_s"] = p["round_s"] * scale
+    slowest = p["round_s"] - verify_s(policy, scale) - DOWNLINK_S - OVERHEAD_S  # draft+upload
     devices = []
     for k, name in enumerate(DEVICES):
         L = p["L"][k]
@@ -69,57 +71,73 @@ def _round(policy: str, i: int, t: float, warmup: bool = False) -> dict:
     tokens = sum(d["tokens"] for d in devices)
     ev = {"type": "round", "t": round(t, 6), "policy": policy, "round": i,
           "round_s": p["round_s"], "devices": devices, "verify_real_s": 0.05,
-          "verify_emulated_s": verify_s(policy), "downlink_s": DOWNLINK_S,
+          "verify_emulated_s": verify_s(policy, scale), "downlink_s": DOWNLINK_S,
           "batch_tokens": sum(L + 1 for L in p["L"]),
           "predicted_round_s": p["round_s"], "predicted_goodput_tps": p["predicted"],
           "plan_round_s": p["round_s"], "plan_goodput_tps": p.get("planned", p["predicted"]),
           "tokens": tokens, "goodput_tps": tokens / p["round_s"], "overhead_s": OVERHEAD_S}
     if warmup:
         ev["warmup"] = True
+    if repeat is not None:
+        ev["repeat"] = repeat
     return ev
 
 
 def make_events(run_id: str = "20261122T101500Z-synthetic", policies=None, rounds: int = 20,
-                status: str = "ok", snr_event: bool = True) -> list[dict]:
+                status: str = "ok", snr_event: bool = True, repeats: int = 1,
+                scale=None) -> list[dict]:
     """Events of a complete run: per policy 2 warm-up rounds, ``rounds`` rounds, one re-plan;
-    in the first policy also an SNR change of dev-a at round 5 (when ``snr_event``)."""
+    in the first policy also an SNR change of dev-a at round 5 (when ``snr_event``).
+
+    ``repeats`` > 1: the policies run that many times, block by block (repeat r of each policy
+    in block r, reversed order in odd blocks), every event stamped with its ``repeat``;
+    ``scale(policy, repeat)`` stretches that repeat's rounds (goodput divided by it)."""
     policies = list(policies or POLICIES)
-    events = [{"type": "run_start", "t": 0.0, "run": run_id, "policies": policies}]
+    start = {"type": "run_start", "t": 0.0, "run": run_id, "policies": policies}
+    schedule = [(r, p) for r in range(repeats)
+                for p in (policies if r % 2 == 0 else policies[::-1])]
+    if repeats > 1:
+        start.update(repeats=repeats, order="interleaved", schedule=[list(x) for x in schedule])
+    events = [start]
     t = 0.0
-    for pol in policies:
+    for rep, pol in schedule:
+        tag = {"repeat": rep} if repeats > 1 else {}
+        k = scale(pol, rep) if scale else 1.0
         t += 0.5
         events.append({"type": "policy_start", "t": round(t, 6), "policy": pol,
-                       "plan": _plan(pol)})
+                       "plan": _plan(pol), **tag})
         for w in range(2):
-            t += POLICIES[pol]["round_s"]
-            events.append(_round(pol, w, t, warmup=True))
+            t += POLICIES[pol]["round_s"] * k
+            events.append(_round(pol, w, t, warmup=True, scale=k, repeat=tag.get("repeat")))
         for i in range(rounds):
-            t += POLICIES[pol]["round_s"]
-            events.append(_round(pol, i, t))
+            t += POLICIES[pol]["round_s"] * k
+            events.append(_round(pol, i, t, scale=k, repeat=tag.get("repeat")))
             if i == 5 and snr_event and pol == policies[0]:
-                events.append({"type": "event", "t": round(t, 6), "policy": pol,
+                events.append({"type": "event", "t": round(t, 6), "policy": pol, **tag,
                                "kind": "snr_change", "device": "dev-a",
                                "detail": {"snr_db": 2.0, "rate_bps": 60_000.0},
                                "applied_s": 0.03})
             if i == 9:
                 new = _plan(pol)
                 new["goodput_tps"] = POLICIES[pol]["predicted"] * 1.1
-                events.append({"type": "replan", "t": round(t, 6), "policy": pol,
+                events.append({"type": "replan", "t": round(t, 6), "policy": pol, **tag,
                                "reason": "interval", "predicted_gain": 0.1,
                                "old_plan": _plan(pol), "new_plan": new, "applied_s": 0.012})
-        events.append({"type": "policy_end", "t": round(t, 6), "policy": pol, "rounds": rounds})
+        events.append({"type": "policy_end", "t": round(t, 6), "policy": pol, "rounds": rounds,
+                       **tag})
     events.append({"type": "run_end", "t": round(t + 0.1, 6), "status": status, "message": None})
     return events
 
 
 def write_run(root: Path, run_id: str = "20261122T101500Z-synthetic", *, summary: bool = True,
-              **kwargs) -> Path:
+              manifest: dict | None = None, **kwargs) -> Path:
     run_dir = root / run_id
     run_dir.mkdir(parents=True)
     with open(run_dir / EVENTS, "w") as f:
         for ev in make_events(run_id, **kwargs):
             f.write(json.dumps(ev) + "\n")
-    (run_dir / MANIFEST).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "run": run_id}))
+    (run_dir / MANIFEST).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "run": run_id,
+                                                **(manifest or {})}))
     if summary:
         write_summary(run_dir)
     return run_dir

@@ -217,3 +217,36 @@ def test_runner_forecast_is_the_plan_in_force_under_the_current_estimates():
     assert forecast(plan, est.problem(["a"]))[1] < tps
     # No device left: the plan's own values.
     assert forecast(plan, est.problem([])) == (plan.round_s, plan.goodput_tps)
+
+
+def test_repeats_and_order():
+    one = _write(Path(__import__("tempfile").mkdtemp()), MINIMAL.replace(
+        "policies: [agnostic-fixed]", "policies: [agnostic-fixed, server-only, "
+        "multispin-heterogeneous]"))
+    exp = load_experiment(one)
+    assert exp.repeats == 1 and exp.order == "blocked"
+    assert exp.schedule() == [(0, "agnostic-fixed"), (0, "server-only"),
+                              (0, "multispin-heterogeneous")]     # as listed, as before
+    text = one.read_text()
+    three = one.with_name("three.yaml")
+    three.write_text(text + "repeats: 5\n")
+    exp = load_experiment(three)
+    assert exp.repeats == 5 and exp.order == "interleaved"         # the default with repeats
+    sched = exp.schedule()
+    assert len(sched) == 15
+    for block in range(5):                # every block holds every policy once, in one stretch
+        assert sorted(p for r, p in sched[block * 3:block * 3 + 3]) == sorted(exp.policies)
+        assert {r for r, _ in sched[block * 3:block * 3 + 3]} == {block}
+    orders = {tuple(p for r, p in sched if r == b) for b in range(5)}
+    assert len(orders) > 1                                      # shuffled, not one fixed order
+    assert load_experiment(three).schedule() == sched           # seeded: the same every time
+    other = one.with_name("other-seed.yaml")
+    other.write_text(text.replace("seed: 3", "seed: 4") + "repeats: 5\n")
+    assert load_experiment(other).schedule() != sched
+    blocked = one.with_name("blocked.yaml")
+    blocked.write_text(text + "repeats: 2\norder: blocked\n")
+    assert load_experiment(blocked).schedule() == [
+        (0, "agnostic-fixed"), (1, "agnostic-fixed"), (0, "server-only"), (1, "server-only"),
+        (0, "multispin-heterogeneous"), (1, "multispin-heterogeneous")]
+    d = load_experiment(three).to_dict()
+    assert d["repeats"] == 5 and d["order"] == "interleaved"

@@ -234,6 +234,7 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "lost_devices"
         _testbed("lab", "up", str(emu), "--login-user", USER)      # restarts dev-b's sshd
+        _non_root_is_refused(emu, emu_inv)
 
         # A runner killed with SIGKILL leaves the htb on the links; `testbed down` removes it.
         exp = _experiment(tmp_path, real)
@@ -268,6 +269,32 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
                               capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert time.monotonic() - t0 < 3         # measured 0.4 s: no connection tried
         assert proc.returncode != 0 and "testbed lab up" in proc.stderr, proc.stderr
+
+
+def _non_root_is_refused(emu: Path, emu_inv) -> None:
+    """The lab's commands run by a user who is not root (the login user, with the testbed its
+    device venv holds): each one that needs root says so in one line, exit 1, no traceback,
+    and the lab is left as it was."""
+    import shutil
+    import tempfile
+    where = Path(tempfile.mkdtemp(prefix="tbnonroot-"))
+    try:
+        where.chmod(0o755)
+        inv = where / "hosts.yaml"
+        shutil.copy(emu, inv)
+        inv.chmod(0o644)
+        testbed = f"/home/{USER}/dev-a/venv/bin/testbed"
+        for args in (["lab", "up", str(inv)], ["lab", "down", str(inv)],
+                     ["lab", "clean", str(inv)], ["lab", "status", str(inv)],
+                     ["down", str(inv)], ["demo"]):
+            proc = subprocess.run(["runuser", "-u", USER, "--", testbed, *args],
+                                  capture_output=True, text=True, timeout=120, cwd=where)
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+            assert len(lines) == 1 and "needs root" in lines[0] and "sudo" in lines[0], lines
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    assert emulated.status(emu_inv).ok
 
 
 def _shaped(emu_inv, node) -> bool:

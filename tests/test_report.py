@@ -17,8 +17,8 @@ from synthetic_runs import POLICIES, expected_goodput, write_run
 
 from testbed.cli import main
 from testbed.errors import RecordsError
-from testbed.records.report import (breakdown_table, comparison_table, goodput_series, load_run,
-                                    write_plots)
+from testbed.records.report import (breakdown_table, comparison_table, forecast_table,
+                                    goodput_series, load_run, write_plots)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -34,17 +34,28 @@ def _text(renderable) -> str:
     return console.export_text()
 
 
+def _rows(text: str) -> dict[str, list[str]]:
+    """Table rows by policy: the first line starting with each name (captions come after)."""
+    rows: dict[str, list[str]] = {}
+    for ln in text.splitlines():
+        if ln.split() and ln.split()[0] in POLICIES:
+            rows.setdefault(ln.split()[0], ln.split())
+    return rows
+
+
 def test_table_numbers(tmp_path: Path):
     run = load_run(write_run(tmp_path))
     text = _text(comparison_table([run]))
-    rows = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.split() and
-            ln.split()[0] in POLICIES}
-    # policy rounds tok/s std xfixed xserver pred error planned error
-    assert rows["multispin-heterogeneous"][1:] == ["20", "40.0", "0.0", "1.60x", "2.00x",
-                                                   "42.0", "-4.8%", "50.0", "-20.0%"]
+    rows = _rows(text)
+    # policy rounds tok/s std xfixed xserver
+    assert rows["multispin-heterogeneous"][1:] == ["20", "40.0", "0.0", "1.60x", "2.00x"]
     assert rows["agnostic-fixed"][2:6] == ["25.0", "0.0", "1.00x", "1.25x"]
-    assert rows["server-only"][2:] == ["20.0", "0.0", "0.80x", "1.00x", "20.0", "+0.0%",
-                                       "20.0", "+0.0%"]
+    assert rows["server-only"][2:] == ["20.0", "0.0", "0.80x", "1.00x"]
+    text = _text(forecast_table([run]))
+    rows = _rows(text)
+    # policy tok/s pred error planned error
+    assert rows["multispin-heterogeneous"][1:] == ["40.0", "42.0", "-4.8%", "50.0", "-20.0%"]
+    assert rows["server-only"][1:] == ["20.0", "20.0", "+0.0%", "20.0", "+0.0%"]
     text = _text(breakdown_table([run]))
     het = next(ln.split() for ln in text.splitlines()
                if ln.split()[:1] == ["multispin-heterogeneous"])
@@ -61,14 +72,17 @@ def test_json_and_plots(tmp_path: Path, capsys):
     pols = data["runs"][0]["policies"]
     assert [p["policy"] for p in pols] == list(POLICIES)
     assert set(pols[0]) == {"policy", "goodput_tps", "predicted_goodput_tps", "overhead_frac",
-                            "rounds"}
+                            "rounds", "repeats", "goodput_mean", "goodput_ci95",
+                            "prediction_error_mean", "prediction_error_sd"}
+    assert pols[0]["repeats"] == 1 and pols[0]["goodput_ci95"] is None
     het = pols[0]
     assert het["goodput_tps"] == pytest.approx(expected_goodput("multispin-heterogeneous"))
     assert het["predicted_goodput_tps"] == pytest.approx(42.0)
     assert het["overhead_frac"] == pytest.approx(0.01 / 0.25) and het["rounds"] == 20
     plots = sorted(Path(p) for p in data["runs"][0]["plots"])
     assert [p.name for p in plots] == [f"{run_dir.name}-devices.png",
-                                       f"{run_dir.name}-goodput.png"]
+                                       f"{run_dir.name}-goodput.png",
+                                       f"{run_dir.name}-intervals.png"]
     for p in plots:
         w, h = _png_size(p)
         assert w >= 800 and h >= 400 and p.stat().st_size > 20_000
@@ -108,7 +122,7 @@ def test_summary_only_folder(tmp_path: Path):
     (run_dir / "events.jsonl").unlink()
     run = load_run(run_dir)
     assert run.events is None
-    assert [p.name for p in write_plots(run)] == ["devices.png"]
+    assert [p.name for p in write_plots(run)] == ["devices.png", "intervals.png"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "garbled_summary", "garbled_events",
@@ -245,3 +259,134 @@ def test_response_table_and_json(tmp_path: Path):
     assert [r["policy"] for r in responses] == ["het", "fixed"]
     assert response_table(RunData(path=tmp_path, run_id="r", summary={"policies": []},
                                   events=[], manifest=None)) is None
+
+
+# -- repeats, error bars, fitting the terminal, replay checks -----------------------------
+
+FACTORS = {0: 1.0, 1: 1.25, 2: 0.8}
+
+
+def _repeated_run(root: Path, run_id: str = "20261201T101500Z-repeats", factors=FACTORS,
+                  **kwargs) -> Path:
+    return write_run(root, run_id, repeats=3, scale=lambda p, r: factors[r]
+                     if p.startswith("multispin") else 1.0, **kwargs)
+
+
+def _whole_numbers(text: str, data: dict) -> None:
+    """No number cut: no ellipsis anywhere, and every policy's mean and interval are there
+    in full, as the JSON has them."""
+    assert "…" not in text and "..." not in text
+    for run in data["runs"]:
+        for p in run["policies"]:
+            assert f"{p['goodput_mean']:.1f}" in text
+            if p["goodput_ci95"]:
+                lo, hi = p["goodput_ci95"]
+                assert f"{lo:.1f}–{hi:.1f}" in text
+        for pol, by_base in run["ratios"].items():
+            for r in by_base.values():
+                assert f"{r['ratio']:.2f}" in text
+                if r["ci95"]:
+                    assert f"{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}" in text
+
+
+def _cli(args: list[str], **env) -> subprocess.CompletedProcess:
+    import os
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=full)
+
+
+def test_repeats_table_fits_80_columns_and_keeps_numbers_whole(tmp_path: Path, capsys):
+    a = _repeated_run(tmp_path)
+    b = _repeated_run(tmp_path, "20261201T111500Z-repeats", factors={0: 1.1, 1: 1.0, 2: 0.9})
+    assert main(["report", str(a), str(b), "--json", "--no-plots"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    het = data["runs"][0]["policies"][0]
+    assert het["repeats"] == 3 and het["goodput_ci95"][0] < het["goodput_mean"] < \
+        het["goodput_ci95"][1]
+    for runs in ([a], [a, b]):
+        proc = _cli(["report", *map(str, runs), "--no-plots"], COLUMNS="80")
+        assert proc.returncode == 0, proc.stderr
+        assert max(len(ln) for ln in proc.stdout.splitlines()) <= 80
+        _whole_numbers(proc.stdout, data if len(runs) == 2 else {"runs": data["runs"][:1]})
+        assert "policies: hetero = multispin-heterogeneous" in proc.stdout    # the legend
+        assert "95% CI" in proc.stdout and "paired bootstrap" in proc.stdout
+    # piped, no COLUMNS: 100 columns, full names
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(a), "--no-plots"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert "multispin-heterogeneous" in proc.stdout and "…" not in proc.stdout
+
+
+def test_report_on_a_real_80_column_pseudo_terminal(tmp_path: Path):
+    """The report as a user sees it in an 80x40 terminal (a pty: rich asks the terminal its
+    size): nothing is cut and no line is wider than the terminal."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import termios
+    run = _repeated_run(tmp_path)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "report", str(run),
+                             "--no-plots"], stdin=slave, stdout=slave, stderr=slave, env=env,
+                            close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:                 # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    lines = text.replace("\r", "").splitlines()
+    assert max(len(ln) for ln in lines) <= 80, max(lines, key=len)
+    capsys_data = _cli(["report", str(run), "--json", "--no-plots"])
+    _whole_numbers(text, json.loads(capsys_data.stdout))
+
+
+def test_error_bar_plot_and_repeats_in_goodput_plot(tmp_path: Path):
+    run = load_run(_repeated_run(tmp_path))
+    series = goodput_series(run.events)
+    assert set(series) == {f"{p}{s}" for p in POLICIES for s in ("", " #2", " #3")}
+    assert series["agnostic-fixed #3"]["repeat"] == 2
+    assert series["agnostic-fixed #3"]["t"][0] == pytest.approx(0.4)  # from its own start
+    paths = write_plots(run)
+    assert [p.name for p in paths] == ["goodput.png", "devices.png", "intervals.png"]
+    for p in paths:
+        w, h = _png_size(p)
+        assert w >= 800 and h >= 400
+
+
+def test_report_run_and_replay_says_inside_or_not(tmp_path: Path, capsys):
+    first = _repeated_run(tmp_path)
+    # the replay: heterogeneous a little faster (inside the first run's interval), the others
+    # exactly the same (the first run's interval is a point: inside)
+    replay = _repeated_run(tmp_path, "20261201T121500Z-replay", factors={0: 0.95, 1: 1.2,
+                                                                          2: 0.85},
+                           manifest={"replay_of": first.name})
+    assert main(["report", str(first), str(replay), "--json", "--no-plots"]) == 0
+    checks = json.loads(capsys.readouterr().out)["replay_checks"]
+    assert [c["policy"] for c in checks] == list(POLICIES)
+    het = checks[0]
+    assert het["replay"] == replay.name and het["run"] == first.name
+    assert het["goodput_ci95"][0] <= het["replay_goodput_mean"] <= het["goodput_ci95"][1]
+    assert all(c["inside"] is True for c in checks)
+    # far off: outside
+    far = _repeated_run(tmp_path, "20261201T131500Z-far", factors={0: 4.0, 1: 4.0, 2: 4.0},
+                        manifest={"replay_of": first.name})
+    assert main(["report", str(first), str(far), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "replay 20261201T131500Z-far of 20261201T101500Z-repeats" in out
+    het_line = next(ln for ln in out.splitlines() if ln.startswith("multispin-heterogeneous")
+                    and ln.rstrip().endswith(("yes", "NO")))
+    assert het_line.split()[-1] == "NO"

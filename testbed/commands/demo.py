@@ -40,8 +40,7 @@ def run(args) -> int:
     from testbed.lab.bringup import bring_up
     from testbed.live.loop import run as run_experiment
     from testbed.profiling.profiler import profile_inventory
-    from testbed.records.report import (breakdown_table, comparison_table, device_table, load_run,
-                                        write_plots)
+    from testbed.records.report import load_run, print_report, write_plots
     from testbed.records.view import LiveView, RunView
 
     console = Console(log_path=False)
@@ -71,8 +70,7 @@ def run(args) -> int:
                                            progress=console.log)
         console.print(Rule("5/6 report"))
         data = load_run(run_dir)
-        for table in (comparison_table([data]), breakdown_table([data]), device_table(data)):
-            console.print(table)
+        print_report(console, [data])
         for png in write_plots(data, None):
             console.log(f"plot: {png}")
         console.print(Rule("6/6 taking down what the demo brought up"))

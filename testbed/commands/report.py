@@ -1,16 +1,21 @@
 """`testbed report RUN [RUN ...] [--out DIR] [--json] [--no-plots]`: compare policies of runs.
 
-Prints a table per policy (goodput, gains over agnostic-fixed and server-only, predicted vs
-measured, round-time breakdown, overhead) and a per-device table, and writes two PNG plots per
-run (goodput over time with events and re-plans; per-device tokens/s and share) into the run
-folder or ``--out``. With scheduled events, a table of how each policy answered each of
+Prints a table per policy (goodput, gains over agnostic-fixed and server-only; with repeats,
+means with 95% intervals and paired ratios), one of predicted vs measured, the round-time
+breakdown and overhead, a per-device table, and, for ``report RUN REPLAY``, whether each
+policy's replay fell inside the first run's interval. Writes three PNG plots per run (goodput
+over time with events and re-plans, every repeat drawn; per-device tokens/s and share; means
+with error bars and ratios) into the run folder or ``--out``. Tables fit the terminal (80
+columns and up): policy names are shortened, with a legend, rather than numbers cut. With scheduled events, a table of how each policy answered each of
 them (goodput before, after, and after the re-plan). ``--json`` prints
-``{"runs": [{"run", "policies": [...], "responses": [...], "plots"}]}`` instead of the tables. A missing or garbled run folder is one line on stderr, exit 2.
+``{"runs": [{"run", "policies": [...], "ratios": {...}, "responses": [...], "plots"}],
+"replay_checks": [...]}`` instead of the tables. A missing or garbled run folder is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -24,15 +29,15 @@ def add_parser(sub) -> None:
                    "<run>-devices.png (default: into each run folder)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown "
+                   "(full names, no width limit; what the README's tables are pasted from)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from rich.console import Console
-    from rich.markup import escape
 
-    from testbed.records.report import (breakdown_table, comparison_table, device_table, load_run,
-                                        report_json, response_table, write_plots)
+    from testbed.records.report import load_run, print_report, report_json, write_plots
 
     if args.out and not args.no_plots:
         from testbed.commands import writable_folder
@@ -46,23 +51,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report_json(runs, plots), indent=2))
         return 0
+    if args.markdown:
+        from testbed.records.report import markdown_report
+        print(markdown_report(runs), end="")
+        return 0
+    # A terminal's own width (COLUMNS when set); a file or a pipe gets 100 columns. Every table
+    # fits: when the full policy names do not, short ones are used, with a legend at the end.
     console = Console()
-    if not console.is_terminal:           # a file or a pipe: no terminal to fit, keep numbers whole
-        console = Console(width=120)
-    console.print(comparison_table(runs))
-    console.print(breakdown_table(runs))
-    for r in runs:
-        if r.truncated:
-            console.print(f"[yellow]{escape(str(r.path))}: the last event line was cut off "
-                          "(a crash mid-write); it is left out[/]")
-        if r.summary.get("status") not in ("ok", None):
-            message = r.summary.get("message")
-            console.print(f"run {r.run_id}: status {r.summary.get('status')}"
-                          f"{f' ({message})' if message else ''}", style="yellow", markup=False)
-        console.print(device_table(r))
-        responses = response_table(r)
-        if responses is not None:
-            console.print(responses)
-        for p in plots.get(r.run_id, []):
-            console.print(f"wrote {p}", markup=False, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=100)
+    print_report(console, runs, plots)
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ SCHEMA = "testbed.experiment/1"
 # The policy names of the CLI contract (docs: goodput-model.md, "Policies").
 POLICIES = POLICY_NAMES      # the contract's names, defined once (control/problem.py)
 EVENT_KINDS = ("snr_change", "workload_switch", "leave", "rejoin")
+ORDERS = ("interleaved", "blocked")
+MAX_REPEATS = 1000
 # Event key in the file -> event kind in the records.
 _EVENT_KEYS = {"snr_db": "snr_change", "workload": "workload_switch", "leave": "leave",
                "rejoin": "rejoin"}
@@ -140,7 +143,28 @@ class Experiment:
     events: tuple[Event, ...]
     description: str | None = None
     digest: str = ""               # sha256 of the file's bytes
+    repeats: int = 1               # each policy runs this many times
+    order: str = "blocked"         # "interleaved": seeded shuffle per block; "blocked": as listed
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def schedule(self) -> list[tuple[int, str]]:
+        """The (repeat, policy) pairs in the order they run.
+
+        ``blocked``: each policy's repeats back to back, policies as listed (one repeat: the
+        policies as listed). ``interleaved``: ``repeats`` blocks, each holding every policy once
+        in a random order seeded by the experiment's seed and the block's index, so that slow
+        drifts of the machine (background load, heat) fall on every policy alike. Repeat ``r``
+        of every policy forms block ``r``: the report pairs policies by it. The run records the
+        schedule it followed, and a replay follows the recorded one.
+        """
+        if self.order == "blocked":
+            return [(r, p) for p in self.policies for r in range(self.repeats)]
+        out: list[tuple[int, str]] = []
+        for block in range(self.repeats):
+            order = list(self.policies)
+            random.Random(self.seed * 1_000_003 + block).shuffle(order)
+            out += [(block, p) for p in order]
+        return out
 
     def workload_of(self, device: str) -> Workload:
         """The workload a device starts each policy with."""
@@ -155,6 +179,7 @@ class Experiment:
             "seed": self.seed, "policies": list(self.policies),
             "per_policy": ({"duration_s": self.duration_s} if self.duration_s is not None
                            else {"rounds": self.rounds}),
+            "repeats": self.repeats, "order": self.order,
             "warmup_rounds": self.warmup_rounds,
             "channel": dataclasses.asdict(self.channel),
             "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
@@ -370,6 +395,8 @@ def load_experiment(path: str | Path) -> Experiment:
     rounds = budget.integer("rounds", None, min=1, max=MAX_ROUNDS)
     budget.done()
     warmup_rounds = root.integer("warmup_rounds", 2, min=0, max=1000)
+    repeats = root.integer("repeats", 1, min=1, max=MAX_REPEATS)
+    order = root.str("order", "interleaved" if repeats > 1 else "blocked", choices=ORDERS)
 
     channel = _channel(root, inv)
     workloads = _workloads(root, base, channel)
@@ -382,6 +409,6 @@ def load_experiment(path: str | Path) -> Experiment:
                       profile_auto=profile_auto, seed=seed, policies=policies,
                       duration_s=duration_s, rounds=rounds, warmup_rounds=warmup_rounds,
                       channel=channel, workloads=workloads, device_workloads=device_workloads,
-                      replan=replan, events=events,
+                      replan=replan, events=events, repeats=repeats, order=order,
                       digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                       lines=dict(root.lines))

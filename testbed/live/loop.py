@@ -80,6 +80,7 @@ class DeviceRun:
 class PolicyState:
     policy: str
     plan: Plan
+    repeat: int = 0                # which repeat of the policy (the block it belongs to)
     rounds: int = 0
     measured_t0: float | None = None
     last_plan_round: int = 0
@@ -171,6 +172,7 @@ class ExperimentLoop:
         self.lost: list[str] = []
         self._rules: dict[str, Replanner] = {}
         self._pending_replan = False
+        self._repeat: int | None = None        # the repeat in progress (stamped on its events)
         self.base_problem = profile_problem(exp, profile)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -180,6 +182,8 @@ class ExperimentLoop:
 
     def emit(self, event: dict) -> None:
         event.setdefault("t", round(self.t(), 6))
+        if self._repeat is not None and "policy" in event:
+            event.setdefault("repeat", self._repeat)
         self.writer.write(event)
 
     def _problem_for(self, pol: PolicyState, est: Estimator) -> Problem:
@@ -204,8 +208,11 @@ class ExperimentLoop:
 
     def _start_prompt(self, pol: PolicyState, dev: DeviceRun) -> None:
         w = self.exp.workloads[dev.workload]
-        text = w.prompt_set.render(dev.index + dev.prompt_index)
-        seed = self.exp.seed * 100_003 + dev.index * 1009 + dev.prompt_index
+        # Repeat r starts every device r prompts further on (r = 0: as without repeats), so
+        # that repeats sample the workload too; within a repeat every policy gets the same.
+        index = dev.prompt_index + pol.repeat
+        text = w.prompt_set.render(dev.index + index)
+        seed = self.exp.seed * 100_003 + dev.index * 1009 + index
         try:
             prefill_s = self.session.start_sequence(
                 dev.name, text, seed=seed,
@@ -220,8 +227,9 @@ class ExperimentLoop:
 
     # -- one policy --------------------------------------------------------------------------
 
-    def run_policy(self, policy: str) -> None:
+    def run_policy(self, policy: str, repeat: int = 0) -> None:
         exp = self.exp
+        self._repeat = repeat
         devs = {d.name: DeviceRun(d.name, i, exp.device_workloads[d.name])
                 for i, d in enumerate(exp.inventory.devices)}
         self.session.reset_channels()  # every policy starts on the inventory's channels
@@ -240,7 +248,8 @@ class ExperimentLoop:
         for name in devs:            # a device the profile could not measure does not take part
             if name not in self.base_problem.names:
                 devs[name].present = False
-        pol = PolicyState(policy, plan=None, devices=devs)     # type: ignore[arg-type]
+        pol = PolicyState(policy, plan=None, repeat=repeat,     # type: ignore[arg-type]
+                          devices=devs)
         est = Estimator(self.base_problem, ewma=exp.replan.ewma, rate_ewma=exp.replan.rate_ewma)
         rule = Replanner(policy, hysteresis=exp.replan.hysteresis,
                          min_dwell_rounds=exp.replan.min_dwell_rounds)
@@ -279,6 +288,7 @@ class ExperimentLoop:
                     self._maybe_replan(pol, est, rule, reason="surprise", ignore_dwell=True)
             round_i += 1
         self.emit({"type": "policy_end", "policy": policy, "rounds": pol.rounds})
+        self._repeat = None
 
     def _budget_spent(self, pol: PolicyState, round_i: int) -> bool:
         if self.exp.rounds is not None:
@@ -464,17 +474,28 @@ def seeds_of(exp: Experiment) -> dict:
     ExperimentLoop derive them), so a replay can check it uses the same."""
     return {"experiment": exp.seed, "server": exp.seed,
             "devices": {d.name: exp.seed * 1000 + i for i, d in enumerate(exp.inventory.devices)},
-            "prompt": "experiment * 100003 + device index * 1009 + prompt index"}
+            "prompt": "experiment * 100003 + device index * 1009 + prompt index + repeat"}
 
 
 def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Listener] = (),
-        argv: list[str] | None = None, progress=lambda _m: None) -> tuple[Path, int]:
-    """Run the experiment; returns the run folder and the exit code (see EXIT_*)."""
+        argv: list[str] | None = None, progress=lambda _m: None,
+        schedule: list[tuple[int, str]] | None = None,
+        check: Callable[[dict], None] | None = None,
+        manifest_extra: dict | None = None) -> tuple[Path, int]:
+    """Run the experiment; returns the run folder and the exit code (see EXIT_*).
+
+    ``schedule``: the (repeat, policy) order (default ``exp.schedule()``; a replay gives the
+    recorded one). ``check(manifest)``: called once the agents have reported their nodes and
+    model files, before the first round; raising stops the run (a replay that differs).
+    ``manifest_extra``: more manifest fields (``replay_of``)."""
     run_id, run_dir = runs.create_run_dir(out_root, exp.name)
+    schedule = list(schedule) if schedule is not None else exp.schedule()
     manifest = runs.make_manifest(
         run_id=run_id, experiment=exp.to_dict(), experiment_path=exp.path,
         inventory=exp.inventory, inventory_digest=exp.inventory.digest, profile=profile,
-        models=manifest_models(exp.inventory, {}), seeds=seeds_of(exp), argv=argv)
+        models=manifest_models(exp.inventory, {}), seeds=seeds_of(exp), argv=argv,
+        schedule=[[r, p] for r, p in schedule])
+    manifest.update(runs.jsonable(manifest_extra or {}))
     runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
     try:
@@ -492,12 +513,16 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
                     "profile": runs.digest(profile) if profile is not None else None,
                     "prompts": {w.name: w.prompt_set.digest if w.prompt_set else None
                                 for w in exp.workloads.values()}}
+                if check is not None:
+                    check(manifest)
                 runs.write_manifest(run_dir, manifest)
                 loop = ExperimentLoop(exp, profile, session, writer)
                 loop.emit({"type": "run_start", "run": run_dir.name,
-                           "policies": list(exp.policies), "t": 0.0})
-                for policy in exp.policies:
-                    loop.run_policy(policy)
+                           "policies": list(exp.policies), "repeats": exp.repeats,
+                           "order": exp.order,
+                           "schedule": [[r, p] for r, p in schedule], "t": 0.0})
+                for repeat, policy in schedule:
+                    loop.run_policy(policy, repeat)
                 if loop.lost:
                     status, code = "lost_devices", EXIT_LOST_DEVICES
             except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich import box
 from rich.table import Table
@@ -46,7 +47,8 @@ def load_run(path: str | Path) -> RunData:
         raise RecordsError("no such run folder", source=str(path))
     if not path.is_dir():
         raise RecordsError("not a run folder (expected a directory)", source=str(path))
-    has_events, has_summary = (path / EVENTS).is_file(), (path / SUMMARY).is_file()
+    has_events = (path / EVENTS).is_file() or (path / (EVENTS + ".gz")).is_file()
+    has_summary = (path / SUMMARY).is_file()
     if not has_events and not has_summary:
         raise RecordsError(f"not a run folder: neither {EVENTS} nor {SUMMARY} is there",
                            source=str(path))
@@ -116,19 +118,56 @@ def check_summary(summary: dict, source: str) -> None:
 # -- numbers ---------------------------------------------------------------------------------
 
 def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) -> dict:
+    """The stable JSON of ``testbed report --json``: per run its policies (goodput, its mean
+    and 95% interval over repeats, forecast, overhead), the paired ratios with their intervals,
+    the event responses, the plots; ``replay_checks`` when a run replays an earlier one."""
     out = []
     for run in runs:
         entry = {"run": run.run_id, "policies": [
             {"policy": p["policy"], "goodput_tps": p.get("goodput_tps"),
              "predicted_goodput_tps": p.get("predicted_goodput_tps"),
-             "overhead_frac": p.get("overhead_frac"), "rounds": p.get("rounds", 0)}
-            for p in run.summary["policies"]]}
+             "overhead_frac": p.get("overhead_frac"), "rounds": p.get("rounds", 0),
+             "repeats": p.get("n_repeats", 1 if p.get("rounds") else 0),
+             "goodput_mean": p.get("goodput_mean", p.get("goodput_tps")),
+             "goodput_ci95": p.get("goodput_ci95"),
+             "prediction_error_mean": p.get("prediction_error_mean",
+                                            p.get("prediction_error")),
+             "prediction_error_sd": p.get("prediction_error_sd")}
+            for p in run.summary["policies"]], "ratios": run.summary.get("ratios") or {}}
         if run.events:
             entry["responses"] = event_responses(run.events)
         if plots is not None:
             entry["plots"] = plots.get(run.run_id, [])
         out.append(entry)
-    return {"runs": out}
+    result: dict = {"runs": out}
+    checks = replay_checks(runs)
+    if checks:
+        result["replay_checks"] = checks
+    return result
+
+
+# Short policy names for tables that would not fit the terminal with the full ones.
+SHORT_NAMES = {"multispin-heterogeneous": "hetero", "multispin-homogeneous": "homo",
+               "agnostic-fixed": "fixed", "server-only": "server",
+               "proportional-fair": "pfair", "max-min": "maxmin"}
+
+
+def legend(names) -> str:
+    """The legend of the short policy names used (``SHORT_NAMES``)."""
+    used = [n for n in dict.fromkeys(names) if SHORT_NAMES.get(n, n) != n]
+    return "policies: " + ", ".join(f"{SHORT_NAMES[n]} = {n}" for n in used) if used else ""
+
+
+def fit(console, build: Callable[[bool], Table]) -> tuple[Table, bool]:
+    """``build(short)`` with full policy names when that table fits ``console``'s width, else
+    with the short ones; returns the table and whether the names are short. Numbers are never
+    cut: every numeric column is no_wrap, and the short names leave room for them."""
+    from rich.measure import Measurement
+    table = build(False)
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    if natural <= console.width:
+        return table, False
+    return build(True), True
 
 
 def _fmt(value, fmt: str, scale: float = 1.0) -> str:
@@ -138,54 +177,128 @@ def _fmt(value, fmt: str, scale: float = 1.0) -> str:
     return text.replace("-", "+", 1) if text.lstrip("-+").strip("0.%x") == "" else text
 
 
+def _ci(interval, fmt: str) -> str:
+    if not interval or any(v is None for v in interval):
+        return "—"
+    return f"{format(interval[0], fmt)}–{format(interval[1], fmt)}"
+
+
 def _table(title: str, columns: list[str], caption: str | None = None) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  show_edge=False,
                   caption=caption, caption_justify="left")
     for c in columns:
         left = c in ("run", "policy", "device", "event")
-        table.add_column(c, justify="left" if left else "right", no_wrap=left)
+        table.add_column(c, justify="left" if left else "right", no_wrap=True)
     return table
 
 
-def comparison_table(runs: list[RunData]) -> Table:
-    """One row per policy (and run): goodput with spread, gains, predicted vs measured."""
+def _name(policy: str, short: bool) -> str:
+    return SHORT_NAMES.get(policy, policy) if short else policy
+
+
+def _run_label(runs: list[RunData], i: int) -> list[str]:
+    return [str(i + 1)] if len(runs) > 1 else []
+
+
+def _runs_caption(runs: list[RunData]) -> str:
+    return ("runs: " + ", ".join(f"{i + 1} = {r.run_id}" for i, r in enumerate(runs)) + "\n"
+            if len(runs) > 1 else "")
+
+
+def has_repeats(runs: list[RunData]) -> bool:
+    return any((p.get("n_repeats") or 1) > 1 for r in runs for p in r.summary["policies"])
+
+
+def _title(runs: list[RunData], what: str) -> str:
+    if len(runs) > 1:
+        return f"{len(runs)} runs: {what}"
+    r = runs[0]
+    return f"run {r.run_id} ({r.summary.get('status')}): {what}"
+
+
+def comparison_table(runs: list[RunData], short: bool = False) -> Table:
+    """One row per policy (and run): goodput, and its ratio to agnostic-fixed and server-only.
+
+    One repeat: goodput with its per-round spread and the ratios of the run's goodputs. With
+    repeats: the mean over repeats with its 95% interval (Student t), and the paired ratios
+    with theirs (``stats.paired_ratio``: a bootstrap over blocks)."""
+    reps = has_repeats(runs)
     several = len(runs) > 1
-    title = (f"run {runs[0].run_id} ({runs[0].summary.get('status')}): goodput" if not several
-             else f"{len(runs)} runs: goodput")
-    table = _table(title, (["run"] if several else []) + [
-        "policy", "rounds", "tok/s", "± std", "x fixed", "x server", "pred.", "error",
-        "planned", "error"],
-        caption="x fixed, x server: goodput over agnostic-fixed and server-only of the same run; "
-                "pred.: the model's forecast for the plans in force, each round from the rounds "
-                "before it; planned: the plans' goodput when the controller chose them; error: "
-                "(measured - value) / value")
-    for run in runs:
+    if reps:
+        cols = ["policy", "n", "rounds", "tok/s", "95% CI", "×fixed", "95% CI", "×server",
+                "95% CI"]
+        caption = ("n: repeats; tok/s: mean goodput over repeats, 95% CI: Student t; ×fixed, "
+                   "×server: mean goodput over that of agnostic-fixed, server-only (paired by "
+                   "block), 95% CI: paired bootstrap over blocks (t on log ratios with 2)")
+    else:
+        cols = ["policy", "rounds", "tok/s", "± std", "×fixed", "×server"]
+        caption = ("± std: over rounds; ×fixed, ×server: goodput over that of agnostic-fixed "
+                   "and server-only of the same run")
+    table = _table(_title(runs, "goodput"), (["run"] if several else []) + cols,
+                   caption=_runs_caption(runs) + caption)
+    for i, run in enumerate(runs):
+        ratios = run.summary.get("ratios") or {}
         for p in run.summary["policies"]:
-            gains = p.get("gain_vs") or {}
-            fixed, server = (_fmt(gains.get(b), ".2f") + ("x" if b in gains else "")
-                             for b in BASELINES)
-            table.add_row(*([run.run_id] if several else []), p["policy"],
-                          str(p.get("rounds", 0)), _fmt(p.get("goodput_tps"), ".1f"),
-                          _fmt(p.get("goodput_std"), ".1f"),
-                          fixed, server,
-                          _fmt(p.get("predicted_goodput_tps"), ".1f"),
-                          _fmt(p.get("prediction_error"), "+.1%"),
-                          _fmt(p.get("planned_goodput_tps"), ".1f"),
-                          _fmt(p.get("plan_prediction_error"), "+.1%"))
+            name = p["policy"]
+            row = _run_label(runs, i) + [_name(name, short)]
+            if reps:
+                row += [str(p.get("n_repeats", 1)), str(p.get("rounds", 0)),
+                        _fmt(p.get("goodput_mean", p.get("goodput_tps")), ".1f"),
+                        _ci(p.get("goodput_ci95"), ".1f")]
+                for base in BASELINES:
+                    if base == name:
+                        row += ["1.00", "—"]
+                        continue
+                    r = (ratios.get(name) or {}).get(base) or {}
+                    row += [_fmt(r.get("ratio"), ".2f"), _ci(r.get("ci95"), ".2f")]
+            else:
+                gains = p.get("gain_vs") or {}
+                row += [str(p.get("rounds", 0)), _fmt(p.get("goodput_tps"), ".1f"),
+                        _fmt(p.get("goodput_std"), ".1f")]
+                row += [_fmt(gains.get(b), ".2f") + ("x" if b in gains else "")
+                        for b in BASELINES]
+            table.add_row(*row)
     return table
 
 
-def breakdown_table(runs: list[RunData]) -> Table:
+def forecast_table(runs: list[RunData], short: bool = False) -> Table:
+    """One row per policy (and run): measured goodput against the model's forecast and plan."""
+    reps = has_repeats(runs)
+    several = len(runs) > 1
+    cols = ["policy", "tok/s", "pred.", "error"] + (["± sd"] if reps else []) + \
+        ["planned", "error"]
+    table = _table(_title(runs, "forecast"), (["run"] if several else []) + cols,
+                   caption=_runs_caption(runs) +
+                   "pred.: the model's forecast for the plans in force, each round from the "
+                   "rounds before it; planned: the plans' goodput when the controller chose "
+                   "them; error: (measured - value) / value" +
+                   ("; ± sd: of the error over repeats" if reps else ""))
+    for i, run in enumerate(runs):
+        for p in run.summary["policies"]:
+            row = _run_label(runs, i) + [_name(p["policy"], short),
+                                         _fmt(p.get("goodput_tps"), ".1f"),
+                                         _fmt(p.get("predicted_goodput_tps"), ".1f"),
+                                         _fmt(p.get("prediction_error"), "+.1%")]
+            if reps:
+                row.append(_fmt(p.get("prediction_error_sd"), ".1%"))
+            row += [_fmt(p.get("planned_goodput_tps"), ".1f"),
+                    _fmt(p.get("plan_prediction_error"), "+.1%")]
+            table.add_row(*row)
+    return table
+
+
+def breakdown_table(runs: list[RunData], short: bool = False) -> Table:
     """One row per policy (and run): mean round time and its parts, orchestration overhead."""
     several = len(runs) > 1
     table = _table("round time (means per round, ms)", (["run"] if several else []) + [
         "policy", "round", "draft+up", "verify", "down", "overhead", "ovh %"],
         caption="draft+up: slowest device's draft + upload; overhead: the rest of the round "
                 "(orchestration)")
-    for run in runs:
+    for i, run in enumerate(runs):
         for p in run.summary["policies"]:
             b = p.get("breakdown") or {}
-            table.add_row(*([run.run_id] if several else []), p["policy"],
+            table.add_row(*_run_label(runs, i), _name(p["policy"], short),
                           _fmt(b.get("round_s"), ".0f", 1000),
                           _fmt(b.get("draft_upload_s"), ".0f", 1000),
                           _fmt(b.get("verify_s"), ".0f", 1000),
@@ -195,27 +308,76 @@ def breakdown_table(runs: list[RunData]) -> Table:
     return table
 
 
-def device_table(run: RunData) -> Table:
+def device_table(run: RunData, short: bool = False) -> Table:
     table = _table(f"devices — run {run.run_id}", [
         "policy", "device", "tok/s", "acc/drafted", "mean L", "share", "kbit/s"],
         caption="acc/drafted: accepted / drafted tokens (lower than the per-token acceptance "
                 "for long drafts: positions after the first rejection count as drafted)")
     for p in run.summary["policies"]:
         for d in p.get("devices") or []:
-            table.add_row(p["policy"], str(d.get("name")), _fmt(d.get("tokens_per_s"), ".1f"),
+            table.add_row(_name(p["policy"], short), str(d.get("name")),
+                          _fmt(d.get("tokens_per_s"), ".1f"),
                           _fmt(d.get("acceptance"), ".2f"), _fmt(d.get("mean_draft_len"), ".2f"),
                           _fmt(d.get("mean_share"), ".1%"),
                           _fmt(d.get("mean_rate_bps"), ".1f", 1e-3))
     return table
 
 
+def replay_checks(runs: list[RunData]) -> list[dict]:
+    """For every run that replays an earlier run of the list (its manifest's ``replay_of``),
+    per policy: the first run's mean goodput and 95% interval, the replay's mean, and whether
+    the replay's mean lies inside that interval (None when the first run has no interval: it
+    had one repeat)."""
+    by_id = {r.run_id: r for r in runs}
+    out = []
+    for replay in runs:
+        first = by_id.get(str((replay.manifest or {}).get("replay_of") or ""))
+        if first is None or first is replay:
+            continue
+        again = {p["policy"]: p for p in replay.summary["policies"]}
+        for p in first.summary["policies"]:
+            q = again.get(p["policy"])
+            ci = p.get("goodput_ci95")
+            mean = q.get("goodput_mean", q.get("goodput_tps")) if q else None
+            inside = (None if not ci or mean is None else bool(ci[0] <= mean <= ci[1]))
+            out.append({"run": first.run_id, "replay": replay.run_id, "policy": p["policy"],
+                        "goodput_mean": p.get("goodput_mean", p.get("goodput_tps")),
+                        "goodput_ci95": ci, "replay_goodput_mean": mean, "inside": inside})
+    return out
+
+
+def replay_table(runs: list[RunData], short: bool = False) -> Table | None:
+    """``replay_checks`` as a table; None when no run of the list replays another."""
+    checks = replay_checks(runs)
+    if not checks:
+        return None
+    table = _table(f"replay {checks[0]['replay']} of {checks[0]['run']}",
+                   ["policy", "first tok/s", "95% CI", "replay tok/s", "inside"],
+                   caption="inside: the replay's mean goodput lies in the first run's 95% "
+                           "interval over repeats (— : the first run had one repeat)")
+    for c in checks:
+        table.add_row(_name(c["policy"], short), _fmt(c["goodput_mean"], ".1f"),
+                      _ci(c["goodput_ci95"], ".1f"), _fmt(c["replay_goodput_mean"], ".1f"),
+                      "—" if c["inside"] is None else ("yes" if c["inside"] else "NO"))
+    return table
+
+
+def trial(ev: dict) -> str:
+    """The key of the policy run an event belongs to: the policy's name for its first (or only)
+    repeat, ``<policy> #<n>`` for repeat n - 1 > 0."""
+    r = ev.get("repeat", 0)
+    r = r if isinstance(r, int) and not isinstance(r, bool) else 0
+    return str(ev.get("policy")) if r == 0 else f"{ev.get('policy')} #{r + 1}"
+
+
 def policy_starts(events: list[dict]) -> dict[str, float]:
-    """Run time at which each policy started measuring: the start of its first counted round
-    (after warm-up), else its ``policy_start``. Event times (``at_s``) count from here."""
+    """Run time at which each policy run (``trial``: a policy, or one repeat of it) started
+    measuring: the start of its first counted round (after warm-up), else its
+    ``policy_start``. Event times (``at_s``) count from here."""
     starts: dict[str, float] = {}
     announced: dict[str, float] = {}
     for ev in events:
-        pol = ev.get("policy")
+        pol = trial(ev)
         if ev.get("type") == "policy_start":
             announced.setdefault(pol, float(ev["t"]))
         elif ev.get("type") == "round" and not ev.get("warmup") and pol not in starts:
@@ -224,15 +386,17 @@ def policy_starts(events: list[dict]) -> dict[str, float]:
 
 
 def goodput_series(events: list[dict], window_rounds: int = 5) -> dict[str, dict]:
-    """Per policy: time since it started measuring (end of each round), rolling goodput over
-    the last ``window_rounds`` rounds, and the model's predicted goodput."""
+    """Per policy run (``trial``): time since it started measuring (end of each round), rolling
+    goodput over the last ``window_rounds`` rounds, the model's predicted goodput, and the
+    policy and repeat it is."""
     out: dict[str, dict] = {}
     start = policy_starts(events)
     for ev in events:
         if ev.get("type") != "round" or ev.get("warmup"):
             continue
-        pol = ev.get("policy")
-        s = out.setdefault(pol, {"t": [], "goodput": [], "predicted": [], "_win": []})
+        pol = trial(ev)
+        s = out.setdefault(pol, {"t": [], "goodput": [], "predicted": [], "_win": [],
+                                 "policy": ev.get("policy"), "repeat": ev.get("repeat", 0)})
         s["_win"].append((round_tokens(ev), float(ev.get("round_s") or 0)))
         s["_win"] = s["_win"][-window_rounds:]
         secs = sum(w[1] for w in s["_win"])
@@ -247,7 +411,7 @@ def goodput_series(events: list[dict], window_rounds: int = 5) -> dict[str, dict
 def _marks(events: list[dict], kind: str) -> list[dict]:
     """Events (``event``) or re-plans (``replan``) with their time since the policy's start."""
     start = policy_starts(events)
-    return [{**ev, "x": float(ev["t"]) - start.get(ev.get("policy"), 0.0)}
+    return [{**ev, "x": float(ev["t"]) - start.get(trial(ev), 0.0), "trial": trial(ev)}
             for ev in events if ev.get("type") == kind]
 
 
@@ -289,18 +453,18 @@ def event_responses(events: list[dict], before_s: float = 20.0,
     ends: dict[str, float] = {}
     for ev in events:
         if ev.get("type") == "round" and not ev.get("warmup"):
-            x = float(ev["t"]) - start.get(ev.get("policy"), 0.0)
-            rounds.setdefault(ev.get("policy"), []).append((x, ev))
-            ends[ev.get("policy")] = x
+            x = float(ev["t"]) - start.get(trial(ev), 0.0)
+            rounds.setdefault(trial(ev), []).append((x, ev))
+            ends[trial(ev)] = x
     evs = _marks(events, "event")
     replans = _marks(events, "replan")
     out = []
     for i, ev in enumerate(evs):
-        pol, x = ev.get("policy"), ev["x"]
-        same = [e["x"] for e in evs if e.get("policy") == pol]
+        pol, x = ev["trial"], ev["x"]
+        same = [e["x"] for e in evs if e["trial"] == pol]
         prev = max([e for e in same if e < x], default=0.0)
         nxt = min([e for e in same if e > x], default=ends.get(pol, x))
-        answers = [r for r in replans if r.get("policy") == pol and x <= r["x"] < nxt]
+        answers = [r for r in replans if r["trial"] == pol and x <= r["x"] < nxt]
         named = [r for r in answers if str(r.get("reason", "")).startswith(f"{ev.get('kind')}:")]
         soon = [r for r in answers if r["x"] <= x + answer_s]
         rp = named[0] if named else max(soon, key=lambda r: r.get("predicted_gain") or 0.0,
@@ -312,7 +476,8 @@ def event_responses(events: list[dict], before_s: float = 20.0,
         predicted = [float(r["predicted_goodput_tps"]) for t, r in pol_rounds
                      if rp and rp["x"] < t <= nxt and r.get("predicted_goodput_tps") is not None]
         out.append({
-            "policy": pol, "kind": ev.get("kind"), "device": ev.get("device"),
+            "policy": ev.get("policy"), "repeat": ev.get("repeat", 0), "run_of": pol,
+            "kind": ev.get("kind"), "device": ev.get("device"),
             "label": _event_label(ev), "at_s": x,
             "before_tps": before, "before_rounds": n_before,
             "after_event_tps": after, "after_event_rounds": n_after,
@@ -324,7 +489,7 @@ def event_responses(events: list[dict], before_s: float = 20.0,
     return out
 
 
-def response_table(run: RunData) -> Table | None:
+def response_table(run: RunData, short: bool = False) -> Table | None:
     """One row per policy and scheduled event (see ``event_responses``); None without events."""
     rows = event_responses(run.events or [])
     if not rows:
@@ -337,12 +502,72 @@ def response_table(run: RunData) -> Table | None:
                 "the next event or the end; pred.: the model's goodput for the plans then in "
                 "force; gain: then / after - 1")
     for r in rows:
-        table.add_row(str(r["policy"]), r["label"], _fmt(r["at_s"], ".0f"),
+        rep = r.get("repeat") or 0
+        table.add_row(_name(str(r["policy"]), short) + (f" #{rep + 1}" if rep else ""),
+                      r["label"], _fmt(r["at_s"], ".0f"),
                       _fmt(r["before_tps"], ".1f"), _fmt(r["after_event_tps"], ".1f"),
                       "—" if r["replan_after_s"] is None else f"+{r['replan_after_s']:.1f}",
                       _fmt(r["after_replan_tps"], ".1f"),
                       _fmt(r["after_replan_predicted_tps"], ".1f"), _fmt(r["recovery"], "+.0%"))
     return table
+
+
+def print_report(console, runs: list[RunData], plots: dict[str, list[str]] | None = None) -> None:
+    """Every table of ``testbed report`` on ``console``, each fitted to its width (``fit``),
+    with the legend of the short policy names at the end when any table needed them."""
+    from rich.markup import escape
+    short_any = False
+
+    def show(build) -> None:
+        nonlocal short_any
+        table, short = fit(console, build)
+        short_any |= short
+        console.print(table)
+
+    show(lambda short: comparison_table(runs, short))
+    show(lambda short: forecast_table(runs, short))
+    show(lambda short: breakdown_table(runs, short))
+    if replay_checks(runs):
+        show(lambda short: replay_table(runs, short))
+    for r in runs:
+        if r.truncated:
+            console.print(f"[yellow]{escape(str(r.path))}: the last event line was cut off "
+                          "(a crash mid-write); it is left out[/]")
+        if r.summary.get("status") not in ("ok", None):
+            message = r.summary.get("message")
+            console.print(f"run {r.run_id}: status {r.summary.get('status')}"
+                          f"{f' ({message})' if message else ''}", style="yellow", markup=False)
+        show(lambda short, r=r: device_table(r, short))
+        if event_responses(r.events or []):
+            show(lambda short, r=r: response_table(r, short))
+        for p in (plots or {}).get(r.run_id, []):
+            console.print(f"wrote {p}", markup=False, highlight=False)
+    if short_any:
+        names = [p["policy"] for r in runs for p in r.summary["policies"]]
+        console.print(legend(names), markup=False, highlight=False)
+
+
+def markdown(table: Table) -> str:
+    """A report table as a Markdown table, under its title in italics (for README files: the
+    published records' tables are pasted from ``testbed report RUN --markdown``)."""
+    cols = table.columns
+    rows = list(zip(*[[str(c) for c in col.cells] for col in cols]))
+    align = ["---" if col.justify == "left" else "---:" for col in cols]
+    lines = [f"*{table.title}*", "", "| " + " | ".join(str(c.header) for c in cols) + " |",
+             "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(runs: list[RunData]) -> str:
+    """The report's tables in Markdown (full policy names, no width limit)."""
+    parts = [markdown(comparison_table(runs)), markdown(forecast_table(runs))]
+    if replay_checks(runs):
+        parts.append(markdown(replay_table(runs)))
+    for r in runs:
+        if event_responses(r.events or []):
+            parts.append(markdown(response_table(r)))
+    return "\n".join(parts)
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -367,13 +592,21 @@ def plot_goodput(run: RunData, path: Path, window_rounds: int = 5) -> Path:
     from matplotlib.lines import Line2D
 
     series = goodput_series(run.events or [], window_rounds)
-    colors = _colors([p["policy"] for p in run.summary["policies"]] + list(series))
+    colors = _colors([p["policy"] for p in run.summary["policies"]] +
+                     [s["policy"] for s in series.values()])
     fig = Figure(figsize=(10, 5.2))
     ax = fig.add_subplot(1, 1, 1)
-    for pol, s in series.items():
-        ax.plot(s["t"], s["goodput"], color=colors[pol], lw=1.6, label=pol)
+    repeats = max((s["repeat"] or 0 for s in series.values()), default=0) + 1
+    for s in series.values():
+        pol = s["policy"]
+        first = not s["repeat"]
+        # every repeat of a policy in its colour; the first labelled and drawn solid
+        ax.plot(s["t"], s["goodput"], color=colors[pol], lw=1.6 if first else 1.0,
+                alpha=1.0 if first else 0.55,
+                label=(pol + (f" ({repeats} repeats)" if repeats > 1 else "")) if first
+                else None)
         pts = [(t, p) for t, p in zip(s["t"], s["predicted"]) if p is not None]
-        if pts:
+        if pts and first:
             ax.plot([t for t, _ in pts], [p for _, p in pts], color=colors[pol], lw=1.0,
                     ls=":", drawstyle="steps-post")
     replans = _marks(run.events or [], "replan")
@@ -441,8 +674,63 @@ def plot_devices(run: RunData, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_intervals(run: RunData, path: Path) -> Path:
+    """Each policy's mean goodput with its 95% interval over repeats (error bar) and every
+    repeat as a dot; beside it, each policy's goodput over agnostic-fixed and over server-only
+    with the paired intervals. One repeat: points without bars."""
+    from matplotlib.figure import Figure
+
+    policies = run.summary["policies"]
+    names = [p["policy"] for p in policies]
+    colors = _colors(names)
+    ratios = run.summary.get("ratios") or {}
+    fig = Figure(figsize=(10, 4.6))
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, p in enumerate(policies):
+        mean = p.get("goodput_mean", p.get("goodput_tps"))
+        if mean is None:
+            continue
+        ci = p.get("goodput_ci95")
+        err = [[mean - ci[0]], [ci[1] - mean]] if ci else None
+        ax.errorbar([i], [mean], yerr=err, fmt="o", color=colors[p["policy"]], capsize=6,
+                    ms=7, lw=1.6)
+        reps = [r.get("goodput_tps") for r in p.get("repeats") or []
+                if r.get("goodput_tps") is not None]
+        if len(reps) > 1:
+            ax.plot([i + 0.12] * len(reps), reps, ".", color=colors[p["policy"]], alpha=0.6)
+    ax.set_xticks(range(len(names)), [SHORT_NAMES.get(n, n) for n in names])
+    ax.set_ylabel("goodput (tokens/s): mean, 95% CI, repeats")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    width = 0.35
+    for j, base in enumerate(BASELINES):
+        xs, ys, lo, hi = [], [], [], []
+        for i, n in enumerate(names):
+            r = (ratios.get(n) or {}).get(base)
+            if r is None or r.get("ratio") is None:
+                continue
+            ci = r.get("ci95") or [r["ratio"], r["ratio"]]
+            xs.append(i + (j - 0.5) * width)
+            ys.append(r["ratio"])
+            lo.append(r["ratio"] - ci[0])
+            hi.append(ci[1] - r["ratio"])
+        if xs:
+            bx.errorbar(xs, ys, yerr=[lo, hi], fmt="o" if j == 0 else "s", capsize=5,
+                        color="#444444" if j == 0 else "#999999", label=f"over {base}")
+    bx.axhline(1.0, color="black", lw=0.8)
+    bx.set_xticks(range(len(names)), [SHORT_NAMES.get(n, n) for n in names])
+    bx.set_ylabel("goodput ratio (paired 95% CI)")
+    bx.grid(axis="y", alpha=0.3)
+    bx.legend(fontsize=8)
+    n_rep = max((p.get("n_repeats") or 1 for p in policies), default=1)
+    fig.suptitle(f"goodput with error bars ({n_rep} repeat{'s' if n_rep > 1 else ''}) — "
+                 f"run {run.run_id}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def write_plots(run: RunData, out_dir: Path | None = None) -> list[Path]:
-    """Both plots of a run: into ``out_dir`` as ``<run>-*.png``, else into the run folder."""
+    """The plots of a run: into ``out_dir`` as ``<run>-*.png``, else into the run folder."""
     if out_dir is None:
         target, prefix = run.path, ""
     else:
@@ -452,4 +740,5 @@ def write_plots(run: RunData, out_dir: Path | None = None) -> list[Path]:
     if run.events is not None:
         paths.append(plot_goodput(run, target / f"{prefix}goodput.png"))
     paths.append(plot_devices(run, target / f"{prefix}devices.png"))
+    paths.append(plot_intervals(run, target / f"{prefix}intervals.png"))
     return paths

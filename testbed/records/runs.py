@@ -40,6 +40,7 @@ from testbed import files
 from testbed.errors import RecordsError
 from testbed.files import atomic_write_json, dumps, jsonable
 from testbed.lab.probe import cpu_info
+from testbed.records.stats import mean_ci, paired_ratio
 
 MANIFEST_SCHEMA = "testbed.manifest/1"
 SUMMARY_SCHEMA = "testbed.summary/1"
@@ -158,7 +159,7 @@ def host_facts() -> dict:
 def make_manifest(*, run_id: str, experiment: dict, experiment_path: str | Path,
                   inventory: Any, inventory_digest: str, profile: dict | None,
                   models: dict, seeds: dict, argv: list[str] | None = None,
-                  created_utc: str | None = None) -> dict:
+                  created_utc: str | None = None, schedule: list | None = None) -> dict:
     """The manifest of the contract. ``inventory`` may be the ``Inventory`` (made plain here)."""
     return {"schema": MANIFEST_SCHEMA, "run": run_id,
             "created_utc": created_utc or _dt.datetime.now(_dt.timezone.utc).isoformat(
@@ -167,6 +168,7 @@ def make_manifest(*, run_id: str, experiment: dict, experiment_path: str | Path,
             "inventory": jsonable(inventory), "inventory_digest": inventory_digest,
             "profile": jsonable(profile), "models": jsonable(models),
             "versions": versions(), "git": git_info(), "seeds": jsonable(seeds),
+            "schedule": jsonable(schedule),
             "host": host_facts(), "argv": list(sys.argv if argv is None else argv)}
 
 
@@ -245,13 +247,21 @@ def scan_events(path: str | Path) -> tuple[list[dict], bool]:
     """Events of a log and whether its last line was cut off (dropped: a crash mid-write).
 
     A bad line anywhere but at the end is damage, not a crash: RecordsError names its line.
+    ``events.jsonl.gz`` is read when ``events.jsonl`` is not there (records published
+    compressed).
     """
     path = Path(path)
+    packed = path.with_name(path.name + ".gz")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        if not path.exists() and packed.is_file():      # a published record (docs/data/runs)
+            import gzip
+            with gzip.open(packed, "rt", encoding="utf-8", errors="replace") as fh:
+                text = fh.read()
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise RecordsError("file not found", source=str(path)) from None
-    except OSError as exc:
+    except (OSError, EOFError) as exc:           # EOFError: a cut-off .gz
         raise RecordsError(f"cannot read: {exc}", source=str(path)) from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -333,11 +343,13 @@ class _Policy:
         self.name = name
         self.started = self.complete = False
         self.rounds: list[dict] = []
+        self.by_repeat: dict[int, list[dict]] = {}
         self.replans = self.events = 0
         self.devices: dict[str, dict] = {}
 
     def add(self, ev: dict) -> None:
         self.rounds.append(ev)
+        self.by_repeat.setdefault(_repeat_of(ev), []).append(ev)
         for d in ev.get("devices") or []:
             acc = self.devices.setdefault(str(d.get("name")), {
                 "rounds": 0, "tokens": 0.0, "drafted": 0.0, "accepted": 0.0, "draft_len": 0.0,
@@ -372,8 +384,15 @@ class _Policy:
                 "mean_draft_len": acc["draft_len"] / k, "mean_share": acc["share"] / k,
                 "mean_rate_bps": acc["rate_bps"] / k, "mean_draft_s": acc["draft_s"] / k,
                 "mean_upload_s": acc["upload_s"] / k})
+        repeats = [_repeat_result(r, evs) for r, evs in sorted(self.by_repeat.items())]
+        over = mean_ci([r["goodput_tps"] for r in repeats])
+        errors = mean_ci([r["prediction_error"] for r in repeats])
         return {
             "policy": self.name, "rounds": n, "complete": self.complete,
+            "n_repeats": len(repeats), "goodput_mean": over["mean"],
+            "goodput_ci95": over["ci95"], "goodput_ci_method": over["method"],
+            "prediction_error_mean": errors["mean"], "prediction_error_sd": errors["sd"],
+            "repeats": repeats,
             "duration_s": duration, "tokens": tokens, "goodput_tps": goodput,
             "goodput_std": _std(per_round), "predicted_goodput_tps": pred,
             "predicted_round_s": pred_round,
@@ -386,6 +405,39 @@ class _Policy:
             "breakdown": {key: _mean([p[key] for p in parts]) for key in
                           ("round_s", "draft_upload_s", "verify_s", "downlink_s", "overhead_s")},
             "gain_vs": {}, "replans": self.replans, "events": self.events, "devices": devices}
+
+
+def _repeat_of(ev: dict) -> int:
+    r = ev.get("repeat", 0)
+    return r if isinstance(r, int) and not isinstance(r, bool) else 0
+
+
+def _repeat_result(repeat: int, rounds: list[dict]) -> dict:
+    """One repeat of a policy: its rounds, time, tokens, goodput and forecast error."""
+    duration = sum(round_parts(ev)["round_s"] for ev in rounds)
+    tokens = sum(round_tokens(ev) for ev in rounds)
+    goodput = tokens / duration if duration > 0 else None
+    pred, _ = _predicted(rounds, "predicted_goodput_tps", "predicted_round_s")
+    return {"repeat": repeat, "rounds": len(rounds), "duration_s": duration, "tokens": tokens,
+            "goodput_tps": goodput, "predicted_goodput_tps": pred,
+            "prediction_error": (goodput - pred) / pred if goodput is not None and pred
+            else None}
+
+
+def ratios(results: list[dict]) -> dict:
+    """Per policy and baseline (``BASELINES``): the ratio of mean goodputs with its paired 95%
+    interval over blocks (repeat r of each policy is block r): ``stats.paired_ratio``."""
+    by_block = {r["policy"]: {x["repeat"]: x["goodput_tps"] for x in r.get("repeats") or []
+                              if x.get("goodput_tps") is not None} for r in results}
+    out: dict = {}
+    for r in results:
+        for base in BASELINES:
+            if base == r["policy"] or base not in by_block:
+                continue
+            ratio = paired_ratio(by_block[r["policy"]], by_block[base])
+            if ratio is not None:
+                out.setdefault(r["policy"], {})[base] = ratio
+    return out
 
 
 def _predicted(rounds: list[dict], tps_key: str, round_key: str) -> tuple[float | None,
@@ -410,6 +462,7 @@ def summarize(events: Iterable[dict]) -> dict:
     run_id = None
     status, message = "incomplete", None
     declared: list[str] = []
+    repeats, run_order = 1, None
     policies: dict[str, _Policy] = {}
 
     def acc(name: Any) -> _Policy:
@@ -423,6 +476,7 @@ def summarize(events: Iterable[dict]) -> dict:
         if typ == "run_start":
             run_id = ev.get("run", run_id)
             declared = [str(p) for p in ev.get("policies") or []]
+            repeats, run_order = ev.get("repeats", 1), ev.get("order")
         elif typ == "policy_start":
             acc(ev.get("policy")).started = True
         elif typ == "round" and not ev.get("warmup"):
@@ -444,7 +498,8 @@ def summarize(events: Iterable[dict]) -> dict:
             if b and b["goodput_tps"] and r["goodput_tps"] is not None:
                 r["gain_vs"][base] = r["goodput_tps"] / b["goodput_tps"]
     return {"schema": SUMMARY_SCHEMA, "run": run_id, "status": status, "message": message,
-            "policies": results, "not_run": [p for p in declared if p not in policies]}
+            "repeats": repeats, "order": run_order, "policies": results, "ratios": ratios(results),
+            "not_run": [p for p in declared if p not in policies]}
 
 
 def write_summary(run_dir: str | Path) -> dict:

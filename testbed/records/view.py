@@ -73,6 +73,9 @@ class RunView:
         self.spark_width = spark_width
         self.run_id: str | None = None
         self.policies: list[str] = []
+        self.schedule: list[tuple[int, str]] = []    # (repeat, policy) in run order
+        self.trial = -1                              # index in the schedule of the one running
+        self.repeat = 0
         self.policy: str | None = None
         self.plan: dict | None = None
         self.t = 0.0
@@ -106,9 +109,7 @@ class RunView:
         """Seconds left in the active policy and in the whole run (estimates)."""
         if self.policy is None:
             return None, None
-        later = 0
-        if self.policy in self.policies:
-            later = len(self.policies) - self.policies.index(self.policy) - 1
+        later = max(0, len(self.schedule) - self.trial - 1)
         if self.duration_s is not None:
             left = max(0.0, self.duration_s - self.round_s_sum)
             return left, left + later * self.duration_s
@@ -131,11 +132,18 @@ class RunView:
     def _on_run_start(self, ev: dict) -> str:
         self.run_id = ev.get("run")
         self.policies = list(ev.get("policies") or [])
-        return f"run {self.run_id} starts: {', '.join(self.policies)}"
+        schedule = ev.get("schedule")
+        self.schedule = ([(int(r), str(p)) for r, p in schedule] if isinstance(schedule, list)
+                         else [(0, p) for p in self.policies])
+        n = ev.get("repeats") or 1
+        return (f"run {self.run_id} starts: {', '.join(self.policies)}" +
+                (f"; {n} repeats, {ev.get('order')}" if n > 1 else ""))
 
     def _on_policy_start(self, ev: dict) -> str:
         self._reset_policy()
         self.policy = ev.get("policy")
+        self.repeat = ev.get("repeat", 0) if isinstance(ev.get("repeat"), int) else 0
+        self.trial += 1
         self.plan = ev.get("plan") or {}
         self.predicted = self.plan.get("goodput_tps")
         for d in self.plan.get("devices") or []:
@@ -228,8 +236,7 @@ class RunView:
 
     def render(self) -> Group:
         left, run_left = self.time_left_s()
-        idx = (f" ({self.policies.index(self.policy) + 1}/{len(self.policies)})"
-               if self.policy in self.policies else "")
+        idx = (f" ({self.trial + 1}/{len(self.schedule)})" if self.schedule else "")
         header = Text.assemble(("run ", "dim"), (str(self.run_id or "-"), "bold"),
                                ("   policy ", "dim"), (f"{self.policy or '-'}{idx}", "bold cyan"),
                                ("   left ", "dim"),
