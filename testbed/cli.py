@@ -21,8 +21,8 @@ from testbed import __version__
 from testbed.errors import InputError, TestbedError
 
 # Order is the order shown in --help.
-COMMANDS = ["demo", "inventory", "experiment", "lab", "provision", "check", "up", "down", "models", "spec", "plan", "profile", "run",
-            "report"]
+COMMANDS = ["demo", "inventory", "experiment", "lab", "provision", "check", "up", "down", "models",
+            "spec", "plan", "profile", "run", "simulate", "report"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,6 +20,7 @@ draft token must be positive (an upload of a draft always costs band).
 from __future__ import annotations
 
 import json
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class Problem:
     server: Server
     devices: tuple[Device, ...]
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.devices)
 

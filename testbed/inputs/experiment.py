@@ -143,6 +143,7 @@ class Experiment:
     events: tuple[Event, ...]
     description: str | None = None
     digest: str = ""               # sha256 of the file's bytes
+    population: dict | None = None  # simulator: how drawn devices vary (sim.population)
     repeats: int = 1               # each policy runs this many times
     order: str = "blocked"         # "interleaved": seeded shuffle per block; "blocked": as listed
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -179,7 +180,7 @@ class Experiment:
             "seed": self.seed, "policies": list(self.policies),
             "per_policy": ({"duration_s": self.duration_s} if self.duration_s is not None
                            else {"rounds": self.rounds}),
-            "repeats": self.repeats, "order": self.order,
+            "repeats": self.repeats, "order": self.order, "population": self.population,
             "warmup_rounds": self.warmup_rounds,
             "channel": dataclasses.asdict(self.channel),
             "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
@@ -367,6 +368,32 @@ def _events(root: Section, inv: Inventory, workloads: dict, duration_s, rounds) 
     return tuple(events)
 
 
+def _population(root: Section) -> dict | None:
+    """The simulator's population section (``testbed simulate --devices N``): how drawn devices
+    vary their profiled templates. Defaults in ``sim.population.PopulationSpec``."""
+    sec = root.section("population", None)
+    if sec is None:
+        return None
+    out = {}
+    speed = sec.section("draft_speed", None)
+    if speed is not None:
+        out["draft_speed_sd"] = speed.number("sd", min=0, max=3)
+        speed.done()
+    acc = sec.section("acceptance", None)
+    if acc is not None:
+        out["acceptance_logit_sd"] = acc.number("logit_sd", min=0, max=10)
+        acc.done()
+    snr = sec.section("snr_db", None)
+    if snr is not None:
+        if snr.has("sd"):
+            out["snr_sd_db"] = snr.number("sd", min=0, max=60)
+        if snr.has("mean"):
+            out["snr_mean_db"] = snr.number("mean", min=-30, max=60)
+        snr.done()
+    sec.done()
+    return out
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Load and validate an experiment file; raises ExperimentError (file:line: field: what)."""
     root = load_yaml(path, ExperimentError)
@@ -396,6 +423,7 @@ def load_experiment(path: str | Path) -> Experiment:
     budget.done()
     warmup_rounds = root.integer("warmup_rounds", 2, min=0, max=1000)
     repeats = root.integer("repeats", 1, min=1, max=MAX_REPEATS)
+    population = _population(root)
     order = root.str("order", "interleaved" if repeats > 1 else "blocked", choices=ORDERS)
 
     channel = _channel(root, inv)
@@ -410,5 +438,6 @@ def load_experiment(path: str | Path) -> Experiment:
                       duration_s=duration_s, rounds=rounds, warmup_rounds=warmup_rounds,
                       channel=channel, workloads=workloads, device_workloads=device_workloads,
                       replan=replan, events=events, repeats=repeats, order=order,
+                      population=population,
                       digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                       lines=dict(root.lines))

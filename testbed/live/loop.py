@@ -92,10 +92,13 @@ def observation(row: dict) -> RoundObservation:
     upload bits in the profile's unit (``metered_bits``). The live runner and
     ``bench/forecast_replay.py`` both learn from rows through this."""
     drafted = row["n_drafted"] > 0
+    bits = row.get("upload_bits")
+    if bits is None and drafted:          # records from before 2026-12-01 have bytes only
+        bits = metered_bits(row["name"], row["upload_bytes"])
     return RoundObservation(
         device=row["name"], draft_len=row["n_drafted"], accepted=row["n_accepted"],
         draft_s=row["draft_s"] if drafted else None,
-        upload_bits=metered_bits(row["name"], row["upload_bytes"]) if drafted else None,
+        upload_bits=bits if drafted else None,
         upload_s=row["upload_s"] if drafted else None,
         share=row["share"] if drafted else None)
 
@@ -145,10 +148,13 @@ def surprising(round_s: float, predicted_round_s: float | None, surprise: float 
 def link_share(plan: Plan, name: str) -> float:
     """The band share a device's link gets under ``plan``: its planned share when it drafts; a
     device that drafts nothing uploads nothing, and keeps an equal share (1/K) meanwhile."""
-    d = next((d for d in plan.devices if d.name == name), None)
-    if d is not None and d.draft_len > 0:
-        return d.bandwidth_share
-    return 1.0 / max(1, len(plan.devices))
+    return link_shares(plan).get(name, 1.0 / max(1, len(plan.devices)))
+
+
+def link_shares(plan: Plan) -> dict[str, float]:
+    """``link_share`` of every device of the plan, in one pass (K = 10,000 is not K^2)."""
+    equal = 1.0 / max(1, len(plan.devices))
+    return {d.name: d.bandwidth_share if d.draft_len > 0 else equal for d in plan.devices}
 
 
 def manifest_models(inv: Inventory, reported: dict[str, dict]) -> dict[str, dict]:
@@ -197,8 +203,9 @@ class ExperimentLoop:
         device whose control channel died is found even when its rate does not change."""
         t0 = self.clock()
         try:
-            self.session.set_shares({d.name: link_share(plan, d.name) for d in plan.devices
-                                     if pol.devices[d.name].present},
+            shares = link_shares(plan)
+            self.session.set_shares({n: share for n, share in shares.items()
+                                     if pol.devices[n].present},
                                     read_back={} if verify else None)
         except DeviceFailed as exc:
             for name, why in exc.failed.items():
@@ -407,7 +414,11 @@ class ExperimentLoop:
                          "share": p.bandwidth_share if p else 0.0,
                          "rate_bps": self.session.devices[n].rate_bps,
                          "draft_s": step.draft_s, "upload_s": step.upload_s,
-                         "upload_bytes": step.wire_bytes, "n_drafted": v.n_drafted,
+                         "upload_bytes": step.wire_bytes,
+                         "upload_bits": (step.bits if step.bits is not None else
+                                         metered_bits(n, step.wire_bytes)
+                                         if v.n_drafted > 0 else 0.0),
+                         "n_drafted": v.n_drafted,
                          "n_accepted": v.n_accepted, "tokens": tokens,
                          "acceptance_est": est.estimate(n).acceptance})
         round_s = out.round_s
@@ -481,13 +492,15 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
         argv: list[str] | None = None, progress=lambda _m: None,
         schedule: list[tuple[int, str]] | None = None,
         check: Callable[[dict], None] | None = None,
-        manifest_extra: dict | None = None) -> tuple[Path, int]:
+        manifest_extra: dict | None = None, lab=None) -> tuple[Path, int]:
     """Run the experiment; returns the run folder and the exit code (see EXIT_*).
 
     ``schedule``: the (repeat, policy) order (default ``exp.schedule()``; a replay gives the
     recorded one). ``check(manifest)``: called once the agents have reported their nodes and
     model files, before the first round; raising stops the run (a replay that differs).
-    ``manifest_extra``: more manifest fields (``replay_of``)."""
+    ``manifest_extra``: more manifest fields (``replay_of``). ``lab``: a lab other than the
+    live one (``sim.lab.SimLab``: the same loop in simulated time, on its clock); default: a
+    ``LiveSession`` on the experiment's inventory."""
     run_id, run_dir = runs.create_run_dir(out_root, exp.name)
     schedule = list(schedule) if schedule is not None else exp.schedule()
     manifest = runs.make_manifest(
@@ -499,15 +512,19 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
     runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
     try:
-        with runs.EventWriter(run_dir / "events.jsonl", listeners=list(listeners)) as writer:
-            session = LiveSession(exp.inventory, exp.channel, seed=exp.seed, progress=progress)
+        clock = lab.clock if lab is not None else time.monotonic
+        with runs.EventWriter(run_dir / "events.jsonl", listeners=list(listeners),
+                              clock=clock) as writer:
+            session = lab if lab is not None else LiveSession(
+                exp.inventory, exp.channel, seed=exp.seed, progress=progress)
             loop = None
             try:
                 session.open()
                 # The agents are up: the manifest gets the model files they really loaded.
                 manifest["models"] = runs.jsonable(manifest_models(exp.inventory,
                                                                    session.models()))
-                manifest["nodes"] = runs.jsonable(node_versions(session))
+                manifest["nodes"] = runs.jsonable(
+                    session.node_facts() if lab is not None else node_versions(session))
                 manifest["digests"] = {
                     "inventory": exp.inventory.digest, "experiment": exp.digest,
                     "profile": runs.digest(profile) if profile is not None else None,
@@ -516,8 +533,10 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
                 if check is not None:
                     check(manifest)
                 runs.write_manifest(run_dir, manifest)
-                loop = ExperimentLoop(exp, profile, session, writer)
+                loop = ExperimentLoop(exp, profile, session, writer,
+                                      clock=lab.clock if lab is not None else time.perf_counter)
                 loop.emit({"type": "run_start", "run": run_dir.name,
+                           "simulated": lab is not None,
                            "policies": list(exp.policies), "repeats": exp.repeats,
                            "order": exp.order,
                            "schedule": [[r, p] for r, p in schedule], "t": 0.0})

@@ -33,6 +33,7 @@ class DeviceStep:
     payload_bytes: int        # the engine's payload
     wire_bytes: int           # data-path frames of the upload (DRAFT + END trailer)
     catch_up_s: float = 0.0   # the previous idle round's background catch-up
+    bits: float | None = None  # the upload in the shaper's unit when known (a simulated lab)
 
     @property
     def ready_s(self) -> float:

@@ -172,8 +172,16 @@ def make_manifest(*, run_id: str, experiment: dict, experiment_path: str | Path,
             "host": host_facts(), "argv": list(sys.argv if argv is None else argv)}
 
 
+# Above this many devices records are written as compact JSON (one line; Python's C encoder):
+# a simulated population of 10,000 devices is not read by eye, and indenting it took seconds.
+COMPACT_ABOVE_DEVICES = 64
+
+
 def write_manifest(run_dir: str | Path, manifest: dict) -> Path:
-    return atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    devices = ((manifest.get("inventory") or {}).get("devices") or []) \
+        if isinstance(manifest.get("inventory"), dict) else []
+    return atomic_write_json(Path(run_dir) / MANIFEST, manifest,
+                             compact=len(devices) > COMPACT_ABOVE_DEVICES)
 
 
 def read_manifest(run_dir: str | Path) -> dict:
@@ -336,6 +344,13 @@ def round_tokens(ev: dict) -> float:
     return sum(_num(d.get("tokens")) for d in ev.get("devices") or [])
 
 
+# summary key <- round row field, summed per device
+_DEVICE_FIELDS = (("tokens", "tokens"), ("drafted", "n_drafted"), ("accepted", "n_accepted"),
+                  ("draft_len", "draft_len"), ("share", "share"), ("rate_bps", "rate_bps"),
+                  ("draft_s", "draft_s"), ("upload_s", "upload_s"))
+_DEVICE_SUMS = tuple(k for k, _ in _DEVICE_FIELDS)
+
+
 class _Policy:
     """Accumulates one policy's rounds."""
 
@@ -350,19 +365,20 @@ class _Policy:
     def add(self, ev: dict) -> None:
         self.rounds.append(ev)
         self.by_repeat.setdefault(_repeat_of(ev), []).append(ev)
+        devices = self.devices
         for d in ev.get("devices") or []:
-            acc = self.devices.setdefault(str(d.get("name")), {
-                "rounds": 0, "tokens": 0.0, "drafted": 0.0, "accepted": 0.0, "draft_len": 0.0,
-                "share": 0.0, "rate_bps": 0.0, "draft_s": 0.0, "upload_s": 0.0})
+            name = str(d.get("name"))
+            acc = devices.get(name)
+            if acc is None:
+                acc = devices[name] = dict.fromkeys(_DEVICE_SUMS, 0.0)
+                acc["rounds"] = 0
             acc["rounds"] += 1
-            acc["tokens"] += _num(d.get("tokens"))
-            acc["drafted"] += _num(d.get("n_drafted"))
-            acc["accepted"] += _num(d.get("n_accepted"))
-            acc["draft_len"] += _num(d.get("draft_len"))
-            acc["share"] += _num(d.get("share"))
-            acc["rate_bps"] += _num(d.get("rate_bps"))
-            acc["draft_s"] += _num(d.get("draft_s"))
-            acc["upload_s"] += _num(d.get("upload_s"))
+            for key, field in _DEVICE_FIELDS:
+                value = d.get(field)
+                if value.__class__ is float or value.__class__ is int:   # the common case
+                    acc[key] += value
+                else:
+                    acc[key] += _num(value)
 
     def result(self) -> dict:
         n = len(self.rounds)
@@ -508,5 +524,6 @@ def write_summary(run_dir: str | Path) -> dict:
     events, truncated = scan_events(run_dir / EVENTS)
     summary = summarize(events)
     summary["truncated_last_line"] = truncated
-    atomic_write_json(run_dir / SUMMARY, summary)
+    most = max((len(p.get("devices") or []) for p in summary["policies"]), default=0)
+    atomic_write_json(run_dir / SUMMARY, summary, compact=most > COMPACT_ABOVE_DEVICES)
     return summary

@@ -1,0 +1,243 @@
+"""A simulated lab: the live loop's lab interface, on virtual devices, in simulated time.
+
+``SimLab`` implements what ``live.loop.ExperimentLoop`` asks of a lab (the methods of
+``live.session.LiveSession`` it calls: ``open``, ``set_shares``, ``set_snr``,
+``reset_channels``, ``start_sequence``, ``round``, ``last_tokens``, ``remove_device``,
+``add_device``, ``models``, ``node_facts``, ``close``, and ``devices`` with each device's
+``active``, ``snr_db``, ``share`` and ``rate_bps``), so the experiment loop, the controller, the
+estimator and the re-planner run unchanged; only the lab behind them is virtual. Its ``clock``
+is simulated time: the loop and the event writer read it, nothing sleeps, a round advances it
+by the round's simulated duration.
+
+One round, vectorised over the devices that draft (numpy), from each device's ``SimDevice``
+(``sim.population``: the profile's measurements, or a drawn population):
+
+- drafting: ``round_base_s + per_token_s * L`` plus a normal residual with the profile's
+  ``resid_sd_s`` (clipped so that drafting takes at least ``per_token_s * L / 2``);
+- acceptance: token by token, position i accepted with the device's rate for its current task
+  (the profile's per-workload rate) shaped by the profile's per-position rates; the draft stops
+  at the first rejection; the device gains the accepted tokens plus the server's one;
+- upload: ``header_bits + bits_per_draft_token * L`` at the device's rate (its band share on
+  its SNR, as ``LiveSession.rate_bps``), times a factor drawn from the profile's measured
+  upload time over the model (mean and spread);
+- the round waits for the last drafting device, then one verification of the whole batch (the
+  server's cost line: the profile's fit, the inventory's emulation, or a given one), the
+  downlink, and the orchestration overhead (normal, the profile's ``round_overhead`` spread).
+
+Devices that do not draft (L = 0) get the server's token each round, as in the live lab.
+Prompts end after ``max_tokens`` (no end-of-generation token: text is not generated).
+Deterministic for a seed: every random draw comes from one ``numpy`` generator, in the
+loop's order.
+
+Limits: acceptance is independent from token to token (real text has easy and hard stretches:
+runs of acceptances are correlated), so its variance over rounds is lower than live;
+prefills take no time; a device never fails unless the experiment says it leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from testbed.control.model import uplink_rate_bps
+from testbed.errors import RunError
+from testbed.live.rounds import DeviceStep, Round, ServerStep, Verdict
+from testbed.sim.population import SimDevice, SimServer
+
+MIN_RATE_BPS = 100.0          # as the live shaper: tc cannot hold less
+
+
+@dataclass
+class SimDeviceState:
+    """The loop-visible state of one virtual device (as ``live.session.DeviceState``)."""
+
+    spec: SimDevice
+    snr_db: float
+    share: float = 0.0
+    rate_bps: float | None = None
+    active: bool = True
+    generated: int = 0
+    task: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+class SimLab:
+    """See the module docstring."""
+
+    simulated = True
+
+    def __init__(self, devices: list[SimDevice], server: SimServer, *, bandwidth_hz: float,
+                 header_bits: float, bits_per_draft_token: float, prompt_tasks: Mapping[str, str],
+                 seed: int = 0, upload_factor: tuple[float, float] = (1.0, 0.0)):
+        self.devices: dict[str, SimDeviceState] = {
+            d.name: SimDeviceState(d, snr_db=d.snr_db) for d in devices}
+        self.server = server
+        self.bandwidth_hz = float(bandwidth_hz)
+        self.header_bits = float(header_bits)
+        self.bits_per_draft_token = float(bits_per_draft_token)
+        self.prompt_tasks = dict(prompt_tasks)
+        self.upload_factor = upload_factor
+        self.rng = np.random.default_rng(seed)
+        self.now = 0.0
+        self._round = 0
+        self._index = {name: i for i, name in enumerate(self.devices)}
+        # Per-device parameters as arrays, indexed like ``self.devices``.
+        specs = [d.spec for d in self.devices.values()]
+        self._base = np.array([s.round_base_s for s in specs])
+        self._draft_base = np.array([s.draft_base_s for s in specs])
+        self._tau = np.array([s.per_token_s for s in specs])
+        self._resid = np.array([s.resid_sd_s for s in specs])
+        lmax = max([len(s.position_shape) for s in specs] + [1])
+        shape = np.ones((len(specs), lmax))
+        for i, s in enumerate(specs):
+            shape[i, :len(s.position_shape)] = s.position_shape
+        self._shape = shape
+
+    # -- the clock -----------------------------------------------------------------------------
+
+    def clock(self) -> float:
+        """Simulated seconds since the lab opened (the loop's and the event writer's clock)."""
+        return self.now
+
+    # -- set-up and records -------------------------------------------------------------------
+
+    def open(self) -> "SimLab":
+        return self
+
+    def close(self) -> list[str]:
+        return []
+
+    def models(self) -> dict[str, dict]:
+        """The model file each virtual node stands for (as the profile recorded it)."""
+        out = {"server": {"path": self.server.model_path, "sha256": self.server.model_sha256,
+                          "simulated": True}}
+        for name, dev in self.devices.items():
+            out[name] = {"path": dev.spec.model_path, "sha256": dev.spec.model_sha256,
+                         "simulated": True}
+        return out
+
+    def node_facts(self) -> dict[str, dict]:
+        return {}
+
+    # -- control ------------------------------------------------------------------------------
+
+    def _rate(self, dev: SimDeviceState) -> float:
+        share = min(1.0, max(0.0, dev.share))
+        return max(uplink_rate_bps(share, self.bandwidth_hz, dev.snr_db), MIN_RATE_BPS)
+
+    def _change(self, name: str, read_back: dict | None, **values: float) -> None:
+        """Set the device's share or SNR; its rate follows at once (as ``tc class change``)."""
+        dev = self.devices[name]
+        for key, value in values.items():
+            setattr(dev, key, float(value))
+        dev.rate_bps = self._rate(dev)
+        if read_back is not None:
+            read_back[name] = dev.rate_bps
+
+    def set_shares(self, shares: Mapping[str, float], *, read_back: dict | None = None) -> float:
+        for name, share in shares.items():
+            self._change(name, read_back, share=share)
+        return 0.0
+
+    def set_snr(self, name: str, snr_db: float, *, read_back: dict | None = None) -> float:
+        self._change(name, read_back, snr_db=snr_db)
+        return 0.0
+
+    def reset_channels(self) -> None:
+        for dev in self.devices.values():
+            dev.snr_db = dev.spec.snr_db
+
+    def start_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
+                       seed: int | None = None) -> float:
+        """A new prompt: the device's task is its prompt set's (acceptance follows it)."""
+        dev = self.devices[name]
+        dev.task = self.prompt_tasks.get(prompt, dev.task)
+        dev.generated = 0
+        return 0.0
+
+    def last_tokens(self, name: str) -> int:
+        return self.devices[name].generated
+
+    def remove_device(self, name: str) -> float:
+        self.devices[name].active = False
+        return 0.0
+
+    def add_device(self, name: str) -> float:
+        self.devices[name].active = True
+        return 0.0
+
+    def active(self) -> list[str]:
+        return [n for n, d in self.devices.items() if d.active]
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def _acceptance(self, names: list[str]) -> np.ndarray:
+        out = np.empty(len(names))
+        for j, n in enumerate(names):
+            spec = self.devices[n].spec
+            out[j] = spec.acceptance_by_task.get(self.devices[n].task, spec.acceptance)
+        return out
+
+    def round(self, lengths: Mapping[str, int], *, timeout_s: float = 120.0,
+              keep_going: bool = False) -> Round:
+        rid = self._round
+        self._round += 1
+        active = [n for n in lengths if n in self.devices and self.devices[n].active]
+        drafting = [n for n in active if int(lengths.get(n, 0)) > 0]
+        rng = self.rng
+        steps: dict[str, DeviceStep] = {}
+        verdicts: dict[str, Verdict] = {}
+        n_tokens = 0
+        slowest = 0.0
+        if drafting:
+            idx = np.array([self._index[n] for n in drafting])
+            L = np.array([int(lengths[n]) for n in drafting])
+            lmax = int(L.max())
+            drafted = self._tau[idx] * L
+            noise = rng.normal(0.0, 1.0, len(idx)) * self._resid[idx]
+            draft_s = self._draft_base[idx] + np.maximum(drafted + noise, drafted / 2)
+            ready_extra = self._base[idx] - self._draft_base[idx]      # verdict + dispatch
+            bits = self.header_bits + self.bits_per_draft_token * L
+            rates = np.array([self.devices[n].rate_bps or self._rate(self.devices[n])
+                              for n in drafting])
+            mean, sd = self.upload_factor
+            factor = np.maximum(mean + sd * rng.normal(0.0, 1.0, len(idx)), 0.5)
+            upload_s = bits / rates * factor
+            # token by token: position i accepted with alpha * shape_i, up to the first miss
+            alpha = self._acceptance(drafting)
+            width = self._shape.shape[1]
+            shape = self._shape[idx][:, :lmax] if lmax <= width else np.hstack(
+                [self._shape[idx], np.ones((len(idx), lmax - width))])
+            p = np.clip(alpha[:, None] * shape, 0.0, 1.0)
+            hit = rng.random((len(idx), lmax)) < p
+            hit &= np.arange(lmax)[None, :] < L[:, None]
+            accepted = np.cumprod(hit, axis=1).sum(axis=1)
+            ready = ready_extra + draft_s + upload_s
+            slowest = float(ready.max())
+            for j, n in enumerate(drafting):
+                k = int(L[j])
+                a = int(accepted[j])
+                steps[n] = DeviceStep(n, 0.0, float(draft_s[j]), float(upload_s[j]), k,
+                                      int(bits[j] // 8), int(bits[j] // 8),
+                                      bits=float(bits[j]))
+                verdicts[n] = Verdict(k, a, 0, (0,) * (a + 1), False)
+                n_tokens += k + 1
+        for n in active:
+            if n not in verdicts:
+                steps[n] = DeviceStep(n, 0.0, 0.0, 0.0, 0, 0, 0)
+                verdicts[n] = Verdict(0, 0, 0, (0,), False)
+                n_tokens += 1
+        if not active:
+            raise RunError(f"round {rid}: no device is active")
+        verify_s = self.server.verify_s(n_tokens)
+        overhead = max(-self.server.downlink_s,
+                       float(rng.normal(0.0, self.server.overhead_sd_s)))
+        round_s = slowest + verify_s + self.server.downlink_s + overhead
+        self.now += round_s
+        for n in active:
+            self.devices[n].generated += len(verdicts[n].tokens)
+        ver = ServerStep(rid, verdicts, slowest, n_tokens, 1, verify_s, None,
+                         self.server.downlink_s)
+        return Round(rid, round_s, steps, ver, tuple(active), {})

@@ -1,0 +1,170 @@
+"""The simulator: the live loop on a virtual lab in simulated time (testbed/sim/).
+
+Checked here: one simulated round against hand-computed times and token counts (noise off),
+acceptance sampled token by token matches the geometric law in the mean, SNR changes move the
+rate as the live shaper's function says, a drawn population is seeded and varies as specified,
+whole runs are deterministic for a seed and differ across seeds, records are in the live
+format and marked simulated, the report reads them, and bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from testbed.control.model import uplink_rate_bps
+from testbed.sim.lab import SimLab
+from testbed.sim.population import PopulationSpec, SimDevice, SimServer, devices_from_profile, draw
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "profiles/local.json"
+
+
+def _device(name: str, **kw) -> SimDevice:
+    base = dict(name=name, template=name, draft_base_s=0.01, round_base_s=0.02,
+                per_token_s=0.03, resid_sd_s=0.0, acceptance=1.0, snr_db=10.0)
+    base.update(kw)
+    return SimDevice(**base)
+
+
+def _lab(devices, **kw) -> SimLab:
+    server = SimServer(verify_base_s=0.4, verify_per_token_s=0.001, downlink_s=0.004)
+    args = dict(bandwidth_hz=100_000, header_bits=500, bits_per_draft_token=48,
+                prompt_tasks={}, seed=3)
+    args.update(kw)
+    return SimLab(devices, server, **args)
+
+
+def test_one_round_by_hand():
+    lab = _lab([_device("a"), _device("b", per_token_s=0.05, snr_db=0.0, acceptance=0.0)])
+    lab.set_shares({"a": 0.5, "b": 0.5})
+    rate_a = uplink_rate_bps(0.5, 100_000, 10.0)
+    rate_b = uplink_rate_bps(0.5, 100_000, 0.0)
+    assert lab.devices["a"].rate_bps == pytest.approx(rate_a)
+    out = lab.round({"a": 4, "b": 2})
+    ready_a = 0.02 + 0.03 * 4 + (500 + 48 * 4) / rate_a
+    ready_b = 0.02 + 0.05 * 2 + (500 + 48 * 2) / rate_b
+    verify = 0.4 + 0.001 * (5 + 3)
+    assert out.round_s == pytest.approx(max(ready_a, ready_b) + verify + 0.004)
+    assert lab.clock() == pytest.approx(out.round_s)              # time advanced, no sleep
+    assert out.verify.verdicts["a"].n_accepted == 4 and len(out.verify.verdicts["a"].tokens) == 5
+    assert out.verify.verdicts["b"].n_accepted == 0 and len(out.verify.verdicts["b"].tokens) == 1
+    assert out.steps["a"].bits == 500 + 48 * 4
+    assert out.steps["a"].draft_s == pytest.approx(0.01 + 0.12)
+    assert lab.last_tokens("a") == 5
+    # a device that does not draft gets the server's token; the round does not wait for it
+    out = lab.round({"a": 0, "b": 0})
+    assert out.round_s == pytest.approx(0.4 + 0.001 * 2 + 0.004)
+    # an SNR event: the rate follows at once, as the live shaper's
+    lab.set_snr("a", -5.0)
+    assert lab.devices["a"].rate_bps == pytest.approx(uplink_rate_bps(0.5, 100_000, -5.0))
+    lab.reset_channels()
+    assert lab.devices["a"].snr_db == 10.0
+
+
+def test_acceptance_is_geometric_in_the_mean():
+    alpha, L = 0.7, 6
+    lab = _lab([_device("a", acceptance=alpha)], seed=11)
+    lab.set_shares({"a": 1.0})
+    got = np.mean([lab.round({"a": L}).verify.verdicts["a"].n_accepted for _ in range(4000)])
+    expect = sum(alpha ** i for i in range(1, L + 1))            # E[accepted] for iid tokens
+    assert got == pytest.approx(expect, rel=0.04)
+
+
+def test_task_rates_follow_the_prompt():
+    lab = _lab([_device("a", acceptance=0.5, acceptance_by_task={"code": 1.0, "qa": 0.0})],
+               prompt_tasks={"CODE PROMPT": "code", "QA PROMPT": "qa"})
+    lab.set_shares({"a": 1.0})
+    lab.start_sequence("a", "CODE PROMPT")
+    assert lab.round({"a": 5}).verify.verdicts["a"].n_accepted == 5
+    lab.start_sequence("a", "QA PROMPT")
+    assert lab.round({"a": 5}).verify.verdicts["a"].n_accepted == 0
+
+
+def test_profile_devices_and_population():
+    profile = json.loads(PROFILE.read_text())
+    devs = devices_from_profile(profile)
+    assert [d.name for d in devs] == ["dev-a", "dev-b", "dev-c", "dev-d"]
+    a = devs[0]
+    assert a.per_token_s == profile["devices"][0]["draft"]["per_token_s"]
+    assert a.resid_sd_s == profile["devices"][0]["draft"]["resid_sd_s"]
+    pp = profile["devices"][0]["acceptance"]["per_position"]
+    assert a.position_shape[0] == pytest.approx(pp[0]["rate"] / a.acceptance)
+    pop = draw(devs, 2000, seed=5)
+    assert len(pop) == 2000 and pop[0].name == "dev-00001"
+    assert [p.template for p in pop[:5]] == ["dev-a", "dev-b", "dev-c", "dev-d", "dev-a"]
+    assert draw(devs, 2000, seed=5) == pop and draw(devs, 2000, seed=6) != pop
+    speed = np.log([p.per_token_s / devs[i % 4].per_token_s for i, p in enumerate(pop)])
+    assert np.std(speed) == pytest.approx(0.2, rel=0.1)          # log-normal, sd 0.2
+    snr = [p.snr_db - devs[i % 4].snr_db for i, p in enumerate(pop)]
+    assert np.std(snr) == pytest.approx(3.0, rel=0.1)
+    wide = draw(devs, 2000, seed=5, spec=PopulationSpec(snr_sd_db=0.0, snr_mean_db=7.0))
+    assert {p.snr_db for p in wide} == {7.0}
+
+
+def _simulate(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", "simulate",
+                           str(ROOT / "experiments/quickstart.yaml"), "--profile", str(PROFILE),
+                           "--out", str(tmp), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def _rounds(run: Path) -> list[dict]:
+    lines = (run / "events.jsonl").read_text().splitlines()
+    return [json.loads(ln) for ln in lines if '"type": "round"' in ln or '"type":"round"' in ln]
+
+
+def test_runs_are_deterministic_and_in_the_live_format(tmp_path: Path):
+    for out, seed in (("a", "9"), ("b", "9"), ("c", "10")):
+        proc = _simulate(tmp_path / out, "--duration", "20", "--seed", seed, "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    (a,), (b,), (c,) = ([p for p in (tmp_path / x).iterdir()] for x in "abc")
+    ra, rb, rc = _rounds(a), _rounds(b), _rounds(c)
+    assert ra == rb and ra != rc and len(ra) > 20
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["simulated"]["devices"] == 4 and manifest["schema"] == "testbed.manifest/1"
+    events = [json.loads(ln) for ln in (a / "events.jsonl").read_text().splitlines()]
+    assert events[0]["type"] == "run_start" and events[0]["simulated"] is True
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["status"] == "ok" and len(summary["policies"]) == 4
+    for p in summary["policies"]:        # simulated seconds: the budget, round for round
+        assert 20 <= p["duration_s"] < 20 + 2.5
+    report = json.loads(_simulate(tmp_path / "d", "--duration", "5", "--json").stdout)
+    assert [p["policy"] for p in report["runs"][0]["policies"]] == [
+        "multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed", "server-only"]
+
+
+def test_population_run(tmp_path: Path):
+    proc = _simulate(tmp_path, "--devices", "40", "--duration", "15", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = list(tmp_path.iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["simulated"]["devices"] == 40 and manifest["simulated"]["drawn"]
+    assert len(manifest["profile"]["devices"]) == 40
+    het = json.loads((run / "summary.json").read_text())["policies"][0]
+    assert len(het["devices"]) == 40 and het["goodput_tps"] > 0
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--server-cost", "x"], "--server-cost: expected BASE_S,PER_TOKEN_S"),
+    (["--server-cost", "1,-1"], "--server-cost: expected 0 <= base"),
+    (["--devices", "0"], "must be in 1..100000"),
+    (["--duration", "nan"], "--duration"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, args, expect):
+    proc = _simulate(tmp_path, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0], lines
+
+
+def test_profile_auto_needs_a_profile(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "simulate",
+                           str(ROOT / "experiments/quickstart.yaml"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "give --profile" in proc.stderr
+    assert not any(tmp_path.iterdir())
