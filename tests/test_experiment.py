@@ -41,7 +41,8 @@ def test_quickstart_resolves():
     assert exp.name == "quickstart" and exp.profile_auto and exp.profile_path is None
     assert exp.policies == ("multispin-heterogeneous", "multispin-homogeneous",
                             "agnostic-fixed", "server-only")
-    assert exp.duration_s == 40 and exp.rounds is None and exp.warmup_rounds == 2
+    assert exp.duration_s == 20 and exp.rounds is None and exp.warmup_rounds == 2
+    assert exp.repeats == 3 and exp.order == "interleaved" and len(exp.schedule()) == 12
     assert exp.inventory.name == "local" and exp.inventory_path == ROOT / "inventory/local.yaml"
     assert exp.device_workloads == {"dev-a": "default", "dev-b": "code", "dev-c": "qa",
                                     "dev-d": "default"}
@@ -51,7 +52,7 @@ def test_quickstart_resolves():
     assert exp.channel == exp.inventory.channel          # no overrides
     # The resolved form is plain JSON and names the prompt files by hash.
     d = json.loads(json.dumps(exp.to_dict()))
-    assert d["per_policy"] == {"duration_s": 40.0}
+    assert d["per_policy"] == {"duration_s": 20.0}
     assert len(d["workloads"]["code"]["prompts_sha256"]) == 64
 
 

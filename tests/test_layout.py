@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "testbed"
 BOTTOM = {"errors", "yamlio", "files", "channel", "__init__"}
-ORDER = ["bottom", "control", "engine", "inputs", "lab", "records", "live", "profiling",
+ORDER = ["bottom", "control", "engine", "inputs", "lab", "records", "live", "profiling", "sim",
          "commands"]
 
 

@@ -131,8 +131,10 @@ def test_runs_are_deterministic_and_in_the_live_format(tmp_path: Path):
     assert events[0]["type"] == "run_start" and events[0]["simulated"] is True
     summary = json.loads((a / "summary.json").read_text())
     assert summary["status"] == "ok" and len(summary["policies"]) == 4
-    for p in summary["policies"]:        # simulated seconds: the budget, round for round
-        assert 20 <= p["duration_s"] < 20 + 2.5
+    for p in summary["policies"]:        # simulated seconds: the budget, in each repeat
+        assert p["n_repeats"] == 3
+        for r in p["repeats"]:
+            assert 20 <= r["duration_s"] < 20 + 2.5
     report = json.loads(_simulate(tmp_path / "d", "--duration", "5", "--json").stdout)
     assert [p["policy"] for p in report["runs"][0]["policies"]] == [
         "multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed", "server-only"]

@@ -427,7 +427,7 @@ class ExperimentLoop:
                  "devices": rows, "verify_real_s": ver.compute_s,
                  "verify_emulated_s": ver.emulated_s, "downlink_s": ver.downlink_s,
                  "batch_tokens": ver.n_tokens, "verify_decodes": ver.n_decodes,
-                 "predicted_round_s": predicted_round_s,
+                 "slowest_s": slowest, "predicted_round_s": predicted_round_s,
                  "predicted_goodput_tps": predicted_tps, "plan_round_s": pol.plan.round_s,
                  "plan_goodput_tps": pol.plan.goodput_tps, "tokens": tokens_total,
                  "goodput_tps": tokens_total / round_s if round_s > 0 else 0.0,
@@ -511,9 +511,10 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
     manifest.update(runs.jsonable(manifest_extra or {}))
     runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
+    written: list[dict] = []            # every event as written: the summary's input
     try:
         clock = lab.clock if lab is not None else time.monotonic
-        with runs.EventWriter(run_dir / "events.jsonl", listeners=list(listeners),
+        with runs.EventWriter(run_dir / "events.jsonl", listeners=[*listeners, written.append],
                               clock=clock) as writer:
             session = lab if lab is not None else LiveSession(
                 exp.inventory, exp.channel, seed=exp.seed, progress=progress)
@@ -566,7 +567,7 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
         # Every exit path, a failure's too, leaves a summary with the run's status (the
         # original error, if any, goes on up unmasked).
         try:
-            runs.write_summary(run_dir)
+            runs.write_summary(run_dir, written)
         except (TestbedError, OSError) as exc:
             progress(f"could not write the summary: {exc}")
     return run_dir, code

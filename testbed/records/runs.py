@@ -25,6 +25,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import operator
 import os
 import platform
 import shutil
@@ -324,9 +325,10 @@ def round_parts(ev: dict) -> dict:
     Verification counts the emulated duration when there is one (what the round waited for in
     the emulated lab), else the real one. ``overhead_s`` is the runner's when recorded.
     """
-    devices = ev.get("devices") or []
-    draft_upload = max((_num(d.get("draft_s")) + _num(d.get("upload_s")) for d in devices),
-                       default=0.0)
+    draft_upload = ev.get("slowest_s")          # recorded since 2026-12-01
+    if not isinstance(draft_upload, (int, float)) or isinstance(draft_upload, bool):
+        draft_upload = max((_num(d.get("draft_s")) + _num(d.get("upload_s"))
+                            for d in ev.get("devices") or []), default=0.0)
     verify = ev.get("verify_emulated_s")
     verify = _num(verify) if verify is not None else _num(ev.get("verify_real_s"))
     downlink = _num(ev.get("downlink_s"))
@@ -349,6 +351,14 @@ _DEVICE_FIELDS = (("tokens", "tokens"), ("drafted", "n_drafted"), ("accepted", "
                   ("draft_len", "draft_len"), ("share", "share"), ("rate_bps", "rate_bps"),
                   ("draft_s", "draft_s"), ("upload_s", "upload_s"))
 _DEVICE_SUMS = tuple(k for k, _ in _DEVICE_FIELDS)
+_ROW = operator.itemgetter(*(f for _, f in _DEVICE_FIELDS))
+
+
+def _add_number(total: float, value) -> float:
+    """total + value for a real number (not a bool); TypeError otherwise."""
+    if value.__class__ is float or value.__class__ is int:
+        return total + value
+    raise TypeError(value)
 
 
 class _Policy:
@@ -370,15 +380,13 @@ class _Policy:
             name = str(d.get("name"))
             acc = devices.get(name)
             if acc is None:
-                acc = devices[name] = dict.fromkeys(_DEVICE_SUMS, 0.0)
-                acc["rounds"] = 0
-            acc["rounds"] += 1
-            for key, field in _DEVICE_FIELDS:
-                value = d.get(field)
-                if value.__class__ is float or value.__class__ is int:   # the common case
-                    acc[key] += value
-                else:
-                    acc[key] += _num(value)
+                acc = devices[name] = [0] + [0.0] * len(_DEVICE_FIELDS)
+            acc[0] += 1
+            try:                               # the common case: every field a number
+                values = _ROW(d)
+                acc[1:] = map(_add_number, acc[1:], values)
+            except (KeyError, TypeError):      # a field missing, or not a number
+                acc[1:] = [a + _num(d.get(f)) for a, (_, f) in zip(acc[1:], _DEVICE_FIELDS)]
 
     def result(self) -> dict:
         n = len(self.rounds)
@@ -391,7 +399,8 @@ class _Policy:
         planned, _ = _predicted(self.rounds, "plan_goodput_tps", "plan_round_s")
         goodput = tokens / duration if duration > 0 else None
         devices = []
-        for name, acc in self.devices.items():
+        for name, sums in self.devices.items():
+            acc = dict(zip(("rounds",) + _DEVICE_SUMS, sums))
             k = acc["rounds"]
             devices.append({
                 "name": name, "rounds": k, "tokens": acc["tokens"],
@@ -518,10 +527,15 @@ def summarize(events: Iterable[dict]) -> dict:
             "not_run": [p for p in declared if p not in policies]}
 
 
-def write_summary(run_dir: str | Path) -> dict:
-    """Recompute summary.json from the folder's events.jsonl, atomically; returns it."""
+def write_summary(run_dir: str | Path, events: list[dict] | None = None) -> dict:
+    """Recompute summary.json from the folder's events.jsonl, atomically; returns it.
+    ``events``: the events as the writer wrote them (the runner keeps them: reading a large
+    simulated run back took a third of its time), instead of reading the file."""
     run_dir = Path(run_dir)
-    events, truncated = scan_events(run_dir / EVENTS)
+    if events is not None:
+        truncated = False
+    else:
+        events, truncated = scan_events(run_dir / EVENTS)
     summary = summarize(events)
     summary["truncated_last_line"] = truncated
     most = max((len(p.get("devices") or []) for p in summary["policies"]), default=0)
