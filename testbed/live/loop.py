@@ -105,8 +105,7 @@ def observation(row: dict) -> RoundObservation:
 
 def observe_round(est: Estimator, event: dict) -> None:
     """Feed one round record's device rows to the estimator (``observation`` each)."""
-    for row in event["devices"]:
-        est.observe(observation(row))
+    est.observe_many([observation(row) for row in event["devices"]])
     # The server's cost is NOT re-estimated from live rounds: a plan's rounds all have one
     # batch size, which cannot separate the base cost from the per-token cost, and a fit
     # from them extrapolates wildly to other plans (seen: flapping between drafting and
@@ -401,6 +400,7 @@ class ExperimentLoop:
         tokens_total = 0
         slowest = 0.0
         plan_by_name = {d.name: d for d in pol.plan.devices}
+        acceptance = dict(zip(out.active, est.acceptance_of(out.active)))
         for n in out.active:
             step = out.steps[n]
             v = ver.verdicts[n]
@@ -420,7 +420,7 @@ class ExperimentLoop:
                                          if v.n_drafted > 0 else 0.0),
                          "n_drafted": v.n_drafted,
                          "n_accepted": v.n_accepted, "tokens": tokens,
-                         "acceptance_est": est.estimate(n).acceptance})
+                         "acceptance_est": acceptance[n]})
         round_s = out.round_s
         overhead = max(0.0, round_s - (slowest + ver.verify_s + ver.downlink_s))
         event = {"type": "round", "policy": pol.policy, "round": pol.rounds, "round_s": round_s,
