@@ -22,7 +22,7 @@ from testbed.errors import InputError, TestbedError
 
 # Order is the order shown in --help.
 COMMANDS = ["demo", "inventory", "experiment", "lab", "provision", "check", "up", "down", "models",
-            "spec", "plan", "profile", "run", "simulate", "report"]
+            "spec", "plan", "profile", "run", "simulate", "sweep", "report"]
 
 
 class _Parser(argparse.ArgumentParser):

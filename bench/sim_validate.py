@@ -1,0 +1,86 @@
+"""Bench: the simulator against published live runs; prints a Markdown table.
+
+    .venv/bin/python bench/sim_validate.py [RUN ...]      (default: every run in docs/data/runs
+                                                          whose experiment file is unchanged)
+
+For each live run: its experiment file (the one the manifest names, which must still have the
+digest it had), simulated with the profile that run used (``testbed simulate EXPERIMENT
+--profile RUN``, the experiment's seed), then per policy the live run's mean goodput (with its
+95% interval when it had repeats), the simulated mean, the simulation's error, and the analytic
+forecast's error for the same live run (the live loop's per-round forecast, from the summary).
+The README's "Simulator" table is this output (``tests/test_sim_validation.py`` checks that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from testbed.inputs.experiment import load_experiment  # noqa: E402
+from testbed.live.loop import run as run_loop  # noqa: E402
+from testbed.sim.run import prepare  # noqa: E402
+
+
+def experiment_file(manifest: dict) -> Path | None:
+    """The run's experiment file in this checkout, when its bytes are still those recorded."""
+    recorded = Path(manifest["experiment_path"])
+    path = ROOT / "experiments" / recorded.name
+    digest = (manifest.get("experiment") or {}).get("digest")
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        return None
+    return path
+
+
+def validate(run: Path) -> list[dict]:
+    manifest = json.loads((run / "manifest.json").read_text())
+    live = json.loads((run / "summary.json").read_text())
+    path = experiment_file(manifest)
+    if path is None:
+        return []
+    exp, profile, lab = prepare(load_experiment(path), manifest["profile"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, _ = run_loop(exp, profile, Path(tmp), lab=lab)
+        sim = json.loads((run_dir / "summary.json").read_text())
+    simulated = {p["policy"]: p for p in sim["policies"]}
+    rows = []
+    for p in live["policies"]:
+        mean = p.get("goodput_mean", p["goodput_tps"])
+        s = simulated[p["policy"]]
+        s_mean = s.get("goodput_mean", s["goodput_tps"])
+        ci = p.get("goodput_ci95")
+        rows.append({"run": run.name, "policy": p["policy"], "live": mean, "live_ci95": ci,
+                     "sim": s_mean, "error": s_mean / mean - 1,
+                     "inside": None if not ci else bool(ci[0] <= s_mean <= ci[1]),
+                     "forecast_error": p.get("prediction_error")})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | policy | live tok/s (95% CI) | simulated | error | inside the CI | "
+             "analytic forecast's error |", "|---|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        ci = f" ({r['live_ci95'][0]:.1f}–{r['live_ci95'][1]:.1f})" if r["live_ci95"] else ""
+        inside = "—" if r["inside"] is None else ("yes" if r["inside"] else "no")
+        fc = "—" if r["forecast_error"] is None else f"{-r['forecast_error'] / (1 + r['forecast_error']):+.1%}"
+        lines.append(f"| `{r['run']}` | {r['policy']} | {r['live']:.1f}{ci} | {r['sim']:.1f} | "
+                     f"{r['error']:+.1%} | {inside} | {fc} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    runs = [Path(a) for a in sys.argv[1:]] or sorted((ROOT / "docs/data/runs").iterdir())
+    rows = []
+    for run in runs:
+        rows += validate(run)
+    print(markdown(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Sweeps: one experiment over a grid of parameters, simulated points in parallel as Ray tasks.
+
+A sweep file (YAML, schema ``testbed.sweep/1``; docs/sweeps.md) names a base experiment, a
+profile, and a grid; every combination of the grid's values is a point, simulated with
+``sim.run.prepare`` and the live loop (``live.loop.run`` on a ``SimLab``), and its result is
+each policy's goodput with its 95% interval over the experiment's repeats.
+
+Grid parameters (each a list of values): ``devices`` (a drawn population of that many),
+``bandwidth_hz`` or ``bandwidth_hz_per_device`` (the band, or the band per device),
+``snr_sd_db``, ``draft_speed_sd``, ``acceptance_logit_sd`` (the population's spreads),
+``server_cost`` (``[base_s, per_token_s]``, or ``profile``), ``max_draft_len`` and ``seed``.
+
+Running: points are Ray tasks (``ray.remote``), on a local Ray started for the sweep (as many
+workers as CPUs) or on an existing cluster (``address``); a progress bar counts points and
+estimates the time left. A point that fails is recorded with its error and the others go on.
+Every finished point is written to ``<out>/points/<key>.json`` (key: the sha256 of its
+parameters) as soon as it returns, so an interrupted sweep resumes where it stopped.
+
+Limits: simulated points only (``mode: live`` is refused: docs/sweeps.md); a point keeps its
+summary, not its event log (a point of 1,000 devices would leave tens of MB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from testbed.errors import InputError
+from testbed.files import atomic_write_json
+from testbed.yamlio import load_yaml
+
+SCHEMA = "testbed.sweep/1"
+PARAMS = ("devices", "bandwidth_hz", "bandwidth_hz_per_device", "snr_sd_db", "draft_speed_sd",
+          "acceptance_logit_sd", "server_cost", "max_draft_len", "seed")
+MAX_POINTS = 10_000
+
+
+class SweepError(InputError):
+    """A sweep file that cannot be run (one line: file, field, what)."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: Path
+    name: str
+    experiment_path: Path
+    profile_path: Path
+    mode: str
+    duration_s: float | None
+    repeats: int | None
+    policies: tuple[str, ...] | None
+    grid: dict[str, list]
+
+    def points(self) -> list[dict]:
+        """Every combination of the grid's values, in file order."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in
+                itertools.product(*(self.grid[k] for k in keys))]
+
+
+def point_key(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else Path(os.path.normpath(base / p))
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Load and check a sweep file; SweepError (file:line: field: what) on any problem."""
+    from testbed.control.problem import POLICY_NAMES
+    root = load_yaml(path, SweepError)
+    base = Path(path).parent
+    schema = root.str("schema")
+    if schema != SCHEMA:
+        raise root.error("schema", f'expected "{SCHEMA}", got "{schema}"')
+    name = root.str("name")
+    experiment = _resolve(base, root.str("experiment"))
+    if not experiment.is_file():
+        raise root.error("experiment", f"file not found: {experiment}")
+    profile = _resolve(base, root.str("profile"))
+    if not profile.is_file():
+        raise root.error("profile", f"file not found: {profile}")
+    mode = root.str("mode", "simulated", choices=("simulated", "live"))
+    if mode == "live":
+        raise root.error("mode", "live sweeps are not built yet: run the experiment with "
+                         "`testbed run` per point (docs/sweeps.md)")
+    duration = root.number("duration_s", None, min=0, min_exclusive=True, max=86_400)
+    repeats = root.integer("repeats", None, min=1, max=1000)
+    policies = root.raw("policies", None)
+    if policies is not None:
+        if not isinstance(policies, list) or not policies or \
+                any(p not in POLICY_NAMES for p in policies):
+            raise root.error("policies", f"expected a list of {', '.join(POLICY_NAMES)}")
+        policies = tuple(policies)
+    grid_sec = root.section("grid")
+    grid: dict[str, list] = {}
+    for key in list(grid_sec.data):
+        if key not in PARAMS:
+            raise grid_sec.error(str(key), f"unknown parameter (known: {', '.join(PARAMS)})")
+        values = grid_sec.raw(key)
+        if not isinstance(values, list) or not values:
+            raise grid_sec.error(key, "expected a non-empty list of values")
+        for v in values:
+            problem = _check_value(key, v)
+            if problem:
+                raise grid_sec.error(key, problem)
+        grid[key] = values
+    if "bandwidth_hz" in grid and "bandwidth_hz_per_device" in grid:
+        raise grid_sec.error("bandwidth_hz", "give bandwidth_hz or bandwidth_hz_per_device, "
+                             "not both")
+    n = 1
+    for values in grid.values():
+        n *= len(values)
+    if n > MAX_POINTS:
+        raise grid_sec.error(None, f"{n} points: at most {MAX_POINTS}")
+    root.done()
+    return Sweep(path=Path(path), name=name, experiment_path=experiment, profile_path=profile,
+                 mode=mode, duration_s=duration, repeats=repeats, policies=policies, grid=grid)
+
+
+def _number(v, lo: float, hi: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_value(key: str, v: Any) -> str | None:
+    if key == "devices":
+        return None if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100_000 \
+            else f"expected whole numbers in 1..100000, got {v!r}"
+    if key in ("bandwidth_hz", "bandwidth_hz_per_device"):
+        return None if _number(v, 1.0, 1e12) else f"expected numbers in [1, 1e12], got {v!r}"
+    if key in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd"):
+        return None if _number(v, 0.0, 60.0) else f"expected numbers in [0, 60], got {v!r}"
+    if key == "server_cost":
+        if v == "profile":
+            return None
+        ok = isinstance(v, list) and len(v) == 2 and _number(v[0], 0, 3600) and \
+            _number(v[1], 0, 60)
+        return None if ok else f'expected [base_s, per_token_s] or "profile", got {v!r}'
+    if key == "max_draft_len":
+        return None if isinstance(v, int) and 1 <= v <= 64 else \
+            f"expected whole numbers in 1..64, got {v!r}"
+    if key == "seed":
+        return None if isinstance(v, int) and 0 <= v < 2**32 else \
+            f"expected whole numbers in 0..2^32-1, got {v!r}"
+    return None
+
+
+def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: float | None,
+              repeats: int | None, policies: tuple | None) -> dict:
+    """One point: the experiment with ``params`` applied, simulated; per policy its goodput and
+    95% interval (pure: no files left behind). Runs in a Ray worker or in this process."""
+    import tempfile
+
+    from testbed.inputs.experiment import load_experiment
+    from testbed.live.loop import run as run_loop
+    from testbed.sim.population import PopulationSpec
+    from testbed.sim.run import prepare
+
+    t0 = time.monotonic()
+    exp = load_experiment(experiment_path)
+    changes: dict = {}
+    if repeats is not None:
+        changes.update(repeats=repeats, order="interleaved" if repeats > 1 else "blocked")
+    if policies is not None:
+        changes["policies"] = tuple(policies)
+    if "seed" in params:
+        changes["seed"] = int(params["seed"])
+    channel = exp.channel
+    k = params.get("devices")
+    n_devices = k if k is not None else len(exp.inventory.devices)
+    if "bandwidth_hz" in params:
+        channel = dataclasses.replace(channel, bandwidth_hz=float(params["bandwidth_hz"]))
+    if "bandwidth_hz_per_device" in params:
+        channel = dataclasses.replace(
+            channel, bandwidth_hz=float(params["bandwidth_hz_per_device"]) * n_devices)
+    if "max_draft_len" in params:
+        L = int(params["max_draft_len"])
+        channel = dataclasses.replace(channel, max_draft_len=L,
+                                      baseline_draft_len=min(channel.baseline_draft_len, L))
+    changes["channel"] = channel
+    exp = dataclasses.replace(exp, **changes)
+    spread = {f: params[f] for f in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd")
+              if f in params}
+    population = PopulationSpec(**{**(exp.population or {}), **spread})
+    cost = params.get("server_cost")
+    cost = None if cost in (None, "profile") else (float(cost[0]), float(cost[1]))
+    if k is None and spread:
+        k = len(exp.inventory.devices)          # spreads need a drawn population
+    exp, prof, lab = prepare(exp, profile, devices=k, duration_s=duration_s,
+                             population=population if k is not None else None,
+                             server_cost=cost)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, code = run_loop(exp, prof, Path(tmp), lab=lab)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return {"params": params, "status": summary["status"], "wall_s": time.monotonic() - t0,
+            "policies": [{"policy": p["policy"], "goodput_tps": p.get("goodput_mean",
+                                                                       p["goodput_tps"]),
+                          "goodput_ci95": p.get("goodput_ci95"), "rounds": p["rounds"]}
+                         for p in summary["policies"]],
+            "ratios": summary.get("ratios") or {}}
+
+
+def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
+              progress: Callable[[int, int, dict | None], None] = lambda *_: None,
+              workers: int | None = None) -> list[dict]:
+    """Every point of the sweep (those already in ``out/points`` are not run again); returns
+    the results in grid order. ``progress(done, total, result)`` after each point."""
+    import ray
+
+    from testbed.profiling.format import load_profile
+    profile = load_profile(sweep.profile_path)
+    folder = out / "points"
+    folder.mkdir(parents=True, exist_ok=True)
+    points = sweep.points()
+    results: dict[str, dict] = {}
+    for params in points:
+        f = folder / f"{point_key(params)}.json"
+        if f.is_file():
+            try:
+                results[point_key(params)] = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass                                    # half-written: run it again
+    todo = [p for p in points if point_key(p) not in results]
+    done = len(points) - len(todo)
+    progress(done, len(points), None)
+    if todo:
+        started = not ray.is_initialized()
+        if started:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                # "local": a new Ray of its own, never a lab's cluster found on the machine
+                ray.init(address="local", num_cpus=workers or os.cpu_count(),
+                         include_dashboard=False, log_to_driver=False)
+        try:
+            task = ray.remote(num_cpus=1, max_retries=0)(run_point)
+            profile_ref = ray.put(profile)
+            pending = {task.remote(str(sweep.experiment_path), profile_ref, params,
+                                   duration_s=sweep.duration_s, repeats=sweep.repeats,
+                                   policies=sweep.policies): params for params in todo}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                params = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except Exception as exc:  # noqa: BLE001 - a failed point is recorded, not fatal
+                    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                    result = {"params": params, "status": "failed",
+                              "error": (lines[-1] if lines else type(exc).__name__)[:500],
+                              "policies": []}
+                results[point_key(params)] = result
+                atomic_write_json(folder / f"{point_key(params)}.json", result)
+                done += 1
+                progress(done, len(points), result)
+        finally:
+            if started:
+                ray.shutdown()
+    return [results[point_key(p)] for p in points]
+
+
+def points_json(results: list[dict]) -> dict:
+    """The ``--json`` shape: one entry per point and policy."""
+    out = []
+    for r in results:
+        if not r.get("policies"):
+            out.append({"params": r["params"], "policy": None, "goodput_tps": None,
+                        "goodput_ci95": None, "status": r.get("status"),
+                        "error": r.get("error")})
+        for p in r.get("policies") or []:
+            out.append({"params": r["params"], "policy": p["policy"],
+                        "goodput_tps": p["goodput_tps"], "goodput_ci95": p["goodput_ci95"],
+                        "status": r.get("status")})
+    return {"points": out}

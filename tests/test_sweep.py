@@ -1,0 +1,107 @@
+"""Sweeps (testbed/sim/sweep.py): a grid of simulated points run as Ray tasks on a local Ray,
+the --json shape, resuming (a point already kept is not run again), failed points recorded
+with their error while the others go on (exit 1), and bad sweep files (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.sim.sweep import load_sweep, point_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sweep(tmp: Path, body: str, profile: Path | None = None) -> Path:
+    path = tmp / "sweep.yaml"
+    path.write_text(f"schema: testbed.sweep/1\nname: t\n"
+                    f"experiment: {ROOT / 'experiments/quickstart.yaml'}\n"
+                    f"profile: {profile or ROOT / 'profiles/local.json'}\n" + body)
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", "sweep", *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_points_run_on_ray_and_resume(tmp_path: Path):
+    path = _sweep(tmp_path, "duration_s: 8\nrepeats: 2\n"
+                  "policies: [multispin-heterogeneous, agnostic-fixed]\n"
+                  "grid:\n  devices: [4, 12]\n  bandwidth_hz_per_device: [25000]\n"
+                  "  server_cost: [profile, [0.0152, 0.0000612]]\n")
+    out = tmp_path / "out"
+    proc = _run(str(path), "--out", str(out), "--json", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    points = data["points"]
+    assert len(points) == 4 * 2                        # 4 grid points x 2 policies
+    assert {p["policy"] for p in points} == {"multispin-heterogeneous", "agnostic-fixed"}
+    for p in points:
+        lo, hi = p["goodput_ci95"]
+        assert lo <= p["goodput_tps"] <= hi and p["status"] == "ok"
+    # a faster server (the H100 line) gives more goodput at the same point
+    by = {(p["params"]["devices"], json.dumps(p["params"]["server_cost"]), p["policy"]):
+          p["goodput_tps"] for p in points}
+    assert by[(4, '[0.0152, 6.12e-05]', "agnostic-fixed")] > by[(4, '"profile"',
+                                                                    "agnostic-fixed")]
+    kept = sorted((out / "points").glob("*.json"))
+    assert len(kept) == 4
+    # resume: one point removed, the others kept as they were
+    mtimes = {f.name: f.stat().st_mtime_ns for f in kept}
+    kept[0].unlink()
+    proc = _run(str(path), "--out", str(out), "--json", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == data                 # the same result (deterministic)
+    again = {f.name: f.stat().st_mtime_ns for f in (out / "points").glob("*.json")}
+    assert again.keys() == mtimes.keys()
+    assert [n for n in again if again[n] != mtimes[n]] == [kept[0].name]
+
+
+def test_failed_points_are_recorded_and_the_others_go_on(tmp_path: Path):
+    # A profile that lacks dev-d: a point without a drawn population cannot run (the profile
+    # has no measurement of an inventory device): each point fails on its own, for real.
+    profile = json.loads((ROOT / "profiles/local.json").read_text())
+    profile["devices"] = [d for d in profile["devices"] if d["name"] != "dev-d"]
+    p = tmp_path / "three.json"
+    p.write_text(json.dumps(profile))
+    path = _sweep(tmp_path, "duration_s: 5\ngrid:\n  seed: [1, 2]\n", profile=p)
+    out = tmp_path / "out"
+    proc = _run(str(path), "--out", str(out), "--json", "--workers", "1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    points = json.loads(proc.stdout)["points"]
+    assert [pt["params"] for pt in points] == [{"seed": 1}, {"seed": 2}]   # both tried
+    for pt in points:
+        assert pt["status"] == "failed" and "dev-d" in pt["error"]
+    assert len(list((out / "points").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("body,expect", [
+    ("grid: {devices: [0]}\n", "grid.devices: expected whole numbers in 1..100000"),
+    ("grid: {speed: [1]}\n", "grid.speed: unknown parameter"),
+    ("grid: {devices: []}\n", "grid.devices: expected a non-empty list"),
+    ("mode: live\ngrid: {devices: [4]}\n", "mode: live sweeps are not built yet"),
+    ("grid: {server_cost: [[1]]}\n", "grid.server_cost: expected [base_s, per_token_s]"),
+    ("grid: {bandwidth_hz: [1000.0], bandwidth_hz_per_device: [1000.0]}\n", "not both"),
+    (f"grid: {{devices: {list(range(1, 11))}, seed: {list(range(110))},"
+     f" max_draft_len: {list(range(1, 11))}}}\n", "11000 points: at most 10000"),
+])
+def test_bad_sweep_files(tmp_path: Path, body: str, expect: str):
+    proc = _run(str(_sweep(tmp_path, body)), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_grid_points_and_keys(tmp_path: Path):
+    s = load_sweep(_sweep(tmp_path, "grid:\n  devices: [4, 8]\n  seed: [1, 2, 3]\n"))
+    pts = s.points()
+    assert len(pts) == 6 and pts[0] == {"devices": 4, "seed": 1} and pts[-1] == {"devices": 8,
+                                                                                 "seed": 3}
+    assert len({point_key(p) for p in pts}) == 6
+    assert point_key({"seed": 1, "devices": 4}) == point_key(pts[0])     # order-free
