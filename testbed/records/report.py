@@ -556,6 +556,8 @@ def markdown(table: Table) -> str:
     lines = [f"*{table.title}*", "", "| " + " | ".join(str(c.header) for c in cols) + " |",
              "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    if table.caption:
+        lines += [""] + [f"{ln}  " for ln in str(table.caption).splitlines()]
     return "\n".join(lines) + "\n"
 
 
