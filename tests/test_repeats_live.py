@@ -45,6 +45,7 @@ policies: [{", ".join(POLICIES)}]
 per_policy: {{rounds: 3}}
 repeats: 2
 warmup_rounds: 1
+channel: {{payload: topk, top_k: 8}}          # as the profile measured
 workloads:
   default: {{prompts: {ROOT / 'experiments/prompts/chat.yaml'}, max_tokens: 40}}
 """)
