@@ -390,3 +390,21 @@ def test_report_run_and_replay_says_inside_or_not(tmp_path: Path, capsys):
     het_line = next(ln for ln in out.splitlines() if ln.startswith("multispin-heterogeneous")
                     and ln.rstrip().endswith(("yes", "NO")))
     assert het_line.split()[-1] == "NO"
+
+
+def test_wide_intervals_stack_instead_of_being_cut(tmp_path: Path, capsys):
+    """Intervals too wide for 80 columns even with short names break after their dash onto a
+    second line; every number is still there whole."""
+    a = _repeated_run(tmp_path, factors={0: 1.0, 1: 3.0, 2: 0.3})
+    b = _repeated_run(tmp_path, "20261201T111500Z-wide", factors={0: 0.2, 1: 4.0, 2: 1.0})
+    proc = _cli(["report", str(a), str(b), "--no-plots"], COLUMNS="80")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "…" not in text and max(len(ln) for ln in text.splitlines()) <= 80
+    assert main(["report", str(a), str(b), "--json", "--no-plots"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    words = set(text.replace("–", " ").split())
+    for run in data["runs"]:
+        for p in run["policies"]:
+            lo, hi = p["goodput_ci95"]
+            assert f"{lo:.1f}" in words and f"{hi:.1f}" in words, (lo, hi)

@@ -158,16 +158,23 @@ def legend(names) -> str:
     return "policies: " + ", ".join(f"{SHORT_NAMES[n]} = {n}" for n in used) if used else ""
 
 
-def fit(console, build: Callable[[bool], Table]) -> tuple[Table, bool]:
-    """``build(short)`` with full policy names when that table fits ``console``'s width, else
-    with the short ones; returns the table and whether the names are short. Numbers are never
-    cut: every numeric column is no_wrap, and the short names leave room for them."""
+def fit(console, build: Callable[[int], Table]) -> tuple[Table, bool]:
+    """The widest form of a table that fits ``console``'s width: ``build(0)`` full policy names,
+    ``build(1)`` short names, ``build(2)`` short names and intervals allowed to break after
+    their dash onto a second line (``lo–`` over ``hi``). Returns the table and whether the names
+    are short. Numbers are never cut: numbers are never split, only whole intervals stacked."""
     from rich.measure import Measurement
-    table = build(False)
-    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
-    if natural <= console.width:
+
+    def natural(table: Table) -> int:
+        return Measurement.get(console, console.options.update_width(100_000), table).maximum
+
+    table = build(0)
+    if natural(table) <= console.width:
         return table, False
-    return build(True), True
+    short = build(1)
+    if natural(short) <= console.width:
+        return short, True
+    return build(2), True
 
 
 def _fmt(value, fmt: str, scale: float = 1.0) -> str:
@@ -177,10 +184,11 @@ def _fmt(value, fmt: str, scale: float = 1.0) -> str:
     return text.replace("-", "+", 1) if text.lstrip("-+").strip("0.%x") == "" else text
 
 
-def _ci(interval, fmt: str) -> str:
+def _ci(interval, fmt: str, stack: bool = False) -> str:
+    """``lo–hi``; ``stack``: ``lo– hi``, which a narrow column breaks after the dash."""
     if not interval or any(v is None for v in interval):
         return "—"
-    return f"{format(interval[0], fmt)}–{format(interval[1], fmt)}"
+    return f"{format(interval[0], fmt)}–{' ' if stack else ''}{format(interval[1], fmt)}"
 
 
 def _table(title: str, columns: list[str], caption: str | None = None) -> Table:
@@ -217,12 +225,14 @@ def _title(runs: list[RunData], what: str) -> str:
     return f"run {r.run_id} ({r.summary.get('status')}): {what}"
 
 
-def comparison_table(runs: list[RunData], short: bool = False) -> Table:
+def comparison_table(runs: list[RunData], short: int = 0) -> Table:
     """One row per policy (and run): goodput, and its ratio to agnostic-fixed and server-only.
 
     One repeat: goodput with its per-round spread and the ratios of the run's goodputs. With
     repeats: the mean over repeats with its 95% interval (Student t), and the paired ratios
-    with theirs (``stats.paired_ratio``: a bootstrap over blocks)."""
+    with theirs (``stats.paired_ratio``: a bootstrap over blocks). ``short``: 1 short policy
+    names, 2 also intervals stacked on two lines where the width needs it (``fit``)."""
+    stack = short >= 2
     reps = has_repeats(runs)
     several = len(runs) > 1
     if reps:
@@ -237,6 +247,10 @@ def comparison_table(runs: list[RunData], short: bool = False) -> Table:
                    "and server-only of the same run")
     table = _table(_title(runs, "goodput"), (["run"] if several else []) + cols,
                    caption=_runs_caption(runs) + caption)
+    if stack:
+        for col in table.columns:
+            if col.header == "95% CI":
+                col.no_wrap = False
     for i, run in enumerate(runs):
         ratios = run.summary.get("ratios") or {}
         for p in run.summary["policies"]:
@@ -245,13 +259,13 @@ def comparison_table(runs: list[RunData], short: bool = False) -> Table:
             if reps:
                 row += [str(p.get("n_repeats", 1)), str(p.get("rounds", 0)),
                         _fmt(p.get("goodput_mean", p.get("goodput_tps")), ".1f"),
-                        _ci(p.get("goodput_ci95"), ".1f")]
+                        _ci(p.get("goodput_ci95"), ".1f", stack)]
                 for base in BASELINES:
                     if base == name:
                         row += ["1.00", "—"]
                         continue
                     r = (ratios.get(name) or {}).get(base) or {}
-                    row += [_fmt(r.get("ratio"), ".2f"), _ci(r.get("ci95"), ".2f")]
+                    row += [_fmt(r.get("ratio"), ".2f"), _ci(r.get("ci95"), ".2f", stack)]
             else:
                 gains = p.get("gain_vs") or {}
                 row += [str(p.get("rounds", 0)), _fmt(p.get("goodput_tps"), ".1f"),
