@@ -69,26 +69,18 @@ def point_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resolve(base: Path, value: str) -> Path:
-    p = Path(os.path.expanduser(value))
-    return p if p.is_absolute() else Path(os.path.normpath(base / p))
-
-
 def load_sweep(path: str | Path) -> Sweep:
     """Load and check a sweep file; SweepError (file:line: field: what) on any problem."""
     from testbed.control.problem import POLICY_NAMES
+    from testbed.inputs.experiment import _existing_file
     root = load_yaml(path, SweepError)
     base = Path(path).parent
     schema = root.str("schema")
     if schema != SCHEMA:
         raise root.error("schema", f'expected "{SCHEMA}", got "{schema}"')
     name = root.str("name")
-    experiment = _resolve(base, root.str("experiment"))
-    if not experiment.is_file():
-        raise root.error("experiment", f"file not found: {experiment}")
-    profile = _resolve(base, root.str("profile"))
-    if not profile.is_file():
-        raise root.error("profile", f"file not found: {profile}")
+    experiment = _existing_file(root, "experiment", base)     # as experiment files resolve
+    profile = _existing_file(root, "profile", base)
     mode = root.str("mode", "simulated", choices=("simulated", "live"))
     if mode == "live":
         raise root.error("mode", "live sweeps are not built yet: run the experiment with "
@@ -199,7 +191,7 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
                              population=population if k is not None else None,
                              server_cost=cost)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir, code = run_loop(exp, prof, Path(tmp), lab=lab)
+        run_dir, _ = run_loop(exp, prof, Path(tmp), lab=lab)
         summary = json.loads((run_dir / "summary.json").read_text())
     return {"params": params, "status": summary["status"], "wall_s": time.monotonic() - t0,
             "policies": [{"policy": p["policy"], "goodput_tps": p.get("goodput_mean",
