@@ -80,20 +80,13 @@ def token_path(inv: Inventory, node: Node) -> str:
     return f"{node.venv}/.testbed-ray-token-{inv.name}"
 
 
-# Finished tasks whose events the GCS keeps (Ray's default 100,000): a run makes a few actor
-# calls per device and round, and the hour-long soak saw the GCS grow 1.1 MB a minute towards
-# Ray's cap (README "Soak"). Observability only: testbed reads no task events.
-GCS_TASK_EVENTS = 10_000
-
-
 def ray_env(inv: Inventory, node: Node) -> dict[str, str]:
     """Environment of every Ray process of ``node`` (ray start, drivers): no usage stats,
-    token authentication with the lab's own token (see the module doc), a smaller cap on the
-    task events the GCS keeps (``GCS_TASK_EVENTS``), and actors at normal priority: Ray starts workers at nice 15, where the server's verification lost to any
+    token authentication with the lab's own token (see the module doc), and actors at normal
+    priority: Ray starts workers at nice 15, where the server's verification lost to any
     other busy process on the machine (measured: 1.4 s instead of 0.1 s per step)."""
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": token_path(inv, node), "RAY_worker_niceness": "0",
-            "RAY_task_events_max_num_task_in_gcs": str(GCS_TASK_EVENTS),
             versions.LEVEL_ENV: inv.python_match}
 
 
