@@ -105,7 +105,7 @@ def _replay(args, console):
         for d in diffs]}
 
     def check_nodes(new_manifest: dict) -> None:
-        later = [d for d in replay.differences(recorded, replay.node_facts(new_manifest))
+        later = [d for d in replay.differences(recorded, replay.reported_facts(new_manifest))
                  if d["item"] not in now]
         judge(later, "nodes and models")
         extra["replay_differences"] += [

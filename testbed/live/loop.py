@@ -460,26 +460,6 @@ class ExperimentLoop:
                 self._start_prompt(pol, dev)
 
 
-NODE_FACTS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "tc",
-              "cpu_model", "cpu_flags", "hostname", "user", "python_executable")
-
-
-def node_versions(session: LiveSession) -> dict:
-    """What runs on every node, as each agent's probe saw it on its own node (the manifest's
-    ``nodes``): versions, kernel, tc, CPU model and flags. A device whose agent is gone: its
-    error instead."""
-    names = [session.inv.server.name] + [n for n, d in session.devices.items() if d.active]
-    refs = {name: session.call_async(name, "probe") for name in names}
-    out = {}
-    for name, ref in refs.items():
-        try:
-            facts = session.gather([ref], 120)[0]
-            out[name] = {k: facts.get(k) for k in NODE_FACTS}
-        except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
-            out[name] = {"error": str(exc).strip().splitlines()[-1][:300]}
-    return out
-
-
 def seeds_of(exp: Experiment) -> dict:
     """Every seed of the run: the experiment's and those derived from it (as LiveSession and
     ExperimentLoop derive them), so a replay can check it uses the same."""
@@ -524,8 +504,7 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
                 # The agents are up: the manifest gets the model files they really loaded.
                 manifest["models"] = runs.jsonable(manifest_models(exp.inventory,
                                                                    session.models()))
-                manifest["nodes"] = runs.jsonable(
-                    session.node_facts() if lab is not None else node_versions(session))
+                manifest["nodes"] = runs.jsonable(session.node_facts())
                 manifest["digests"] = {
                     "inventory": exp.inventory.digest, "experiment": exp.digest,
                     "profile": runs.digest(profile) if profile is not None else None,

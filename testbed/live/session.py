@@ -107,6 +107,11 @@ def _model_label(info: dict, node: Node) -> str:
     return (info.get("model") or {}).get("path") or node.model.label
 
 
+# What the manifest keeps of each node's probe (``node_facts``).
+NODE_FACTS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "tc",
+              "cpu_model", "cpu_flags", "hostname", "user", "python_executable")
+
+
 class LiveSession:
     """See the module docstring."""
 
@@ -464,6 +469,21 @@ class LiveSession:
 
     def active(self) -> list[str]:
         return [n for n, dev in self.devices.items() if dev.active]
+
+    def node_facts(self) -> dict[str, dict]:
+        """What runs on every node, as each agent's probe saw it on its own node (the run
+        manifest's ``nodes``): versions, kernel, tc, CPU model and flags. A device whose agent
+        is gone: its error instead."""
+        names = [self.inv.server.name] + [n for n, d in self.devices.items() if d.active]
+        refs = {name: self.call_async(name, "probe") for name in names}
+        out = {}
+        for name, ref in refs.items():
+            try:
+                facts = self.gather([ref], 120)[0]
+                out[name] = {k: facts.get(k) for k in NODE_FACTS}
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                out[name] = {"error": str(exc).strip().splitlines()[-1][:300]}
+        return out
 
     def models(self) -> dict[str, dict]:
         """The model file each node's agent reported it loaded (``agents.model_file``: path,

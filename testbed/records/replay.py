@@ -9,7 +9,7 @@ budgets and schedule. Before anything is brought up it compares, item by item (`
   testbed's git commit and whether the tree was dirty;
 - the model file of every node, by sha256: for an emulated lab the files are on this machine
   and are hashed here; for a real lab they are hashed by the agents once the lab is up, and
-  every node's versions are compared then (``node_facts``), before the first round.
+  every node's versions are compared then (``reported_facts``), before the first round.
 
 ``differences(recorded, now)`` lists what differs; the command prints it as a table and refuses
 (exit 2) unless ``--allow-changes``. An item the recording lacks (an older manifest) cannot be
@@ -113,7 +113,7 @@ def local_model_sha256(inv) -> dict[str, str]:
 
 def current_facts(exp, profile: dict | None, schedule: list, seeds: dict) -> dict[str, Any]:
     """The same items for a replay of ``exp`` on this machine now (model files of an emulated
-    lab included; a real lab's nodes come later: ``node_facts``)."""
+    lab included; a real lab's nodes come later: ``reported_facts``)."""
     from testbed.lab.probe import cpu_info
     from testbed.records.runs import digest, git_info, versions
     out: dict[str, Any] = {"digest.experiment": exp.digest,
@@ -137,10 +137,9 @@ def current_facts(exp, profile: dict | None, schedule: list, seeds: dict) -> dic
     return out
 
 
-def node_facts(manifest: dict) -> dict[str, Any]:
+def reported_facts(manifest: dict) -> dict[str, Any]:
     """A new run's manifest (after the agents reported): its models and nodes items."""
-    facts = recorded_facts({"models": manifest.get("models"), "nodes": manifest.get("nodes")})
-    return facts
+    return recorded_facts({"models": manifest.get("models"), "nodes": manifest.get("nodes")})
 
 
 def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[dict]:
