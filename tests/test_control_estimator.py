@@ -306,3 +306,48 @@ def test_a_recorded_upload_gives_the_profiles_rate_and_reproduces_its_time():
     arr = arrays(est.problem())
     k = est.problem().names.index(name)
     assert arr.upload_s[k, L] / share == pytest.approx(upload_s, rel=1e-6)
+
+
+def test_fair_replanners_value_plans_by_their_own_objective():
+    """A max-min re-planner leaves the heterogeneous plan (more sum goodput, a weaker worst
+    device) for its own, while a heterogeneous re-planner keeps it: each values both plans by
+    its own objective (``policy_value``), not by the sum."""
+    from testbed.control.model import arrays
+    from testbed.control.replan import policy_value
+    p = with_device(prior(), "c", acceptance=0.2, draft_per_token_s=0.2)   # a weak device
+    het = solve(p, "multispin-heterogeneous")
+    mm = solve(p, "max-min")
+    arr = arrays(p)
+    assert policy_value("max-min", arr, het.draft_lens, het.shares) < \
+        policy_value("max-min", arr, mm.draft_lens, mm.shares)
+    assert het.goodput_tps > mm.goodput_tps
+    d = Replanner("max-min", hysteresis=0.01).decide(het, p, 100)
+    assert d.replace and d.plan.draft_lens == mm.draft_lens and d.predicted_gain > 0.01
+    d = Replanner("multispin-heterogeneous", hysteresis=0.01).decide(het, p, 100)
+    assert not d.replace
+    # proportional-fair: K times the geometric mean of the devices' goodputs
+    g = arr.tokens[np.arange(arr.K), list(het.draft_lens)] / het.round_s
+    assert policy_value("proportional-fair", arr, het.draft_lens, het.shares) == \
+        pytest.approx(arr.K * float(np.exp(np.log(g).mean())))
+
+
+def test_slo_replanner_meets_the_target_or_says_it_cannot():
+    from testbed.control.policies import SLO_POLICY
+    p = prior()
+    het = solve(p, "multispin-heterogeneous")
+    worst = max(het.round_s / d.expected_tokens for d in het.devices)
+    easy = Replanner(SLO_POLICY, tpot_s=worst * 2).decide(None, p, 0)
+    assert easy.slo["feasible"] and easy.plan.draft_lens == het.draft_lens
+    tight = Replanner(SLO_POLICY, tpot_s=worst * 0.9).decide(None, p, 0)
+    if tight.slo["feasible"]:
+        assert max(tight.plan.round_s / d.expected_tokens for d in tight.plan.devices) \
+            <= worst * 0.9 * (1 + 1e-9)
+        assert tight.plan.goodput_tps <= het.goodput_tps
+    never = Replanner(SLO_POLICY, tpot_s=1e-4).decide(None, p, 0)
+    assert not never.slo["feasible"] and never.plan.policy == SLO_POLICY
+    mm = solve(p, "max-min")
+    assert never.plan.draft_lens == mm.draft_lens          # the closest plan: max-min's
+    assert never.slo["worst_tpot_s"] == pytest.approx(
+        max(mm.round_s / d.expected_tokens for d in mm.devices), rel=1e-6)
+    with pytest.raises(ValueError, match="tpot_s"):
+        Replanner(SLO_POLICY)

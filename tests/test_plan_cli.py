@@ -12,6 +12,7 @@ import pytest
 
 from testbed.cli import main
 from testbed.control.exhaustive import exhaustive_heterogeneous, exhaustive_homogeneous
+from testbed.control.fair import solve_slo
 from testbed.control.model import arrays, evaluate
 from testbed.control.policies import POLICIES
 from testbed.control.problem import load_problem, problem_from_profile
@@ -46,7 +47,7 @@ def run_json(capsys, *argv):
     return json.loads(capsys.readouterr().out)
 
 
-def test_json_default_is_all_five_policies(capsys, problem_file):
+def test_json_default_is_every_policy(capsys, problem_file):
     plans = run_json(capsys, problem_file)
     assert [p["policy"] for p in plans] == list(POLICIES)
     arr = arrays(load_problem(problem_file))
@@ -59,6 +60,66 @@ def test_json_default_is_all_five_policies(capsys, problem_file):
         assert evaluate(arr, L, b)[1] == pytest.approx(plan["goodput_tps"], rel=1e-6)
     g = {p["policy"]: p["goodput_tps"] for p in plans}
     assert g["multispin-heterogeneous"] > g["agnostic-fixed"]
+    assert {"proportional-fair", "max-min"} <= set(g)
+
+
+def _worst_tpot(plan: dict) -> float:
+    return max(plan["round_s"] / d["expected_tokens"] for d in plan["devices"])
+
+
+def test_tpot_alone_plans_only_the_slo_plan(capsys, problem_file):
+    arr = arrays(load_problem(problem_file))
+    fair = run_json(capsys, problem_file, "--policy", "max-min")
+    het = run_json(capsys, problem_file, "--policy", "multispin-heterogeneous")
+    best, free = _worst_tpot(fair), _worst_tpot(het)
+    assert best < free                              # the target below can bind
+    target = 0.5 * (best + free)
+    plan = run_json(capsys, problem_file, "--tpot-s", str(target))
+    assert isinstance(plan, dict) and plan["policy"] == "slo-heterogeneous"
+    assert _worst_tpot(plan) <= target
+    assert plan["goodput_tps"] == pytest.approx(solve_slo(arr, target).goodput_tps, rel=1e-12)
+    assert fair["goodput_tps"] <= plan["goodput_tps"] <= het["goodput_tps"]
+    L = [d["draft_len"] for d in plan["devices"]]
+    b = [d["bandwidth_share"] for d in plan["devices"]]
+    assert evaluate(arr, L, b)[1] == pytest.approx(plan["goodput_tps"], rel=1e-9)
+    # with --policy it comes after the policies asked, in a list
+    both = run_json(capsys, problem_file, "--policy", "max-min", "--tpot-s", str(target))
+    assert [p["policy"] for p in both] == ["max-min", "slo-heterogeneous"]
+
+
+def test_tpot_that_no_plan_meets_is_one_line_and_exit_1_when_alone(capsys, problem_file):
+    best = _worst_tpot(run_json(capsys, problem_file, "--policy", "max-min"))
+    target = 0.9 * best
+    assert main(["plan", problem_file, "--tpot-s", str(target), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slo-heterogeneous: no plan meets a TPOT")
+    assert f"{best * 1e3:.4g} ms" in lines[0]
+    # with another plan asked: that plan is printed (a list: two were asked), exit 0
+    assert main(["plan", problem_file, "--tpot-s", str(target), "--policy", "server-only",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [p["policy"] for p in json.loads(out)] == ["server-only"]
+    assert "no plan meets" in err
+    # and in the table form too
+    assert main(["plan", problem_file, "--tpot-s", str(target)]) == 1
+    assert "no plan meets" in capsys.readouterr().err
+
+
+def test_tpot_table_shows_the_target_and_worst_tpot(capsys, problem_file):
+    free = _worst_tpot(run_json(capsys, problem_file, "--policy", "multispin-heterogeneous"))
+    assert main(["plan", problem_file, "--tpot-s", str(2 * free), "--policy",
+                 "agnostic-fixed"]) == 0
+    out = capsys.readouterr().out
+    assert "slo-heterogeneous" in out and f"(target {2 * free * 1e3:.4g} ms)" in out
+    assert "TPOT" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.1", "nan", "inf", "fast"])
+def test_tpot_must_be_a_positive_time(capsys, problem_file, bad):
+    assert main(["plan", problem_file, "--tpot-s", bad]) == 2
+    assert "--tpot-s" in capsys.readouterr().err
 
 
 def test_json_one_policy_is_an_object_several_a_list(capsys, problem_file):

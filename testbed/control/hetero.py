@@ -186,17 +186,7 @@ class _Search:
         self.offer(Ls)
 
     def golden(self, lo: float, hi: float, steps: int) -> None:
-        x1, x2 = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-        f1, f2 = self.trials([x1])[0], self.trials([x2])[0]
-        for _ in range(steps):
-            if f1 >= f2:
-                hi, x2, f2 = x2, x1, f1
-                x1 = hi - _GOLDEN * (hi - lo)
-                f1 = self.trials([x1])[0]
-            else:
-                lo, x1, f1 = x1, x2, f2
-                x2 = lo + _GOLDEN * (hi - lo)
-                f2 = self.trials([x2])[0]
+        golden_max(lambda t: self.trials([t])[0], lo, hi, steps)
 
     def _prices(self, mu: float) -> tuple[np.ndarray, np.ndarray]:
         """Values at token price mu: of the jump 0 -> L and of the step L-1 -> L (cached)."""
@@ -247,10 +237,28 @@ class _Search:
         return down, up
 
 
-def _split_rows(e: np.ndarray, w: np.ndarray, cap: float) -> np.ndarray:
-    """Row-wise ``_split_efficiency`` by sorting (for batches of small problems)."""
+def golden_max(f, lo: float, hi: float, steps: int) -> None:
+    """Golden-section search for a maximum of ``f`` on [lo, hi], ``steps`` narrowings. Used
+    for what the calls do (each evaluation offers its plans to a search), not a result."""
+    x1, x2 = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    f1, f2 = f(x1), f(x2)
+    for _ in range(steps):
+        if f1 >= f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - _GOLDEN * (hi - lo)
+            f1 = f(x1)
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + _GOLDEN * (hi - lo)
+            f2 = f(x2)
+
+
+def _split_rows(e: np.ndarray, w: np.ndarray, cap) -> np.ndarray:
+    """Row-wise ``_split_efficiency`` by sorting (for batches of small problems); ``cap`` is
+    one capacity or one per row."""
     order = np.argsort(-e, axis=1, kind="stable")
     cum = np.cumsum(np.take_along_axis(w, order, axis=1), axis=1)
+    cap = np.broadcast_to(np.asarray(cap, dtype=float), (e.shape[0],))[:, None]
     idx = np.argmax(cum > cap, axis=1)
     return np.take_along_axis(e, order, axis=1)[np.arange(e.shape[0]), idx]
 

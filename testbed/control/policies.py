@@ -1,4 +1,4 @@
-"""The five policies of the contract (docs: goodput-model.md, "Policies"), by their CLI names.
+"""The seven policies of the contract (docs: goodput-model.md, "Policies"), by their CLI names.
 
 - ``multispin-heterogeneous``: per-device lengths in 0..Lmax and optimal shares (``hetero``).
 - ``multispin-homogeneous``: one common L in 1..Lmax, the best one, with optimal shares.
@@ -6,12 +6,22 @@
 - ``agnostic-tuned``: one common L, the best for K copies of the average device (mean t0, tau,
   alpha and SNR in dB) with equal shares; applied to the real devices with shares 1/K.
 - ``server-only``: nobody drafts; the server decodes one token per user per round.
+- ``proportional-fair``: per-device lengths in 0..Lmax maximising sum_k log g_k, g_k = E_k / T
+  the goodput of device k, with optimal shares (``fair``).
+- ``max-min``: per-device lengths in 0..Lmax maximising min_k g_k (the least such plan: the
+  shortest round among the maximisers), with optimal shares (``fair``).
+
+Not a policy name but planned here too: ``solve_slo_plan(problem, tpot_s)``, the largest sum
+goodput with every device's expected time per token T / E_k <= tpot_s (plan name
+``SLO_POLICY`` = "slo-heterogeneous"), or None with the best TPOT any plan reaches.
 
 Ordering that holds by construction (tests check it): heterogeneous >= homogeneous >=
-agnostic-tuned and agnostic-fixed, and heterogeneous >= server-only. Homogeneous may lose to
-server-only (it must draft at least one token).
+agnostic-tuned and agnostic-fixed, and heterogeneous >= server-only (sum goodput);
+proportional-fair has the largest sum_k log g_k and max-min the largest min_k g_k of all
+policies. Homogeneous may lose to server-only (it must draft at least one token).
 
-Entry points: ``solve(problem, policy) -> Plan``, ``solve_many``, ``POLICIES``. Pure.
+Entry points: ``solve(problem, policy) -> Plan``, ``solve_many``, ``POLICIES``,
+``solve_slo_plan``. Pure.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from testbed.control.fair import SloResult, solve_max_min, solve_proportional_fair, solve_slo
 from testbed.control.hetero import solve_heterogeneous
 from testbed.control.model import (Arrays, arrays, arrival_time, expected_tokens, make_plan,
                                    optimal_shares, spectral_efficiency)
@@ -73,16 +84,29 @@ def _server_only(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]
     return np.zeros(arr.K, dtype=np.intp), np.zeros(arr.K)
 
 
+def _proportional_fair(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    L, _ = solve_proportional_fair(arr)
+    return L, optimal_shares(arr, L)[0]
+
+
+def _max_min(problem: Problem, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    L, _ = solve_max_min(arr)
+    return L, optimal_shares(arr, L)[0]
+
+
 _SOLVERS: dict[str, Callable[[Problem, Arrays], tuple[np.ndarray, np.ndarray]]] = {
     "multispin-heterogeneous": _heterogeneous,
     "multispin-homogeneous": _homogeneous,
     "agnostic-fixed": _agnostic_fixed,
     "agnostic-tuned": _agnostic_tuned,
     "server-only": _server_only,
+    "proportional-fair": _proportional_fair,
+    "max-min": _max_min,
 }
 POLICIES: tuple[str, ...] = POLICY_NAMES
 assert tuple(_SOLVERS) == POLICIES
 BASELINE = "agnostic-fixed"     # what gains are reported against
+SLO_POLICY = "slo-heterogeneous"   # the plan name of ``solve_slo_plan``
 
 
 def solve(problem: Problem, policy: str, arr: Arrays | None = None) -> Plan:
@@ -98,3 +122,15 @@ def solve(problem: Problem, policy: str, arr: Arrays | None = None) -> Plan:
 def solve_many(problem: Problem, policies=POLICIES) -> list[Plan]:
     arr = arrays(problem)
     return [solve(problem, p, arr) for p in policies]
+
+
+def solve_slo_plan(problem: Problem, tpot_s: float,
+                   arr: Arrays | None = None) -> tuple[Plan | None, SloResult]:
+    """The plan of largest sum goodput with every device's T / E_k <= tpot_s (named
+    ``SLO_POLICY``), or None when no plan meets it; the ``SloResult`` says by how much."""
+    arr = arrays(problem) if arr is None else arr
+    result = solve_slo(arr, tpot_s)
+    if not result.feasible:
+        return None, result
+    return make_plan(problem, arr, SLO_POLICY, result.lengths,
+                     optimal_shares(arr, result.lengths)[0]), result

@@ -35,7 +35,7 @@ from testbed.yamlio import Section
 SCHEMA = "testbed.problem/1"
 # The policy names of the CLI contract (goodput-model.md, "Policies"); solvers: policies.py.
 POLICY_NAMES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed",
-                "agnostic-tuned", "server-only")
+                "agnostic-tuned", "server-only", "proportional-fair", "max-min")
 PROFILE_SCHEMA_PREFIX = "testbed.profile/"
 PROFILE_SCHEMA = PROFILE_SCHEMA_PREFIX + "1"      # profiling/format.py writes this version
 # Upper bounds of a problem's numbers: far above any real lab, low enough that every round time
@@ -252,7 +252,9 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
     Per device: ``draft_base_s`` = ``draft.round_base_s`` (drafting base + applying the verdict
     + the round's dispatch; ``draft.base_s`` in profiles without it), ``draft_per_token_s`` =
     ``draft.per_token_s`` (negative fits clamp to 0); acceptance = the pooled rate, or with
-    ``workloads`` (one workload name, or device name -> workload name) that workload's rate;
+    ``workloads`` (one workload name, or device name -> workload name) that workload's rate
+    (over whole answers, ``acceptance.teacher_forced``, when the profile has it: a greedy
+    workload; else the draft rounds');
     SNR = ``snr_db[name]`` when given, else the SNR the link was profiled with (the SNR is part
     of the channel model, not measured). Shared: bits per draft token and header bits from the
     profile's ``payload`` (an explicit ``channel.bits_per_draft_token`` wins), the server's
@@ -304,6 +306,10 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
                           f'{name} has no acceptance for workload "{wanted}" (profiled: '
                           f'{", ".join(per) or "none"}): profile with that workload')
             rate = num(per[wanted].get("rate"), f"{where}.acceptance.per_workload.{wanted}.rate")
+            whole = ((acc.get("teacher_forced") or {}).get("per_workload") or {}).get(wanted)
+            if isinstance(whole, dict) and whole.get("rate") is not None:
+                rate = num(whole["rate"],
+                           f"{where}.acceptance.teacher_forced.per_workload.{wanted}.rate")
         snr = (snr_db or {}).get(name, link.get("snr_db"))
         devices.append(Device(
             name=str(name),

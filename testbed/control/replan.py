@@ -8,7 +8,14 @@ goodput it was predicted when it was made). It replaces the plan only when
 - the devices changed (one left or rejoined: the plan in force no longer fits), or there is none;
 - otherwise when the plan in force has been in place for at least ``min_dwell_rounds`` rounds
   (``ignore_dwell``: at any time, for a change the caller knows of, such as a workload switch)
-  and the candidate's predicted goodput beats it by more than ``hysteresis`` (relative).
+  and the candidate's predicted value beats it by more than ``hysteresis`` (relative).
+
+The value is the policy's own objective (``policy_value``): the sum goodput for the Multi-SPIN
+and agnostic policies; for ``proportional-fair`` K times the geometric mean of the devices'
+goodputs g_k, for ``max-min`` K times the smallest g_k (both in tokens/s, equal to the sum
+goodput when every device gets the same; a relative gain in them is a relative gain in the
+objective). Valuing a fair policy's plans by their sum would keep a plan that the fair
+objective says to leave.
 
 Why this cannot flap: both plans are valued by one model and one set of estimates, and the
 candidate is the policy's optimum for them, so under unchanged estimates a plan that replaced
@@ -21,11 +28,25 @@ Main types: ``Replanner`` and ``Decision``. Pure: no clock, the caller passes ro
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from testbed.control.model import arrays, evaluate
-from testbed.control.policies import solve
+import numpy as np
+
+from testbed.control.model import Arrays, arrays, evaluate
+from testbed.control.policies import SLO_POLICY, solve, solve_slo_plan
 from testbed.control.problem import Plan, Problem
+
+
+def policy_value(policy: str, arr: Arrays, lengths, shares) -> float:
+    """The plan's value under ``policy``'s objective, in tokens/s (see the module docstring)."""
+    round_s, goodput = evaluate(arr, lengths, shares)
+    if policy not in ("proportional-fair", "max-min"):
+        return goodput
+    e = arr.tokens[np.arange(arr.K), np.asarray(lengths, dtype=np.intp)]
+    if policy == "max-min":
+        return arr.K * float(e.min()) / round_s
+    return arr.K * float(np.exp(np.mean(np.log(e)))) / round_s
 
 
 @dataclass(frozen=True)
@@ -34,7 +55,9 @@ class Decision:
     plan: Plan                      # the plan to apply from now (the old one when kept)
     reason: str                     # "first plan", "devices changed", "gain", "small gain", "dwell"
     current_tps: float | None       # the plan in force, valued under the current estimates
-    candidate_tps: float            # the policy's best under the current estimates
+    candidate_tps: float            # the policy's best under the current estimates (both by
+                                    # ``policy_value``: the sum goodput but for fair policies)
+    slo: dict | None = None         # SLO_POLICY: {"tpot_s", "feasible", "worst_tpot_s"}
 
     @property
     def predicted_gain(self) -> float | None:
@@ -46,12 +69,16 @@ class Decision:
 class Replanner:
     """Decides, for one policy, whether a new plan replaces the plan in force."""
 
-    def __init__(self, policy: str, hysteresis: float = 0.05, min_dwell_rounds: int = 0):
+    def __init__(self, policy: str, hysteresis: float = 0.05, min_dwell_rounds: int = 0,
+                 tpot_s: float | None = None):
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
         if min_dwell_rounds < 0:
             raise ValueError(f"min_dwell_rounds must be >= 0, got {min_dwell_rounds}")
+        if policy == SLO_POLICY and tpot_s is None:
+            raise ValueError(f"{SLO_POLICY} needs a target time per token (tpot_s)")
         self.policy = policy
+        self.tpot_s = tpot_s
         self.hysteresis = hysteresis
         self.min_dwell_rounds = min_dwell_rounds
         self.since_round: int | None = None     # round at which the plan in force was applied
@@ -59,19 +86,38 @@ class Replanner:
     def decide(self, current: Plan | None, problem: Problem, round_index: int, *,
                ignore_dwell: bool = False) -> Decision:
         arr = arrays(problem)
-        candidate = solve(problem, self.policy, arr)
+        candidate, slo = self._candidate(problem, arr)
         if current is None or tuple(d.name for d in current.devices) != problem.names:
             return self._replace(candidate, round_index,
-                                 "first plan" if current is None else "devices changed", None)
-        _, current_tps = evaluate(arr, current.draft_lens, current.shares)
+                                 "first plan" if current is None else "devices changed", None,
+                                 slo=slo)
+        current_tps = policy_value(self.policy, arr, current.draft_lens, current.shares)
+        candidate_tps = policy_value(self.policy, arr, candidate.draft_lens, candidate.shares)
         if not ignore_dwell and self.since_round is not None and \
                 round_index - self.since_round < self.min_dwell_rounds:
-            return Decision(False, current, "dwell", current_tps, candidate.goodput_tps)
-        if candidate.goodput_tps > current_tps * (1.0 + self.hysteresis):
-            return self._replace(candidate, round_index, "gain", current_tps)
-        return Decision(False, current, "small gain", current_tps, candidate.goodput_tps)
+            return Decision(False, current, "dwell", current_tps, candidate_tps, slo)
+        if candidate_tps > current_tps * (1.0 + self.hysteresis):
+            return self._replace(candidate, round_index, "gain", current_tps, candidate_tps,
+                                 slo=slo)
+        return Decision(False, current, "small gain", current_tps, candidate_tps, slo)
+
+    def _candidate(self, problem: Problem, arr) -> tuple[Plan, dict | None]:
+        """The policy's plan; for ``SLO_POLICY`` the best plan that meets the target, or when
+        none does the plan closest to it (max-min's, which gives the lowest worst time per
+        token), with the verdict."""
+        if self.policy != SLO_POLICY:
+            return solve(problem, self.policy, arr), None
+        plan, res = solve_slo_plan(problem, self.tpot_s, arr)
+        slo = {"tpot_s": self.tpot_s, "feasible": res.feasible,
+               "worst_tpot_s": res.worst_tpot_s}
+        if plan is None:
+            closest = solve(problem, "max-min", arr)
+            plan = dataclasses.replace(closest, policy=SLO_POLICY)
+        return plan, slo
 
     def _replace(self, plan: Plan, round_index: int, reason: str,
-                 current_tps: float | None) -> Decision:
+                 current_tps: float | None, candidate_tps: float | None = None, *,
+                 slo: dict | None = None) -> Decision:
         self.since_round = round_index
-        return Decision(True, plan, reason, current_tps, plan.goodput_tps)
+        return Decision(True, plan, reason, current_tps,
+                        plan.goodput_tps if candidate_tps is None else candidate_tps, slo)
