@@ -267,3 +267,167 @@ def test_predicted_goodput_is_predicted_tokens_over_predicted_time_and_plan_valu
         del ev["plan_goodput_tps"], ev["plan_round_s"]
     p = summarize(events)["policies"][0]
     assert p["planned_goodput_tps"] is None and p["plan_prediction_error"] is None
+
+
+# -- per user: fairness, time per output token, time to first token -------------------------
+
+def test_summary_fairness_and_steady_tpot_on_synthetic_runs():
+    by = {p["policy"]: p for p in summarize(make_events(rounds=20))["policies"]}
+    het = by["multispin-heterogeneous"]
+    # goodputs 16, 12, 8, 4 tok/s: Jain = 40^2 / (4 * (256 + 144 + 64 + 16)) = 1600 / 1920
+    assert het["jain_index"] == pytest.approx(1600 / 1920)
+    assert (het["min_device"], het["min_device_goodput_tps"]) == ("dev-d", pytest.approx(4.0))
+    # every device gains the same tokens every round: TPOT = round_s / tokens, every round
+    for d, tokens in zip(het["devices"], POLICIES["multispin-heterogeneous"]["tokens"]):
+        assert d["tpot_p50_s"] == pytest.approx(0.25 / tokens)
+        assert d["tpot_p95_s"] == pytest.approx(0.25 / tokens)
+        assert (d["prompts"], d["ttft_mean_s"], d["ttft_p50_s"], d["ttft_p95_s"]) == \
+            (0, None, None, None)                     # no prefill events in these records
+    srv = by["server-only"]                           # all equal: 1, the first of the ties
+    assert srv["jain_index"] == pytest.approx(1.0) and srv["min_device"] == "dev-a"
+    assert [r["jain_index"] for r in het["repeats"]] == [pytest.approx(1600 / 1920)]
+    # the devices' goodputs add up to the policy's (the sum the report shows beside the min)
+    assert sum(d["tokens_per_s"] for d in het["devices"]) == pytest.approx(het["goodput_tps"])
+
+
+def _round_ev(t: float, round_s: float, tokens: dict, warmup: bool = False, **extra) -> dict:
+    ev = {"type": "round", "t": t, "policy": "p", "round": 0, "round_s": round_s,
+          "devices": [{"name": n, "tokens": k, "n_drafted": 2, "n_accepted": max(0, k - 1),
+                       "draft_len": 2, "share": 0.5, "rate_bps": 1e5, "draft_s": 0.1,
+                       "upload_s": 0.1} for n, k in tokens.items()],
+          "verify_real_s": 0.1, "downlink_s": 0.0, **extra}
+    if warmup:
+        ev["warmup"] = True
+    return ev
+
+
+def _hand_events() -> list[dict]:
+    """Two devices; numbers chosen to be worked out by hand (test below)."""
+    return [
+        {"type": "run_start", "t": 0.0, "run": "r", "policies": ["p"]},
+        # prefills end at t; they started at t - prefill_s: a at 0.6, b at 1.0
+        {"type": "prefill", "t": 1.0, "policy": "p", "device": "a", "prefill_s": 0.4},
+        {"type": "prefill", "t": 1.5, "policy": "p", "device": "b", "prefill_s": 0.5},
+        {"type": "policy_start", "t": 1.5, "policy": "p"},
+        # warm-up: a's first token comes here (not timed); b gains nothing, still waiting
+        _round_ev(2.0, 0.5, {"a": 3, "b": 0}, warmup=True),
+        _round_ev(3.0, 1.0, {"a": 2, "b": 1}),          # b's first token: TTFT 3.0 - 1.0
+        {"type": "prefill", "t": 3.3, "policy": "p", "device": "a", "prefill_s": 0.2},
+        _round_ev(4.0, 0.5, {"a": 0, "b": 2}),          # a gains nothing: waits on
+        _round_ev(4.4, 0.4, {"a": 4, "b": 1}),          # a: TTFT 4.4 - 3.1, TPOT 0.9 / 4
+        {"type": "prefill", "t": 4.6, "policy": "p", "device": "b", "prefill_s": 0.1},
+        _round_ev(5.0, 0.4, {"a": 1}),                  # b is not in this round
+        {"type": "policy_end", "t": 5.0, "policy": "p"},   # b's last prompt: no token, cut
+        {"type": "run_end", "t": 5.1, "status": "ok"}]
+
+
+def test_summary_user_figures_worked_by_hand():
+    p = summarize(_hand_events())["policies"][0]
+    assert p["rounds"] == 4 and p["duration_s"] == pytest.approx(2.3)
+    a, b = p["devices"]
+    assert (a["tokens"], b["tokens"]) == (7, 4) and b["rounds"] == 3
+    assert a["tokens_per_s"] == pytest.approx(7 / 2.3)
+    assert b["tokens_per_s"] == pytest.approx(4 / 2.3)       # over the policy's whole time
+    assert p["jain_index"] == pytest.approx(11 ** 2 / (2 * (7 ** 2 + 4 ** 2)))
+    assert p["min_device"] == "b" and p["min_device_goodput_tps"] == pytest.approx(4 / 2.3)
+    # TPOT samples: a 1.0/2, (0.5 + 0.4)/4, 0.4/1 -> sorted 0.225, 0.4, 0.5
+    #               b 1.0/1, 0.5/2, 0.4/1         -> sorted 0.25, 0.4, 1.0
+    # p95 (linear, numpy's default): rank 0.95 * 2 = 1.9 -> x[1] + 0.9 (x[2] - x[1])
+    assert a["tpot_p50_s"] == pytest.approx(0.4)
+    assert a["tpot_p95_s"] == pytest.approx(0.4 + 0.9 * 0.1)
+    assert b["tpot_p50_s"] == pytest.approx(0.4)
+    assert b["tpot_p95_s"] == pytest.approx(0.4 + 0.9 * 0.6)
+    # TTFT: a's first prompt got its token in the warm-up (not timed), its second 4.4 - 3.1;
+    # b's first 3.0 - 1.0 (its wait through the warm-up round counts), its second is cut off
+    assert (a["prompts"], a["ttft_mean_s"], a["ttft_p50_s"], a["ttft_p95_s"]) == \
+        (1, pytest.approx(1.3), pytest.approx(1.3), pytest.approx(1.3))
+    assert (b["prompts"], b["ttft_p50_s"]) == (1, pytest.approx(2.0))
+
+
+def test_ttft_percentiles_over_prompts_and_prompts_stay_in_their_repeat():
+    events = _hand_events()
+    # two more prompts for a, 0.5 s and 1.0 s before the end of a round it gains in
+    events[-2:-2] = [
+        {"type": "prefill", "t": 5.3, "policy": "p", "device": "a", "prefill_s": 0.2},
+        _round_ev(5.6, 0.3, {"a": 1}),                   # TTFT 5.6 - 5.1 = 0.5
+        {"type": "prefill", "t": 5.7, "policy": "p", "device": "a", "prefill_s": 0.1},
+        _round_ev(6.6, 0.3, {"a": 1})]                   # TTFT 6.6 - 5.6 = 1.0
+    a = summarize(events)["policies"][0]["devices"][0]
+    assert a["prompts"] == 3 and a["ttft_mean_s"] == pytest.approx((1.3 + 0.5 + 1.0) / 3)
+    assert a["ttft_p50_s"] == pytest.approx(1.0)
+    assert a["ttft_p95_s"] == pytest.approx(1.0 + 0.9 * 0.3)          # 0.5, 1.0, 1.3
+    # A prompt left without a token at the end of repeat 0 is not answered by repeat 1's
+    # first round (repeat 1 has no warm-up here).
+    rep0 = [dict(e, repeat=0) for e in _hand_events()[1:-1]]
+    rep1 = [dict(e, repeat=1, t=e["t"] + 10) for e in _hand_events()[1:-1]
+            if e["type"] != "prefill" and not e.get("warmup")]
+    p = summarize(_hand_events()[:1] + rep0 + rep1)["policies"][0]
+    a, b = p["devices"]
+    assert (a["prompts"], b["prompts"]) == (1, 1)
+    assert [r["repeat"] for r in p["repeats"]] == [0, 1]
+    for r in p["repeats"]:                        # per repeat: same tokens, same time
+        assert r["jain_index"] == pytest.approx(p["jain_index"])
+        assert r["min_device"] == "b"
+
+
+def test_per_repeat_fairness():
+    events = make_events(policies=["agnostic-fixed"], rounds=4, repeats=2)
+    for ev in events:
+        if ev["type"] == "round" and ev.get("repeat") == 1 and not ev.get("warmup"):
+            ev["devices"][0]["tokens"] = 1              # dev-a: 4 -> 1 token a round
+    p = summarize(events)["policies"][0]
+    r0, r1 = p["repeats"]
+    assert r0["jain_index"] == pytest.approx(10 ** 2 / (4 * 30))       # tokens 4, 3, 2, 1
+    assert r1["jain_index"] == pytest.approx(7 ** 2 / (4 * 15))        # tokens 1, 3, 2, 1
+    assert (r0["min_device"], r1["min_device"]) == ("dev-d", "dev-a")  # a tie: the first
+    assert r1["min_device_goodput_tps"] == pytest.approx(1 / 0.4)
+    # pooled over both repeats (8 rounds, 3.2 s): dev-a 16 + 4 tokens, dev-d 4 + 4
+    assert p["min_device"] == "dev-d"
+    assert p["min_device_goodput_tps"] == pytest.approx(8 / 3.2)
+
+
+def test_user_figures_match_a_plain_per_device_computation():
+    """Random rounds (devices missing from some rounds, rounds in which a device gains
+    nothing, prompts started anywhere) against a slow, obvious per-device computation."""
+    import numpy as np
+    rng = np.random.default_rng(7)
+    names = [f"d{i}" for i in range(7)]
+    events = [{"type": "run_start", "t": 0.0, "run": "r", "policies": ["p"]}]
+    t, prefill = 0.0, {}
+    expected_ttft: dict = {n: [] for n in names}
+    series: dict = {n: [] for n in names}                 # (round_s, tokens) of each round
+    for i in range(60):
+        for n in names:
+            if rng.random() < 0.15:
+                t += 0.01
+                events.append({"type": "prefill", "t": t, "policy": "p", "device": n,
+                               "prefill_s": 0.005})
+                prefill[n] = t - 0.005
+        rs = float(rng.uniform(0.1, 1.0))
+        t += rs
+        present = [n for n in names if rng.random() < 0.9]
+        toks = {n: int(rng.integers(0, 4)) for n in present}
+        events.append(_round_ev(t, rs, toks))
+        for n, k in toks.items():
+            series[n].append((rs, k))
+            if k > 0 and n in prefill:
+                expected_ttft[n].append(t - prefill.pop(n))
+    p = summarize(events)["policies"][0]
+    by = {d["name"]: d for d in p["devices"]}
+    for n in names:
+        samples, waited = [], 0.0
+        for rs, k in series[n]:
+            waited += rs
+            if k > 0:
+                samples.append(waited / k)
+                waited = 0.0
+        d = by[n]
+        assert d["tpot_p50_s"] == pytest.approx(float(np.percentile(samples, 50)))
+        assert d["tpot_p95_s"] == pytest.approx(float(np.percentile(samples, 95)))
+        assert d["prompts"] == len(expected_ttft[n])
+        if expected_ttft[n]:
+            assert d["ttft_mean_s"] == pytest.approx(float(np.mean(expected_ttft[n])))
+            assert d["ttft_p95_s"] == pytest.approx(float(np.percentile(expected_ttft[n], 95)))
+    assert sum(d["prompts"] for d in p["devices"]) > 20
+    assert len({len(series[n]) for n in names}) > 1        # devices of different round counts
+    json.dumps(p, allow_nan=False)                          # plain JSON numbers, no numpy

@@ -82,7 +82,8 @@ def test_json_and_plots(tmp_path: Path, capsys):
     plots = sorted(Path(p) for p in data["runs"][0]["plots"])
     assert [p.name for p in plots] == [f"{run_dir.name}-devices.png",
                                        f"{run_dir.name}-goodput.png",
-                                       f"{run_dir.name}-intervals.png"]
+                                       f"{run_dir.name}-intervals.png",
+                                       f"{run_dir.name}-users.png"]
     for p in plots:
         w, h = _png_size(p)
         assert w >= 800 and h >= 400 and p.stat().st_size > 20_000
@@ -122,7 +123,7 @@ def test_summary_only_folder(tmp_path: Path):
     (run_dir / "events.jsonl").unlink()
     run = load_run(run_dir)
     assert run.events is None
-    assert [p.name for p in write_plots(run)] == ["devices.png", "intervals.png"]
+    assert [p.name for p in write_plots(run)] == ["devices.png", "intervals.png", "users.png"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "garbled_summary", "garbled_events",
@@ -361,7 +362,8 @@ def test_error_bar_plot_and_repeats_in_goodput_plot(tmp_path: Path):
     assert series["agnostic-fixed #3"]["repeat"] == 2
     assert series["agnostic-fixed #3"]["t"][0] == pytest.approx(0.4)  # from its own start
     paths = write_plots(run)
-    assert [p.name for p in paths] == ["goodput.png", "devices.png", "intervals.png"]
+    assert [p.name for p in paths] == ["goodput.png", "devices.png", "intervals.png",
+                                       "users.png"]
     for p in paths:
         w, h = _png_size(p)
         assert w >= 800 and h >= 400
@@ -408,3 +410,159 @@ def test_wide_intervals_stack_instead_of_being_cut(tmp_path: Path, capsys):
         for p in run["policies"]:
             lo, hi = p["goodput_ci95"]
             assert f"{lo:.1f}" in words and f"{hi:.1f}" in words, (lo, hi)
+
+
+# -- per user: the users table, its JSON and plot, new policy names -------------------------
+
+USERS_HEADER = ("| policy | sum | min | of | Jain | device | tok/s | TPOT p50 | p95 | "
+                "TTFT p50 | n |")
+
+
+def test_users_table_markdown_and_json(tmp_path: Path, capsys):
+    from testbed.records.report import users_table
+    run_dir = write_run(tmp_path)
+    rows = [ln.split() for ln in _text(users_table(load_run(run_dir))).splitlines()]
+    het = next(r for r in rows if r[:1] == ["multispin-heterogeneous"])
+    # sum 40 beside min 4 (dev-d); Jain 1600/1920; dev-a 16 tok/s, TPOT 250/4 ms, no TTFT
+    assert het == ["multispin-heterogeneous", "40.0", "4.00", "dev-d", "0.833", "dev-a",
+                   "16.00", "62", "62", "—", "0"]
+    assert ["dev-b", "12.00", "83", "83", "—", "0"] in rows      # a device row under it
+    assert main(["report", str(run_dir), "--markdown", "--no-plots"]) == 0
+    md = capsys.readouterr().out
+    assert f"*users — run {run_dir.name}*" in md and USERS_HEADER in md
+    assert "| server-only | 20.0 | 5.00 | dev-a | 1.000 | dev-a | 5.00 | 200 | 200 | — | 0 |" \
+        in md
+    assert main(["report", str(run_dir), "--json", "--no-plots"]) == 0
+    users = json.loads(capsys.readouterr().out)["runs"][0]["users"]
+    assert [u["policy"] for u in users] == list(POLICIES)
+    u = users[0]
+    assert set(u) == {"policy", "goodput_tps", "jain_index", "min_device_goodput_tps",
+                      "min_device", "repeats", "devices"}
+    assert u["jain_index"] == pytest.approx(1600 / 1920) and u["min_device"] == "dev-d"
+    assert u["repeats"][0]["jain_index"] == pytest.approx(1600 / 1920)
+    assert set(u["devices"][0]) == {"name", "tokens_per_s", "tpot_p50_s", "tpot_p95_s",
+                                    "ttft_mean_s", "ttft_p50_s", "ttft_p95_s", "prompts"}
+    assert u["devices"][0]["tpot_p95_s"] == pytest.approx(0.0625)
+
+
+def _renamed_run(root: Path, names: dict[str, str], devices: dict[str, str] | None = None,
+                 run_id: str = "20261201T141500Z-users", **kwargs) -> Path:
+    """A synthetic run (no summary.json) with its policies and devices renamed."""
+    from synthetic_runs import make_events
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True)
+    events = make_events(run_id, policies=list(names), **kwargs)
+    devices = devices or {}
+    for ev in events:
+        if "policy" in ev:
+            ev["policy"] = names[ev["policy"]]
+        if ev["type"] == "run_start":
+            ev["policies"] = [names[p] for p in ev["policies"]]
+        for d in ev.get("devices") or []:
+            d["name"] = devices.get(d["name"], d["name"])
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run_dir
+
+
+def test_users_table_fits_80_columns_with_new_policies_and_long_device_names(tmp_path: Path):
+    names = {"multispin-heterogeneous": "proportional-fair", "multispin-homogeneous": "max-min",
+             "agnostic-fixed": "weighted-fair-queueing", "server-only": "server-only"}
+    long = {f"dev-{c}": f"device-{c}-0{k}" for k, c in enumerate("abcd")}
+    for devices in (None, long):
+        run_dir = _renamed_run(tmp_path / str(bool(devices)), names, devices, repeats=3,
+                               scale=lambda p, r: (1.0, 1.3, 0.8)[r])
+        proc = _cli(["report", str(run_dir), "--no-plots"], COLUMNS="80")
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
+        assert max(len(ln) for ln in text.splitlines()) <= 80 and "…" not in text
+        users = text[text.index("users — run"):]
+        assert "pfair" in users and "maxmin" in users and "wfq" in users
+        assert ("policies: pfair = proportional-fair, maxmin = max-min, "
+                "wfq = weighted-fair-queueing") in " ".join(text.split())
+        head = next(ln.split() for ln in users.splitlines() if ln.split()[:1] == ["pfair"])
+        # 3 repeats of 20 rounds of 0.25 s x 1.0, 1.3, 0.8 pooled: 15.5 s; 10 tokens a round,
+        # 1 of them dev-d's
+        total, low = f"{600 / 15.5:.1f}", f"{60 / 15.5:.2f}"
+        if devices is None:                  # policy, sum, min, of, Jain, device ...
+            assert head[1:5] == [total, low, "dev-d", "0.833"]
+        else:                                # too wide with an "of" column: the row starred
+            assert head[1:4] == [total, low, "0.833"]
+            assert "device-d-03*" in users and "*: that device" in " ".join(users.split())
+        run = load_run(run_dir)
+        paths = write_plots(run, tmp_path / "plots")
+        assert paths[-1].name == f"{run_dir.name}-users.png"
+        w, h = _png_size(paths[-1])
+        assert w >= 800 and h >= 400
+
+
+def test_users_table_lists_the_slowest_devices_of_a_large_population(tmp_path: Path):
+    from testbed.records.report import RunData, users_table
+    devices = [{"name": f"dev-{i:05d}", "tokens_per_s": 1.0 + (i * 7919) % 100,
+                "tpot_p50_s": 0.2, "tpot_p95_s": 0.5, "ttft_p50_s": 1.0, "prompts": 2}
+               for i in range(300)]
+    summary = {"policies": [{"policy": "max-min", "goodput_tps": 123.0, "jain_index": 0.9,
+                             "min_device_goodput_tps": 1.0, "min_device": "dev-00000",
+                             "devices": devices}]}
+    run = RunData(path=tmp_path, run_id="r", summary=summary, events=None, manifest=None)
+    listed = [ln.split()[-6] for ln in _text(users_table(run)).splitlines()
+              if "dev-" in ln and ln.split()[-1] == "2"]
+    lowest = [d["name"] for d in sorted(devices, key=lambda d: d["tokens_per_s"])[:6]]
+    assert listed == lowest and listed[0] == "dev-00000"
+    assert "list their 6 with the least tok/s" in " ".join(_text(users_table(run)).split())
+    path = tmp_path / "users.png"
+    from testbed.records.report import plot_users
+    plot_users(run, path)                          # sorted curves instead of 300 bars
+    assert _png_size(path)[0] >= 800
+
+
+def test_old_summary_gets_user_figures_from_events(tmp_path: Path):
+    from testbed.records.report import USER_DEVICE_FIELDS, USER_FIELDS, users_table
+    run_dir = write_run(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for p in summary["policies"]:                  # as written before the per-user figures
+        p["goodput_tps"] = 99.5                    # ... and a figure the report must keep
+        for key in USER_FIELDS:
+            del p[key]
+        for r in p["repeats"]:
+            for key in USER_FIELDS:
+                del r[key]
+        for d in p["devices"]:
+            for key in USER_DEVICE_FIELDS:
+                del d[key]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    run = load_run(run_dir)
+    het = run.summary["policies"][0]
+    assert het["goodput_tps"] == 99.5
+    assert het["jain_index"] == pytest.approx(1600 / 1920) and het["min_device"] == "dev-d"
+    assert het["repeats"][0]["min_device"] == "dev-d"
+    assert het["devices"][1]["tpot_p50_s"] == pytest.approx(0.25 / 3)
+    (run_dir / "events.jsonl").unlink()            # no events: nothing to add, "—" shown
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    text = _text(users_table(load_run(run_dir)))
+    row = next(ln.split() for ln in text.splitlines() if ln.startswith("multispin-het"))
+    assert row[1:6] == ["99.5", "—", "—", "—", "dev-a"]
+
+
+def test_users_scatter_has_error_bars_with_repeats(tmp_path: Path):
+    """The sum-vs-min panel: one point per policy at the means over repeats, with 95% intervals
+    on both axes when the run has repeats."""
+    from unittest import mock
+
+    from testbed.records.report import plot_users
+    run = load_run(_repeated_run(tmp_path))
+    calls = []
+    from matplotlib.axes import Axes
+    real = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        calls.append((x[0], y[0], kwargs.get("xerr"), kwargs.get("yerr")))
+        return real(self, x, y, *args, **kwargs)
+    with mock.patch.object(Axes, "errorbar", spy):
+        plot_users(run, tmp_path / "users.png")
+    assert len(calls) == len(POLICIES)
+    het = run.summary["policies"][0]
+    x, _, xerr, yerr = calls[0]
+    assert x == pytest.approx(het["goodput_mean"])
+    assert xerr is not None and yerr is not None and xerr[0][0] > 0 and yerr[1][0] > 0
+    fixed = calls[list(POLICIES).index("agnostic-fixed")]       # the same every repeat
+    assert fixed[2] == [[pytest.approx(0.0)], [pytest.approx(0.0)]]

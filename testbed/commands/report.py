@@ -2,14 +2,17 @@
 
 Prints a table per policy (goodput, gains over agnostic-fixed and server-only; with repeats,
 means with 95% intervals and paired ratios), one of predicted vs measured, the round-time
-breakdown and overhead, a per-device table, and, for ``report RUN REPLAY``, whether each
-policy's replay fell inside the first run's interval. Writes three PNG plots per run (goodput
-over time with events and re-plans, every repeat drawn; per-device tokens/s and share; means
-with error bars and ratios) into the run folder or ``--out``. Tables fit the terminal (80
-columns and up): policy names are shortened, with a legend, rather than numbers cut. With scheduled events, a table of how each policy answered each of
-them (goodput before, after, and after the re-plan). ``--json`` prints
-``{"runs": [{"run", "policies": [...], "ratios": {...}, "responses": [...], "plots"}],
-"replay_checks": [...]}`` instead of the tables. A missing or garbled run folder is one line on stderr, exit 2.
+breakdown and overhead, a per-device table, a per-user table (each policy's goodput beside its
+slowest device's and Jain's fairness index; per device its time per output token and to first
+token), and, for ``report RUN REPLAY``, whether each policy's replay fell inside the first run's
+interval. With scheduled events, a table of how each policy answered each of them (goodput
+before, after, and after the re-plan). Writes four PNG plots per run (goodput over time with
+events and re-plans, every repeat drawn; per-device tokens/s and share; means with error bars
+and ratios; per-device goodput and sum against minimum per policy) into the run folder or
+``--out``. Tables fit the terminal (80 columns and up): policy names are shortened, with a
+legend, rather than numbers cut. ``--json`` prints ``{"runs": [{"run", "policies": [...],
+"ratios": {...}, "users": [...], "responses": [...], "plots"}], "replay_checks": [...]}``
+instead of the tables. A missing or garbled run folder is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def add_parser(sub) -> None:
                        "policies and PNG plots. Reads summary.json, or recomputes it from "
                        "events.jsonl when it is missing.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder, e.g. runs/<id>")
-    p.add_argument("--out", metavar="DIR", help="write the plots here as <run>-goodput.png and "
-                   "<run>-devices.png (default: into each run folder)")
+    p.add_argument("--out", metavar="DIR", help="write the plots here as <run>-goodput.png, "
+                   "<run>-devices.png, <run>-intervals.png and <run>-users.png (default: into "
+                   "each run folder)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown "

@@ -4,14 +4,18 @@
 the summary recomputed from ``events.jsonl`` (a crashed run still reports); the events feed the
 time-series plot. Tables: ``comparison_table`` (goodput with spread, gain over
 ``agnostic-fixed`` and ``server-only``, predicted vs measured), ``breakdown_table`` (round-time
-parts, overhead), ``device_table`` and ``response_table`` (goodput before each scheduled event,
-after it and after the re-plan that answered it: ``event_responses``). ``report_json`` gives the stable JSON shape.
-``plot_goodput`` (goodput over time per policy, events and re-plans marked) and
-``plot_devices`` (per-device tokens/s and share per policy) write PNGs atomically with
+parts, overhead), ``device_table``, ``users_table`` (per policy its goodput beside its slowest
+device's and Jain's index, per device its time per output token and to first token) and
+``response_table`` (goodput before each scheduled event, after it and after the re-plan that
+answered it: ``event_responses``). ``report_json`` gives the stable JSON shape.
+``plot_goodput`` (goodput over time per policy, events and re-plans marked),
+``plot_devices`` (per-device tokens/s and share per policy), ``plot_intervals`` and
+``plot_users`` (per-device goodput per policy; sum against minimum) write PNGs atomically with
 matplotlib's Agg canvas (no pyplot, no display).
 
-Limits: the goodput plot needs events.jsonl (a folder with only summary.json gets the device
-plot only); policies are overlaid on time since each policy started measuring.
+Limits: the goodput plot needs events.jsonl (a folder with only summary.json gets the other
+plots only); policies are overlaid on time since each policy started measuring. A summary.json
+written before the per-user figures existed gets them from events.jsonl (``load_run``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ from testbed.errors import RecordsError
 from testbed.files import atomic_write_bytes
 from testbed.records.runs import (BASELINES, EVENTS, MANIFEST, MANIFEST_SCHEMA, SUMMARY,
                                   SUMMARY_SCHEMA, read_json, round_tokens, scan_events, summarize)
+from testbed.records.stats import mean_ci
+
+# The per-user figures of a summary (docs/records.md, "Per user"): per policy, per repeat, per
+# device. ``load_run`` adds them from the events to a summary.json written before they existed.
+USER_FIELDS = ("jain_index", "min_device_goodput_tps", "min_device")
+USER_DEVICE_FIELDS = ("tpot_p50_s", "tpot_p95_s", "ttft_mean_s", "ttft_p50_s", "ttft_p95_s",
+                      "prompts")
 
 
 @dataclass
@@ -64,6 +75,8 @@ def load_run(path: str | Path) -> RunData:
                            source=str(path / SUMMARY) if has_summary else str(path / EVENTS),
                            field="policies")
     check_summary(summary, str(path / SUMMARY) if has_summary else str(path / EVENTS))
+    if has_summary and events is not None:
+        add_user_figures(summary, events)
     manifest = read_json(path / MANIFEST, MANIFEST_SCHEMA) if (path / MANIFEST).is_file() else None
     run_id = summary.get("run") or (manifest or {}).get("run") or path.name
     return RunData(path=path, run_id=str(run_id), summary=summary, events=events,
@@ -72,8 +85,34 @@ def load_run(path: str | Path) -> RunData:
 
 _NUMBERS = ("rounds", "duration_s", "tokens", "goodput_tps", "goodput_std",
             "predicted_goodput_tps", "predicted_round_s", "prediction_error",
-            "planned_goodput_tps", "plan_prediction_error", "overhead_frac", "replans", "events")
+            "planned_goodput_tps", "plan_prediction_error", "overhead_frac", "replans", "events",
+            "jain_index", "min_device_goodput_tps")
 _TEXT = ("name", "status", "workload", "policy")
+
+
+def add_user_figures(summary: dict, events: list[dict]) -> None:
+    """Add the per-user figures (``USER_FIELDS``, ``USER_DEVICE_FIELDS``, also per repeat) to a
+    summary written before they existed, from its events: only the missing keys, matched by
+    policy, repeat and device name; every figure already there is left as it is."""
+    policies = summary["policies"]
+    if not policies or all("jain_index" in p for p in policies):
+        return
+    fresh = {p["policy"]: p for p in summarize(events)["policies"]}
+    for p in policies:
+        f = fresh.get(p["policy"])
+        if f is None:
+            continue
+        for key in USER_FIELDS:
+            p.setdefault(key, f.get(key))
+        reps = {r.get("repeat"): r for r in f.get("repeats") or []}
+        for r in p.get("repeats") or []:
+            for key in USER_FIELDS:
+                if isinstance(r, dict):
+                    r.setdefault(key, (reps.get(r.get("repeat")) or {}).get(key))
+        devs = {d["name"]: d for d in f.get("devices") or []}
+        for d in p.get("devices") or []:
+            for key in USER_DEVICE_FIELDS:
+                d.setdefault(key, (devs.get(d["name"]) or {}).get(key))
 
 
 def _is_number(value) -> bool:
@@ -102,6 +141,8 @@ def check_summary(summary: dict, source: str) -> None:
             for k, v in block.items():
                 if not _is_number(v):
                     raise bad(f"{where}.{key}.{k}", "a number", v)
+        if p.get("min_device") is not None and not isinstance(p["min_device"], str):
+            raise bad(f"{where}.min_device", "a device name", p["min_device"])
         devices = p.get("devices")
         if devices is None:
             continue
@@ -117,10 +158,29 @@ def check_summary(summary: dict, source: str) -> None:
 
 # -- numbers ---------------------------------------------------------------------------------
 
+def users_json(run: RunData) -> list[dict]:
+    """Per policy of a run its per-user figures (``users_table`` as data): goodput (the sum
+    over devices), the slowest device and its goodput, Jain's index, those per repeat, and per
+    device its goodput, time per output token and time to first token (seconds)."""
+    out = []
+    for p in run.summary["policies"]:
+        out.append({
+            "policy": p["policy"], "goodput_tps": p.get("goodput_tps"),
+            **{k: p.get(k) for k in USER_FIELDS},
+            "repeats": [{"repeat": r.get("repeat"), "goodput_tps": r.get("goodput_tps"),
+                         **{k: r.get(k) for k in USER_FIELDS}}
+                        for r in p.get("repeats") or [] if isinstance(r, dict)],
+            "devices": [{"name": d.get("name"), "tokens_per_s": d.get("tokens_per_s"),
+                         **{k: d.get(k) for k in USER_DEVICE_FIELDS}}
+                        for d in p.get("devices") or []]})
+    return out
+
+
 def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) -> dict:
     """The stable JSON of ``testbed report --json``: per run its policies (goodput, its mean
     and 95% interval over repeats, forecast, overhead), the paired ratios with their intervals,
-    the event responses, the plots; ``replay_checks`` when a run replays an earlier one."""
+    the per-user figures (``users_json``), the event responses, the plots; ``replay_checks``
+    when a run replays an earlier one."""
     out = []
     for run in runs:
         entry = {"run": run.run_id, "policies": [
@@ -133,7 +193,8 @@ def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) 
              "prediction_error_mean": p.get("prediction_error_mean",
                                             p.get("prediction_error")),
              "prediction_error_sd": p.get("prediction_error_sd")}
-            for p in run.summary["policies"]], "ratios": run.summary.get("ratios") or {}}
+            for p in run.summary["policies"]], "ratios": run.summary.get("ratios") or {},
+            "users": users_json(run)}
         if run.events:
             entry["responses"] = event_responses(run.events)
         if plots is not None:
@@ -152,10 +213,26 @@ SHORT_NAMES = {"multispin-heterogeneous": "hetero", "multispin-homogeneous": "ho
                "proportional-fair": "pfair", "max-min": "maxmin"}
 
 
+SHORT_MAX = 8      # a policy name not in SHORT_NAMES and longer than this is abbreviated
+
+
+def short_name(policy: str) -> str:
+    """``SHORT_NAMES``'s short name; a policy it does not know keeps its name when that is at
+    most ``SHORT_MAX`` characters, else gets the initials of its words (``weighted-fair-share``
+    -> ``wfs``; a one-word name is cut to ``SHORT_MAX``), so any new policy fits the narrow
+    tables (the legend spells it out)."""
+    if policy in SHORT_NAMES:
+        return SHORT_NAMES[policy]
+    if len(policy) <= SHORT_MAX:
+        return policy
+    words = [w for w in policy.replace("_", "-").split("-") if w]
+    return "".join(w[0] for w in words) if len(words) > 1 else policy[:SHORT_MAX]
+
+
 def legend(names) -> str:
-    """The legend of the short policy names used (``SHORT_NAMES``)."""
-    used = [n for n in dict.fromkeys(names) if SHORT_NAMES.get(n, n) != n]
-    return "policies: " + ", ".join(f"{SHORT_NAMES[n]} = {n}" for n in used) if used else ""
+    """The legend of the short policy names used (``short_name``)."""
+    used = [n for n in dict.fromkeys(names) if short_name(n) != n]
+    return "policies: " + ", ".join(f"{short_name(n)} = {n}" for n in used) if used else ""
 
 
 def fit(console, build: Callable[[int], Table]) -> tuple[Table, bool]:
@@ -202,7 +279,7 @@ def _table(title: str, columns: list[str], caption: str | None = None) -> Table:
 
 
 def _name(policy: str, short: bool) -> str:
-    return SHORT_NAMES.get(policy, policy) if short else policy
+    return short_name(policy) if short else policy
 
 
 def _run_label(runs: list[RunData], i: int) -> list[str]:
@@ -337,6 +414,66 @@ def device_table(run: RunData, short: bool = False) -> Table:
     return table
 
 
+USER_ROWS = 12        # a policy with more devices than this lists only its LOWEST_ROWS slowest
+LOWEST_ROWS = 6
+
+
+def _user_devices(p: dict) -> tuple[list[dict], bool]:
+    """The device rows of a policy in the users table: all (in the summary's order) up to
+    ``USER_ROWS`` devices, else the ``LOWEST_ROWS`` with the least goodput (and True)."""
+    devices = [d for d in p.get("devices") or [] if isinstance(d, dict)]
+    if len(devices) <= USER_ROWS:
+        return devices, False
+    ranked = sorted(devices, key=lambda d: (d.get("tokens_per_s") is None,
+                                            d.get("tokens_per_s") or 0.0))
+    return ranked[:LOWEST_ROWS], True
+
+
+def users_table(run: RunData, short: int = 0) -> Table:
+    """Per policy its goodput (the sum over its devices) beside its slowest device's goodput
+    and Jain's fairness index, then a row per device: its goodput, its time per output token
+    (median and 95th percentile over rounds, ms) and its median time to first token (s), and
+    how many prompts that is over. ``short``: 1 short policy names, 2 also no "of" column (the
+    slowest device's row is starred instead), for long device names (``fit``)."""
+    starred = short >= 2
+    cut = [p["policy"] for p in run.summary["policies"] if _user_devices(p)[1]]
+    caption = ("sum: the policy's goodput (all rounds, repeats pooled) = the sum of its "
+               "devices' tok/s; min: its slowest device's tok/s, " +
+               ("*: that device" if starred else "of: that device") +
+               "; Jain: (Σx)²/(n·Σx²) over the devices' tok/s (1: all equal); TPOT: the "
+               "round's time over the tokens the device gained in it, median (p50) and 95th "
+               "percentile (p95) over rounds, ms; TTFT: from a prompt's prefill to the end of "
+               "its first round with a token, median, s; n: prompts timed (those whose first "
+               "token came in a warm-up round or never came are not)")
+    if cut:
+        caption += (f"; policies of more than {USER_ROWS} devices list their {LOWEST_ROWS} "
+                    "with the least tok/s")
+    table = _table(f"users — run {run.run_id}", [
+        "policy", "sum", "min"] + ([] if starred else ["of"]) + [
+        "Jain", "device", "tok/s", "TPOT p50", "p95", "TTFT p50", "n"], caption=caption)
+    for col in table.columns:
+        if col.header == "of":
+            col.justify = "left"
+    for p in run.summary["policies"]:
+        devices, _ = _user_devices(p)
+        slowest = p.get("min_device")
+        head = [_name(p["policy"], bool(short)), _fmt(p.get("goodput_tps"), ".1f"),
+                _fmt(p.get("min_device_goodput_tps"), ".2f")] + \
+            ([] if starred else [str(slowest or "—")]) + [_fmt(p.get("jain_index"), ".3f")]
+        if not devices:
+            table.add_row(*head, "—", "—", "—", "—", "—", "—")
+        for j, d in enumerate(devices):
+            name = str(d.get("name"))
+            table.add_row(*(head if j == 0 else [""] * len(head)),
+                          name + ("*" if starred and name == slowest else ""),
+                          _fmt(d.get("tokens_per_s"), ".2f"),
+                          _fmt(d.get("tpot_p50_s"), ".0f", 1000),
+                          _fmt(d.get("tpot_p95_s"), ".0f", 1000),
+                          _fmt(d.get("ttft_p50_s"), ".2f"),
+                          str(d["prompts"]) if isinstance(d.get("prompts"), int) else "—")
+    return table
+
+
 def replay_checks(runs: list[RunData]) -> list[dict]:
     """For every run that replays an earlier run of the list (its manifest's ``replay_of``),
     per policy: the first run's mean goodput and 95% interval, the replay's mean, and whether
@@ -438,7 +575,8 @@ def _event_label(ev: dict) -> str:
     return f"{ev.get('device')} {ev.get('kind')}"
 
 
-def _window_tps(rounds: list[tuple[float, dict]], lo: float, hi: float) -> tuple[float | None, int]:
+def _window_tps(rounds: list[tuple[float, dict]], lo: float,
+                hi: float) -> tuple[float | None, int]:
     """Goodput (tokens / seconds) of the rounds that ended in (lo, hi], and how many."""
     picked = [ev for x, ev in rounds if lo < x <= hi]
     secs = sum(float(ev.get("round_s") or 0.0) for ev in picked)
@@ -552,6 +690,7 @@ def print_report(console, runs: list[RunData], plots: dict[str, list[str]] | Non
             console.print(f"run {r.run_id}: status {r.summary.get('status')}"
                           f"{f' ({message})' if message else ''}", style="yellow", markup=False)
         show(lambda short, r=r: device_table(r, short))
+        show(lambda short, r=r: users_table(r, short))
         if event_responses(r.events or []):
             show(lambda short, r=r: response_table(r, short))
         for p in (plots or {}).get(r.run_id, []):
@@ -567,7 +706,8 @@ def markdown(table: Table) -> str:
     cols = table.columns
     rows = list(zip(*[[str(c) for c in col.cells] for col in cols]))
     align = ["---" if col.justify == "left" else "---:" for col in cols]
-    lines = [f"*{table.title}*", "", "| " + " | ".join(str(c.header) for c in cols) + " |",
+    lines = [f"*{table.title}*", "",
+             "| " + " | ".join(str(c.header).replace("\n", " ") for c in cols) + " |",
              "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     if table.caption:
@@ -581,6 +721,7 @@ def markdown_report(runs: list[RunData]) -> str:
     if replay_checks(runs):
         parts.append(markdown(replay_table(runs)))
     for r in runs:
+        parts.append(markdown(users_table(r)))
         if event_responses(r.events or []):
             parts.append(markdown(response_table(r)))
     return "\n".join(parts)
@@ -597,7 +738,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def _colors(names: list[str]) -> dict[str, str]:
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    """A colour per policy name, in order of first appearance (any name; matplotlib's ten
+    "tab10" colours, then again from the first)."""
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+               "#7f7f7f", "#bcbd22", "#17becf"]
     unique = list(dict.fromkeys(names))
     return {n: palette[i % len(palette)] for i, n in enumerate(unique)}
 
@@ -714,7 +858,7 @@ def plot_intervals(run: RunData, path: Path) -> Path:
                 if r.get("goodput_tps") is not None]
         if len(reps) > 1:
             ax.plot([i + 0.12] * len(reps), reps, ".", color=colors[p["policy"]], alpha=0.6)
-    ax.set_xticks(range(len(names)), [SHORT_NAMES.get(n, n) for n in names])
+    ax.set_xticks(range(len(names)), [short_name(n) for n in names])
     ax.set_ylabel("goodput (tokens/s): mean, 95% CI, repeats")
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
@@ -734,12 +878,89 @@ def plot_intervals(run: RunData, path: Path) -> Path:
             bx.errorbar(xs, ys, yerr=[lo, hi], fmt="o" if j == 0 else "s", capsize=5,
                         color="#444444" if j == 0 else "#999999", label=f"over {base}")
     bx.axhline(1.0, color="black", lw=0.8)
-    bx.set_xticks(range(len(names)), [SHORT_NAMES.get(n, n) for n in names])
+    bx.set_xticks(range(len(names)), [short_name(n) for n in names])
     bx.set_ylabel("goodput ratio (paired 95% CI)")
     bx.grid(axis="y", alpha=0.3)
     bx.legend(fontsize=8)
     n_rep = max((p.get("n_repeats") or 1 for p in policies), default=1)
     fig.suptitle(f"goodput with error bars ({n_rep} repeat{'s' if n_rep > 1 else ''}) — "
+                 f"run {run.run_id}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+BAR_DEVICES = 24       # above this many devices plot_users draws sorted curves, not bars
+
+
+def plot_users(run: RunData, path: Path) -> Path:
+    """Left: each device's goodput under each policy (bars, the policy's slowest device
+    outlined; above ``BAR_DEVICES`` devices, each policy's device goodputs sorted from the
+    least, as a curve). Right: each policy's goodput (sum over devices) against its slowest
+    device's (min), labelled with its short name and Jain's index; with repeats, the means over
+    repeats with their 95% intervals (Student t) as error bars on both axes."""
+    from matplotlib.figure import Figure
+
+    policies = run.summary["policies"]
+    colors = _colors([p["policy"] for p in policies])
+    devices: list[str] = []
+    for p in policies:
+        for d in p.get("devices") or []:
+            if d.get("name") not in devices:
+                devices.append(d.get("name"))
+    fig = Figure(figsize=(11, 4.6))
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if len(devices) <= BAR_DEVICES:
+        width = 0.8 / max(1, len(policies))
+        for i, p in enumerate(policies):
+            by = {d.get("name"): d for d in p.get("devices") or []}
+            xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(devices))]
+            tps = [(by.get(n) or {}).get("tokens_per_s") or 0.0 for n in devices]
+            ax.bar(xs, tps, width, color=colors[p["policy"]], label=short_name(p["policy"]))
+            low = [j for j, n in enumerate(devices) if n == p.get("min_device")]
+            ax.bar([xs[j] for j in low], [tps[j] for j in low], width, fill=False,
+                   edgecolor="black", linewidth=1.2)
+        ax.set_xticks(range(len(devices)), devices)
+        ax.set_xlabel("device (outlined: the policy's slowest)")
+    else:
+        for p in policies:
+            tps = sorted(d.get("tokens_per_s") or 0.0 for d in p.get("devices") or [])
+            ax.plot(range(1, len(tps) + 1), tps, color=colors[p["policy"]], lw=1.4,
+                    label=short_name(p["policy"]), drawstyle="steps-post")
+        ax.set_xlabel("devices, from the least goodput")
+    ax.set_ylabel("device goodput (tokens/s)")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    reps = has_repeats([run])
+    top_x = top_y = 0.0
+    for i, p in enumerate(policies):
+        rows = [r for r in p.get("repeats") or [] if isinstance(r, dict)]
+        if reps and len(rows) > 1:
+            x = mean_ci([r.get("goodput_tps") for r in rows])
+            y = mean_ci([r.get("min_device_goodput_tps") for r in rows])
+        else:
+            x = {"mean": p.get("goodput_tps"), "ci95": None}
+            y = {"mean": p.get("min_device_goodput_tps"), "ci95": None}
+        if x["mean"] is None or y["mean"] is None:
+            continue
+
+        def err(s: dict):
+            return [[s["mean"] - s["ci95"][0]], [s["ci95"][1] - s["mean"]]] if s["ci95"] else None
+        bx.errorbar([x["mean"]], [y["mean"]], xerr=err(x), yerr=err(y), fmt="o", ms=8,
+                    capsize=4, color=colors[p["policy"]])
+        top_x = max(top_x, (x["ci95"] or [0.0, x["mean"]])[1])
+        top_y = max(top_y, (y["ci95"] or [0.0, y["mean"]])[1])
+        jain = p.get("jain_index")
+        bx.annotate(short_name(p["policy"]) + (f"  J={jain:.2f}" if jain is not None else ""),
+                    (x["mean"], y["mean"]), textcoords="offset points",
+                    xytext=(7, 5 if i % 2 == 0 else -12), fontsize=8)
+    bx.set_xlabel("sum of the devices' goodputs (tokens/s)" +
+                  ("; means, 95% CI over repeats" if reps else ""))
+    bx.set_ylabel("slowest device's goodput (tokens/s)")
+    bx.set_xlim(0, top_x * 1.25 or 1.0)           # room for the labels right of the points
+    bx.set_ylim(0, top_y * 1.15 or 1.0)
+    bx.grid(alpha=0.3)
+    fig.suptitle(f"per user: device goodputs, sum against minimum (J: Jain's index) — "
                  f"run {run.run_id}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -757,4 +978,5 @@ def write_plots(run: RunData, out_dir: Path | None = None) -> list[Path]:
         paths.append(plot_goodput(run, target / f"{prefix}goodput.png"))
     paths.append(plot_devices(run, target / f"{prefix}devices.png"))
     paths.append(plot_intervals(run, target / f"{prefix}intervals.png"))
+    paths.append(plot_users(run, target / f"{prefix}users.png"))
     return paths

@@ -8,7 +8,9 @@ A live run leaves three files (format in docs/records.md):
 - ``events.jsonl``: one JSON object per line (``type`` and ``t``, seconds since the run start),
   appended and flushed line by line, so a crash loses at most the line being written.
 - ``summary.json`` (schema ``testbed.summary/1``): per policy and device, computed from the
-  events by the pure function ``summarize`` (so a crashed run's summary can be recomputed).
+  events by the pure function ``summarize`` (so a crashed run's summary can be recomputed):
+  goodput, forecast, round-time parts, and per user (device) its goodput, time per output
+  token and time to first token, with Jain's fairness index over the devices.
 
 Main entry points: ``create_run_dir``, ``make_manifest``/``write_manifest``, ``EventWriter``,
 ``read_events`` (tolerates a truncated last line), ``summarize``, ``write_summary``. Files are
@@ -16,7 +18,8 @@ written with ``testbed.files`` (atomically) and read with its JSON reader: a fol
 missing or garbled raises ``RecordsError`` (one line, exit 2).
 
 Limits: one writer per events file; ``summarize`` keeps every round in memory (fine for runs of
-up to millions of rounds).
+up to millions of rounds) and, for every device row of a round, its device and tokens (made
+numpy arrays at the end: the per-user figures cost O(rounds x devices), as the sums do).
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import numpy as np
 
 from testbed import files
 from testbed.errors import RecordsError
@@ -50,6 +56,9 @@ EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 BASELINES = ("agnostic-fixed", "server-only")   # the policies gains are measured against
 RUN_STATUSES = ("ok", "lost_devices", "interrupted", "failed")
+# Percentiles of the per-user figures (TPOT, TTFT): numpy.percentile's "linear" method, i.e.
+# Hyndman & Fan's type 7 (linear interpolation between the closest ranks; numpy's default).
+PERCENTILE_METHOD = "linear"
 
 
 def digest(data) -> str:
@@ -352,6 +361,8 @@ _DEVICE_FIELDS = (("tokens", "tokens"), ("drafted", "n_drafted"), ("accepted", "
                   ("draft_s", "draft_s"), ("upload_s", "upload_s"))
 _DEVICE_SUMS = tuple(k for k, _ in _DEVICE_FIELDS)
 _ROW = operator.itemgetter(*(f for _, f in _DEVICE_FIELDS))
+# A device's accumulator: [rounds, the sums of _DEVICE_FIELDS..., its index in the policy]
+_NS = 1 + len(_DEVICE_FIELDS)       # where the sums end: the device's index follows
 
 
 def _add_number(total: float, value) -> float:
@@ -359,6 +370,14 @@ def _add_number(total: float, value) -> float:
     if value.__class__ is float or value.__class__ is int:
         return total + value
     raise TypeError(value)
+
+
+def _first_tokens(ev: dict, waiting: dict[str, float]) -> None:
+    """Drop from ``waiting`` the devices that gained a token in round ``ev`` (a warm-up round:
+    their prompts' first tokens came before measuring began and are not counted)."""
+    for d in ev.get("devices") or []:
+        if _num(d.get("tokens")) > 0:
+            waiting.pop(str(d.get("name")), None)
 
 
 class _Policy:
@@ -370,23 +389,42 @@ class _Policy:
         self.rounds: list[dict] = []
         self.by_repeat: dict[int, list[dict]] = {}
         self.replans = self.events = 0
-        self.devices: dict[str, dict] = {}
+        self.devices: dict[str, list] = {}
+        # every device row of the counted rounds, in order: its device's index, its tokens
+        self.row_device: list[int] = []
+        self.row_tokens: list[float] = []
+        self.row_counts: list[int] = []            # rows per round
+        self.ttft: dict[str, list[float]] = {}     # per device: its prompts' times to 1st token
 
-    def add(self, ev: dict) -> None:
+    def add(self, ev: dict, waiting: dict[str, float] | None = None) -> None:
+        """A counted round. ``waiting``: device -> start of its prompt that has no token yet
+        (this policy and repeat); a device that gains a token here gets its time to first
+        token (the round's end, ``t``, minus that start) and leaves ``waiting``."""
         self.rounds.append(ev)
         self.by_repeat.setdefault(_repeat_of(ev), []).append(ev)
         devices = self.devices
-        for d in ev.get("devices") or []:
+        end = _num(ev.get("t"))
+        ns = _NS
+        row_device, row_tokens = self.row_device.append, self.row_tokens.append
+        rows = ev.get("devices") or []
+        self.row_counts.append(len(rows))
+        for d in rows:
             name = str(d.get("name"))
             acc = devices.get(name)
             if acc is None:
-                acc = devices[name] = [0] + [0.0] * len(_DEVICE_FIELDS)
+                acc = devices[name] = [0] + [0.0] * len(_DEVICE_FIELDS) + [len(devices)]
             acc[0] += 1
             try:                               # the common case: every field a number
                 values = _ROW(d)
-                acc[1:] = map(_add_number, acc[1:], values)
+                acc[1:ns] = map(_add_number, acc[1:ns], values)
+                tokens = values[0]
             except (KeyError, TypeError):      # a field missing, or not a number
-                acc[1:] = [a + _num(d.get(f)) for a, (_, f) in zip(acc[1:], _DEVICE_FIELDS)]
+                acc[1:ns] = [a + _num(d.get(f)) for a, (_, f) in zip(acc[1:ns], _DEVICE_FIELDS)]
+                tokens = _num(d.get("tokens"))
+            row_device(acc[ns])
+            row_tokens(tokens)
+            if waiting and tokens > 0 and name in waiting:
+                self.ttft.setdefault(name, []).append(end - waiting.pop(name))
 
     def result(self) -> dict:
         n = len(self.rounds)
@@ -398,8 +436,9 @@ class _Policy:
         pred, pred_round = _predicted(self.rounds, "predicted_goodput_tps", "predicted_round_s")
         planned, _ = _predicted(self.rounds, "plan_goodput_tps", "plan_round_s")
         goodput = tokens / duration if duration > 0 else None
+        users = _users(self, [p["round_s"] for p in parts])
         devices = []
-        for name, sums in self.devices.items():
+        for (name, sums), user in zip(self.devices.items(), users["devices"]):
             acc = dict(zip(("rounds",) + _DEVICE_SUMS, sums))
             k = acc["rounds"]
             devices.append({
@@ -408,8 +447,10 @@ class _Policy:
                 "acceptance": acc["accepted"] / acc["drafted"] if acc["drafted"] > 0 else None,
                 "mean_draft_len": acc["draft_len"] / k, "mean_share": acc["share"] / k,
                 "mean_rate_bps": acc["rate_bps"] / k, "mean_draft_s": acc["draft_s"] / k,
-                "mean_upload_s": acc["upload_s"] / k})
+                "mean_upload_s": acc["upload_s"] / k, **user})
         repeats = [_repeat_result(r, evs) for r, evs in sorted(self.by_repeat.items())]
+        for rep in repeats:
+            rep.update(users["repeats"].get(rep["repeat"], _fairness({})))
         over = mean_ci([r["goodput_tps"] for r in repeats])
         errors = mean_ci([r["prediction_error"] for r in repeats])
         return {
@@ -429,7 +470,109 @@ class _Policy:
                               if duration > 0 else None),
             "breakdown": {key: _mean([p[key] for p in parts]) for key in
                           ("round_s", "draft_upload_s", "verify_s", "downlink_s", "overhead_s")},
-            "gain_vs": {}, "replans": self.replans, "events": self.events, "devices": devices}
+            "gain_vs": {}, "replans": self.replans, "events": self.events,
+            **_fairness({d["name"]: d["tokens_per_s"] for d in devices
+                         if d["tokens_per_s"] is not None}),
+            "devices": devices}
+
+
+def _fairness(goodputs: dict[str, float]) -> dict:
+    """Jain's index over the devices' goodputs, (sum x)^2 / (n sum x^2) (1: all equal; 1/n:
+    one device has it all; None without devices or when all are 0), and the device with the
+    least goodput (the first of them on a tie) with that goodput."""
+    if not goodputs:
+        return {"jain_index": None, "min_device_goodput_tps": None, "min_device": None}
+    x = np.fromiter(goodputs.values(), float, len(goodputs))
+    squares = float(np.dot(x, x))
+    low = int(np.argmin(x))
+    return {"jain_index": float(x.sum()) ** 2 / (len(x) * squares) if squares > 0 else None,
+            "min_device_goodput_tps": float(x[low]), "min_device": list(goodputs)[low]}
+
+
+def _segment_percentiles(values: np.ndarray, counts: np.ndarray, qs: list[float]) -> np.ndarray:
+    """Percentiles ``qs`` of each segment of ``values`` (consecutive segments of ``counts``
+    values each): an array of len(counts) x len(qs), NaN for an empty segment. Segments of the
+    same length go to numpy together (one call per distinct length, not per segment)."""
+    out = np.full((len(counts), len(qs)), np.nan)
+    offsets = np.cumsum(counts) - counts
+    for c in np.unique(counts):
+        if c == 0:
+            continue
+        rows = np.flatnonzero(counts == c)
+        block = values[offsets[rows, None] + np.arange(c)]
+        out[rows] = np.percentile(block, qs, axis=1, method=PERCENTILE_METHOD).T
+    return out
+
+
+def _none(values) -> list:
+    return [None if math.isnan(v) else v for v in values]
+
+
+def _users(pol: _Policy, round_s: list[float]) -> dict:
+    """Per device (in ``pol.devices`` order) its time per output token (median and 95th
+    percentile over its rounds) and time to first token (mean, median, 95th percentile over
+    its prompts, and how many), and per repeat the fairness figures (``_fairness``).
+
+    A device's TPOT in a round is the round's ``round_s`` over the tokens it gained in it (every
+    device waits for the whole synchronous round); a round in which it gained nothing adds its
+    time to the device's next round that gains (the time it waited for those tokens)."""
+    n_dev = len(pol.devices)
+    empty = {"tpot_p50_s": None, "tpot_p95_s": None, "ttft_mean_s": None, "ttft_p50_s": None,
+             "ttft_p95_s": None, "prompts": 0}
+    if n_dev == 0:
+        return {"devices": [], "repeats": {}}
+    # the rows (device, round, tokens) grouped by device, each device's in round order
+    owner = np.array(pol.row_device, np.intp)
+    per_round = np.array(pol.row_counts, np.intp)
+    rounds = np.repeat(np.arange(len(per_round)), per_round)
+    if len(per_round) and (per_round == n_dev).all() and \
+            (owner.reshape(-1, n_dev) == np.arange(n_dev)).all():
+        order = np.arange(len(owner)).reshape(-1, n_dev).T.ravel()   # the same rows each round
+    else:
+        order = np.argsort(owner, kind="stable")
+    dev, idx = owner[order], rounds[order]
+    tok = np.array(pol.row_tokens, float)[order]
+    counts = np.bincount(dev, minlength=n_dev)
+    secs = np.asarray(round_s, float)[idx]
+    gained = tok > 0
+    if gained.all():                         # the common case: a token every round
+        tpot, per_dev = secs / tok, counts
+    else:
+        pos = np.flatnonzero(gained)
+        waited = np.cumsum(secs)
+        since = (waited - secs)[np.cumsum(counts) - counts][dev[pos]]   # the device's start
+        ends = waited[pos]
+        same = np.flatnonzero(dev[pos][1:] == dev[pos][:-1]) + 1
+        since[same] = ends[same - 1]         # ... else its previous round with a token
+        tpot = (ends - since) / tok[pos]
+        per_dev = np.bincount(dev[pos], minlength=n_dev)
+    tpot_q = _segment_percentiles(tpot, per_dev, [50.0, 95.0])
+    names = list(pol.devices)
+    ttft_n = np.fromiter((len(pol.ttft.get(n, ())) for n in names), np.intp, n_dev)
+    ttft = np.fromiter(chain.from_iterable(pol.ttft.get(n, ()) for n in names), float,
+                       int(ttft_n.sum()))
+    ttft_q = _segment_percentiles(ttft, ttft_n, [50.0, 95.0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ttft_mean = np.bincount(np.repeat(np.arange(n_dev), ttft_n), weights=ttft,
+                                minlength=n_dev) / ttft_n
+    cols = zip(_none(tpot_q[:, 0].tolist()), _none(tpot_q[:, 1].tolist()),
+               _none(ttft_mean.tolist()), _none(ttft_q[:, 0].tolist()),
+               _none(ttft_q[:, 1].tolist()), ttft_n.tolist())
+    devices = [dict(zip(empty, row)) for row in cols]
+    # per repeat: each device's tokens in it over the repeat's time
+    reps = np.fromiter((_repeat_of(ev) for ev in pol.rounds), np.int64, len(pol.rounds))
+    labels, pos_of = np.unique(reps, return_inverse=True)
+    key = dev * len(labels) + pos_of[idx]
+    size = n_dev * len(labels)
+    tokens = np.bincount(key, weights=tok, minlength=size).reshape(n_dev, len(labels))
+    present = np.bincount(key, minlength=size).reshape(n_dev, len(labels)) > 0
+    time_s = np.bincount(pos_of, weights=np.asarray(round_s, float), minlength=len(labels))
+    repeats = {}
+    for j, label in enumerate(labels.tolist()):
+        rows = np.flatnonzero(present[:, j])
+        repeats[label] = _fairness({names[i]: float(tokens[i, j]) / time_s[j] for i in rows}
+                                   if time_s[j] > 0 else {})
+    return {"devices": devices, "repeats": repeats}
 
 
 def _repeat_of(ev: dict) -> int:
@@ -483,12 +626,18 @@ def summarize(events: Iterable[dict]) -> dict:
 
     Rounds marked ``"warmup": true`` are not counted. A run without ``run_end`` gets status
     ``incomplete``. Policies named at ``run_start`` that never started are listed in ``not_run``.
+    A prompt's time to first token runs from its ``prefill`` (the prefill's start: ``t -
+    prefill_s``) to the end (``t``) of the first round of the same policy and repeat in which
+    its device gained a token; a prompt whose first token came in a warm-up round, or that
+    got none before its policy ended, is not counted (docs/records.md, "Per user").
     """
     run_id = None
     status, message = "incomplete", None
     declared: list[str] = []
     repeats, run_order = 1, None
     policies: dict[str, _Policy] = {}
+    # (policy, repeat) -> device -> start of its prompt (prefill) that has no token yet
+    waiting: dict[tuple[str, int], dict[str, float]] = {}
 
     def acc(name: Any) -> _Policy:
         name = str(name)
@@ -504,8 +653,17 @@ def summarize(events: Iterable[dict]) -> dict:
             repeats, run_order = ev.get("repeats", 1), ev.get("order")
         elif typ == "policy_start":
             acc(ev.get("policy")).started = True
-        elif typ == "round" and not ev.get("warmup"):
-            acc(ev.get("policy")).add(ev)
+        elif typ == "round":
+            wait = waiting.get((str(ev.get("policy")), _repeat_of(ev)))
+            if not ev.get("warmup"):
+                acc(ev.get("policy")).add(ev, wait)
+            elif wait:
+                _first_tokens(ev, wait)
+        elif typ == "prefill":
+            # ``t`` is when the prefill ended (the event is written once it returned) and
+            # ``prefill_s`` how long it took: the prompt started at t - prefill_s.
+            waiting.setdefault((str(ev.get("policy")), _repeat_of(ev)), {})[
+                str(ev.get("device"))] = _num(ev.get("t")) - _num(ev.get("prefill_s"))
         elif typ == "replan":
             acc(ev.get("policy")).replans += 1
         elif typ == "event":

@@ -150,8 +150,14 @@ class RunView:
             self.devices[d["name"]] = {"draft_len": d.get("draft_len"),
                                        "share": d.get("bandwidth_share"),
                                        "rate_bps": d.get("uplink_bps")}
-        return (f"policy {self.policy} starts: plan {_f(self.predicted, '.1f')} tok/s, "
+        line = (f"policy {self.policy} starts: plan {_f(self.predicted, '.1f')} tok/s, "
                 f"L={_lengths(self.plan)}")
+        slo = ev.get("slo")
+        if isinstance(slo, dict) and slo.get("feasible") is False:
+            line += (f"; no plan meets a time per token of {_f(1e3 * slo['tpot_s'], '.0f')} ms "
+                     f"for every device: the closest (max-min's) reaches "
+                     f"{_f(1e3 * slo['worst_tpot_s'], '.0f')} ms")
+        return line
 
     def _on_round(self, ev: dict) -> None:
         if ev.get("warmup"):
