@@ -60,6 +60,10 @@ class RecordsError(InputError):
     """A run folder (manifest, events, summary) is missing, of another schema, or garbled."""
 
 
+class TraceError(InputError):
+    """A channel trace file (``t_s,snr_db`` CSV, ``testbed/traces.py``) is missing or malformed."""
+
+
 class StateError(InputError):
     """A state file that testbed keeps for a lab or its cluster (``lab.json``, ``cluster.json``)
     is garbled or of another schema: remove it after ``testbed lab clean`` / ``testbed down``."""

@@ -50,7 +50,11 @@ def run(args) -> int:
         w = exp.workload_of(dev.name)
         sampling = "greedy" if w.temperature == 0 else (
             f"T={w.temperature:g} top_k={w.top_k} top_p={w.top_p:g}")
-        table.add_row(dev.name, f"{dev.snr_db:g}", w.name,
+        trace = exp.traces.get(dev.name)
+        snr = (f"{dev.snr_db:g}" if trace is None else
+               f"{trace.path.name}: {trace.snr_db.min():.0f}..{trace.snr_db.max():.0f}, "
+               f"{'loop' if trace.loop else 'once'}")
+        table.add_row(dev.name, snr, w.name,
                       w.prompt_set.task if w.prompt_set else "", w.prompts_path.name,
                       str(w.max_tokens), sampling)
     console.print(table)

@@ -3,9 +3,10 @@
 An experiment file (YAML, schema ``testbed.experiment/1``) names an inventory, the profile to
 start from (or ``auto``: profile first with ``--quick``), the policies to run back to back with
 one seed, the budget per policy, channel overrides, the workload (prompt set and sampling) of
-every device, the re-planning settings and scheduled events (SNR change, workload switch, a
-device leaving or rejoining). Paths inside are relative to the experiment file. The format is
-documented in docs/experiments.md; ``experiments/quickstart.yaml`` and
+every device (and, optionally, a channel trace its uplink follows: ``link: {trace: FILE}``,
+``testbed/traces.py``), the re-planning settings and scheduled events (SNR change, workload
+switch, a device leaving or rejoining). Paths inside are relative to the experiment file. The
+format is documented in docs/experiments.md; ``experiments/quickstart.yaml`` and
 ``experiments/adaptation.yaml`` are worked examples.
 
 Main types: ``Experiment``, ``Workload``, ``Replan``, ``Event``; entry point
@@ -14,7 +15,8 @@ and field path (the inventory and prompt files raise their own errors, located i
 ``Experiment.to_dict()`` is the resolved form that run manifests record.
 
 Limits: all events of one experiment use one clock (``at_s`` or ``at_round``) and are listed in
-time order; the same schedule applies to every policy, relative to that policy's start.
+time order; the same schedule applies to every policy, relative to that policy's start. A
+device that follows a trace takes no ``snr_db`` event (the trace would overwrite it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from testbed.errors import ExperimentError
 from testbed.channel import Channel, parse_channel
 from testbed.inputs.inventory import Inventory, load_inventory
 from testbed.inputs.prompts import PromptSet, load_prompts
+from testbed.traces import Trace, load_trace
 from testbed.yamlio import Section, load_yaml
 
 SCHEMA = "testbed.experiment/1"
@@ -146,6 +149,9 @@ class Experiment:
     population: dict | None = None  # simulator: how drawn devices vary (sim.population)
     repeats: int = 1               # each policy runs this many times
     order: str = "blocked"         # "interleaved": seeded shuffle per block; "blocked": as listed
+    tpot_s: float | None = None    # slo.tpot_s: the target of the slo-heterogeneous policy
+    # device -> the channel trace its uplink SNR follows (devices.NAME.link.trace)
+    traces: dict[str, Trace] = field(default_factory=dict, compare=False)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def schedule(self) -> list[tuple[int, str]]:
@@ -181,13 +187,21 @@ class Experiment:
             "per_policy": ({"duration_s": self.duration_s} if self.duration_s is not None
                            else {"rounds": self.rounds}),
             "repeats": self.repeats, "order": self.order, "population": self.population,
+            "slo": {"tpot_s": self.tpot_s} if self.tpot_s is not None else None,
             "warmup_rounds": self.warmup_rounds,
             "channel": dataclasses.asdict(self.channel),
             "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
-            "devices": {d: {"workload": w} for d, w in self.device_workloads.items()},
+            "devices": {d: {"workload": w, **({"link": _link_dict(self.traces[d])}
+                                              if d in self.traces else {})}
+                        for d, w in self.device_workloads.items()},
             "replan": dataclasses.asdict(self.replan),
             "events": [e.to_dict() for e in self.events],
         }
+
+
+def _link_dict(trace: Trace) -> dict:
+    return {"trace": str(trace.path), "trace_sha256": trace.digest, "loop": trace.loop,
+            "trace_samples": trace.samples, "trace_duration_s": round(trace.duration_s, 6)}
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -204,7 +218,10 @@ def _existing_file(sec: Section, key: str, base: Path) -> Path:
     return path
 
 
-def _policies(root: Section) -> tuple[str, ...]:
+SLO_POLICY = "slo-heterogeneous"    # control.policies.SLO_POLICY (no numpy import here)
+
+
+def _policies(root: Section, slo: bool = False) -> tuple[str, ...]:
     raw = root.raw("policies")
     if not isinstance(raw, list):
         raise root.error("policies", "expected a list of policy names")
@@ -214,10 +231,13 @@ def _policies(root: Section) -> tuple[str, ...]:
     for i, name in enumerate(raw):
         where = f"policies[{i}]"
         line = root.lines.get(where)
-        if name not in POLICIES:
-            got = f'"{name}"' if isinstance(name, str) else repr(name)
-            raise ExperimentError(f"expected one of {', '.join(POLICIES)}, got {got}",
+        if name == SLO_POLICY and not slo:
+            raise ExperimentError(f"{SLO_POLICY} needs a target: slo: {{tpot_s: SECONDS}}",
                                   source=root.source, line=line, field=where)
+        if name not in POLICIES and name != SLO_POLICY:
+            got = f'"{name}"' if isinstance(name, str) else repr(name)
+            raise ExperimentError(f"expected one of {', '.join(POLICIES + (SLO_POLICY,))}, "
+                                  f"got {got}", source=root.source, line=line, field=where)
         if name in out:
             raise ExperimentError(f'duplicate policy "{name}" (also policies[{out.index(name)}])',
                                   source=root.source, line=line, field=where)
@@ -258,9 +278,13 @@ def _workloads(root: Section, base: Path, channel: Channel) -> dict[str, Workloa
     return out
 
 
-def _device_workloads(root: Section, inv: Inventory, workloads: dict) -> dict[str, str]:
+def _device_workloads(root: Section, inv: Inventory, workloads: dict,
+                      base: Path | None = None) -> tuple[dict[str, str], dict[str, Trace]]:
+    """Every inventory device's starting workload, and the channel traces some devices'
+    links follow (``devices.NAME.link: {trace: FILE, loop: BOOL}``)."""
     names = [d.name for d in inv.devices]
     chosen: dict[str, str] = {}
+    traces: dict[str, Trace] = {}
     sec = root.section("devices", None)
     if sec is not None:
         for dev in list(sec.data):
@@ -268,10 +292,19 @@ def _device_workloads(root: Section, inv: Inventory, workloads: dict) -> dict[st
                 raise sec.error(str(dev), f'no device "{dev}" in the inventory '
                                 f"({', '.join(names)})")
             d = sec.section(dev)
-            wl = d.str("workload")
+            if not d.has("workload") and not d.has("link"):
+                d.raw("workload")             # "missing required field"
+            wl = d.str("workload", DEFAULT_WORKLOAD)
             if wl not in workloads:
-                raise d.error("workload", f'no workload "{wl}" (workloads: '
+                why = "" if d.has("workload") else " (not given: the default workload)"
+                raise d.error("workload", f'no workload "{wl}"{why} (workloads: '
                               f"{', '.join(workloads)})")
+            link = d.section("link", None)
+            if link is not None:
+                path = _existing_file(link, "trace", base or Path("."))
+                loop = link.boolean("loop", True)
+                link.done()
+                traces[dev] = load_trace(path, loop=loop)
             d.done()
             chosen[dev] = wl
         sec.done()
@@ -280,7 +313,7 @@ def _device_workloads(root: Section, inv: Inventory, workloads: dict) -> dict[st
         where = "devices" if sec is not None else "workloads"
         raise root.error(where, f"{', '.join(missing)} have no workload: give them one under "
                          f'devices, or define a workload named "{DEFAULT_WORKLOAD}"')
-    return {n: chosen.get(n, DEFAULT_WORKLOAD) for n in names}
+    return {n: chosen.get(n, DEFAULT_WORKLOAD) for n in names}, traces
 
 
 def _replan(root: Section) -> Replan:
@@ -331,7 +364,8 @@ def _event(sec: Section, devices: list[str], workloads: dict) -> Event:
                  snr_db=snr_db, workload=workload)
 
 
-def _events(root: Section, inv: Inventory, workloads: dict, duration_s, rounds) -> tuple:
+def _events(root: Section, inv: Inventory, workloads: dict, duration_s, rounds,
+            traces: dict | None = None) -> tuple:
     secs = root.sections("events", [])
     devices = [d.name for d in inv.devices]
     events: list[Event] = []
@@ -339,6 +373,9 @@ def _events(root: Section, inv: Inventory, workloads: dict, duration_s, rounds) 
     for i, sec in enumerate(secs):
         ev = _event(sec, devices, workloads)
         key = "at_s" if ev.at_s is not None else "at_round"
+        if ev.kind == "snr_change" and ev.device in (traces or {}):
+            raise sec.error("snr_db", f"{ev.device}'s link follows a trace (devices."
+                            f"{ev.device}.link.trace): an snr_db event cannot change it")
         if events:
             prev = events[-1]
             if (prev.at_s is None) != (ev.at_s is None):
@@ -413,7 +450,12 @@ def load_experiment(path: str | Path) -> Experiment:
     profile_path = None if profile_auto else _existing_file(root, "profile", base)
 
     seed = root.integer("seed", min=0, max=2**32 - 1)
-    policies = _policies(root)
+    slo_sec = root.section("slo", None)
+    tpot_s = None
+    if slo_sec is not None:
+        tpot_s = slo_sec.number("tpot_s", min=0, min_exclusive=True, max=MAX_DURATION_S)
+        slo_sec.done()
+    policies = _policies(root, slo=tpot_s is not None)
     budget = root.section("per_policy")
     if budget.has("duration_s") == budget.has("rounds"):
         raise budget.error(None, "give exactly one of duration_s or rounds")
@@ -428,9 +470,9 @@ def load_experiment(path: str | Path) -> Experiment:
 
     channel = _channel(root, inv)
     workloads = _workloads(root, base, channel)
-    device_workloads = _device_workloads(root, inv, workloads)
+    device_workloads, traces = _device_workloads(root, inv, workloads, base)
     replan = _replan(root)
-    events = _events(root, inv, workloads, duration_s, rounds)
+    events = _events(root, inv, workloads, duration_s, rounds, traces)
     root.done()
     return Experiment(path=Path(path), name=name, description=description,
                       inventory_path=inventory_path, inventory=inv, profile_path=profile_path,
@@ -438,6 +480,6 @@ def load_experiment(path: str | Path) -> Experiment:
                       duration_s=duration_s, rounds=rounds, warmup_rounds=warmup_rounds,
                       channel=channel, workloads=workloads, device_workloads=device_workloads,
                       replan=replan, events=events, repeats=repeats, order=order,
-                      population=population,
+                      population=population, traces=traces, tpot_s=tpot_s,
                       digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                       lines=dict(root.lines))

@@ -19,7 +19,10 @@ an ``ExperimentLoop``, for each policy in turn, on the same prompts with the sam
    Membership changes re-plan at once. A workload switch is known to the controller: the
    device's acceptance estimate restarts from the profile's value for the new workload (when
    the profile measured it) and the policy re-plans at once if that gains more than the
-   hysteresis.
+   hysteresis;
+5. follows the channel traces of devices with ``link.trace`` (``live/tracefollow.py``): each
+   policy starts them on their first sample, replays them from its start of measurement (the
+   clock of the events), and stops following at its end; the controller is not told.
 
 A device whose agent fails (it died mid-round or while starting a prompt) is lost: a ``lost``
 event, a re-plan without it, and the run goes on; ``run`` then exits with ``EXIT_LOST_DEVICES``.
@@ -55,6 +58,7 @@ from testbed.control.replan import Replanner
 from testbed.errors import ProblemError, RunError, TestbedError
 from testbed.inputs.experiment import Experiment
 from testbed.inputs.inventory import Inventory
+from testbed.live import tracefollow
 from testbed.live.datapath import metered_bits
 from testbed.live.rounds import Round
 from testbed.live.session import DeviceFailed, LiveSession
@@ -178,6 +182,7 @@ class ExperimentLoop:
         self._rules: dict[str, Replanner] = {}
         self._pending_replan = False
         self._repeat: int | None = None        # the repeat in progress (stamped on its events)
+        self._follower = None                  # the channel traces' follower of this policy
         self.base_problem = profile_problem(exp, profile)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -239,6 +244,7 @@ class ExperimentLoop:
         devs = {d.name: DeviceRun(d.name, i, exp.device_workloads[d.name])
                 for i, d in enumerate(exp.inventory.devices)}
         self.session.reset_channels()  # every policy starts on the inventory's channels
+        tracefollow.hold_start(self.session, exp.traces)   # traced links: their first sample
         # Devices that left during the previous policy come back for this one.
         failed_back: dict[str, str] = {}
         for name in list(self.session.devices):
@@ -258,14 +264,18 @@ class ExperimentLoop:
                           devices=devs)
         est = Estimator(self.base_problem, ewma=exp.replan.ewma, rate_ewma=exp.replan.rate_ewma)
         rule = Replanner(policy, hysteresis=exp.replan.hysteresis,
-                         min_dwell_rounds=exp.replan.min_dwell_rounds)
+                         min_dwell_rounds=exp.replan.min_dwell_rounds, tpot_s=exp.tpot_s)
         self._rules[policy] = rule
-        plan = rule.decide(None, self._problem_for(pol, est), 0).plan
+        first = rule.decide(None, self._problem_for(pol, est), 0)
+        plan = first.plan
         self._apply_plan(pol, plan, verify=True)
         for dev in devs.values():
             if dev.present:
                 self._start_prompt(pol, dev)
-        self.emit({"type": "policy_start", "policy": policy, "plan": plan_to_dict(plan)})
+        start = {"type": "policy_start", "policy": policy, "plan": plan_to_dict(plan)}
+        if first.slo is not None:       # slo-heterogeneous: met, or the closest plan instead
+            start["slo"] = first.slo
+        self.emit(start)
         for name, why in failed_back.items():
             self.emit({"type": "event", "policy": policy, "kind": "lost", "device": name,
                        "detail": {"error": f"rejoin: {why}"}, "applied_s": 0.0})
@@ -276,6 +286,7 @@ class ExperimentLoop:
         while True:
             if round_i == 0:
                 pol.measured_t0 = self.clock()
+                self._start_traces(pol)
             if round_i >= 0:
                 if self._budget_spent(pol, round_i):
                     break
@@ -293,8 +304,25 @@ class ExperimentLoop:
                                 exp.replan.surprise):
                     self._maybe_replan(pol, est, rule, reason="surprise", ignore_dwell=True)
             round_i += 1
+        self.stop_traces()
         self.emit({"type": "policy_end", "policy": policy, "rounds": pol.rounds})
         self._repeat = None
+
+    # -- channel traces (devices' link.trace; live/tracefollow.py) ---------------------------
+
+    def _start_traces(self, pol: PolicyState) -> None:
+        """The traces start now (the policy's start of measurement) and run beside the rounds."""
+        if self.exp.traces:
+            self.stop_traces()
+            self._follower = tracefollow.start(
+                self.session, self.exp.traces, write=self.writer.write, clock=self.clock,
+                t_start=self.t_start, policy=pol.policy, repeat=pol.repeat)
+
+    def stop_traces(self) -> None:
+        """Stop following the traces (the policy ended, or the run is stopping); safe twice."""
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.stop()
 
     def _budget_spent(self, pol: PolicyState, round_i: int) -> bool:
         if self.exp.rounds is not None:
@@ -380,9 +408,13 @@ class ExperimentLoop:
             return
         old = pol.plan
         applied_s = self._apply_plan(pol, decision.plan)
-        self.emit({"type": "replan", "policy": pol.policy, "reason": f"{reason}: {decision.reason}",
-                   "predicted_gain": decision.predicted_gain, "old_plan": plan_to_dict(old),
-                   "new_plan": plan_to_dict(decision.plan), "applied_s": applied_s})
+        event = {"type": "replan", "policy": pol.policy,
+                 "reason": f"{reason}: {decision.reason}",
+                 "predicted_gain": decision.predicted_gain, "old_plan": plan_to_dict(old),
+                 "new_plan": plan_to_dict(decision.plan), "applied_s": applied_s}
+        if decision.slo is not None:
+            event["slo"] = decision.slo
+        self.emit(event)
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -534,6 +566,8 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
                 # traceback; the chain keeps it for --debug.
                 raise RunError(f"the run failed: {message}") from exc
             finally:
+                if loop is not None:
+                    loop.stop_traces()          # no follower thread outlives the run
                 problems = session.close()
                 end = {"type": "run_end", "status": status, "message": message}
                 if problems:

@@ -13,7 +13,11 @@ the target's vocabulary, and shapes each device's uplink with ``tc`` through tha
   session turns (share, SNR) into the Shannon rate (``control.model.uplink_rate_bps``, the
   controller's own function) and applies it with ``tc class change``, in parallel, each through
   a long-lived shell on the device (``remote.ShellSession``: no SSH login per change). Both
-  return the time from decision to effect. No caller computes a ``tc`` rate;
+  return the time from decision to effect. No caller computes a ``tc`` rate. ``set_snrs``
+  changes several devices' channels at once (the trace follower, ``tracefollow.py``, calls it
+  about 10 times a second); each device's rate is computed and applied under that device's
+  lock, so a follower's change and a re-plan's never apply a stale rate, and
+  ``rate_listener(name, snr_db, rate_bps)``, when set, hears of every change made;
 - ``round(lengths)``: one synchronous round: every device applies its last verdict, drafts its
   L_k and uploads through its shaped link, the server verifies all drafts in one batch; returns
   what every part measured; when some devices' steps fail it raises ``DeviceFailed`` naming
@@ -133,6 +137,10 @@ class LiveSession:
         self._tc_gate = threading.Condition()
         self._tc_busy = 0
         self._closing = False
+        # One lock per device around "rate from (share, SNR) -> tc change": the trace follower's
+        # thread and the loop's re-plans change the same links (tracefollow.py).
+        self._link_locks = {name: threading.Lock() for name in self.devices}
+        self.rate_listener: Callable[[str, float, float], None] | None = None
         self._target_vocab: dict | None = None
         self.failed: dict[str, str] = {}          # open(keep_going=True): device -> "step: why"
 
@@ -332,6 +340,13 @@ class LiveSession:
         self.devices[name].snr_db = float(snr_db)
         return self._apply_rates([name], read_back)
 
+    def set_snrs(self, snrs: Mapping[str, float], *, read_back: dict | None = None) -> float:
+        """Several devices' channels change at once (``tc class change`` each, in parallel,
+        only where the rate moves); returns seconds from the call to the last change."""
+        for name, snr in snrs.items():
+            self.devices[name].snr_db = float(snr)
+        return self._apply_rates(list(snrs), read_back)
+
     def reset_channels(self) -> None:
         """Every device back on its inventory SNR (an experiment's SNR events changed them); the
         next ``set_shares`` applies the rates."""
@@ -343,19 +358,24 @@ class LiveSession:
 
         def one(name: str) -> str | None:
             dev = self.devices[name]
-            rate = self.rate_bps(name)
-            changed = dev.rate_bps is None or abs(rate - dev.rate_bps) >= 1.0
-            if not changed and read_back is None:
-                return None
-            try:
-                with self._tc_work():
-                    if changed:
-                        shaping.change(dev.shell, dev.node.interface, rate)
-                        dev.rate_bps = rate
-                    if read_back is not None:
-                        read_back[name] = shaping.read_rate_bps(dev.shell, dev.node.interface)
-            except (RemoteError, ShapingError) as exc:
-                return _first_line(exc)       # its link is unreachable: that device's loss
+            with self._link_locks[name]:      # the rate from the state of now, applied as one
+                rate = self.rate_bps(name)
+                changed = dev.rate_bps is None or abs(rate - dev.rate_bps) >= 1.0
+                if not changed and read_back is None:
+                    return None
+                try:
+                    with self._tc_work():
+                        if changed:
+                            shaping.change(dev.shell, dev.node.interface, rate)
+                            dev.rate_bps = rate
+                            listener = self.rate_listener
+                            if listener is not None:
+                                listener(name, dev.snr_db, rate)
+                        if read_back is not None:
+                            read_back[name] = shaping.read_rate_bps(dev.shell,
+                                                                    dev.node.interface)
+                except (RemoteError, ShapingError) as exc:
+                    return _first_line(exc)   # its link is unreachable: that device's loss
             return None
         names = [n for n in names if self.devices[n].shell is not None]
         failed = {n: why for n, why in zip(names, self._pool.map(one, names)) if why}

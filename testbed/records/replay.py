@@ -3,7 +3,8 @@
 ``testbed run --replay RUN`` re-runs the recorded experiment with the recorded profile, seeds,
 budgets and schedule. Before anything is brought up it compares, item by item (``facts``):
 
-- digests: the experiment file, the inventory, every prompt set, the profile;
+- digests: the experiment file, the inventory, every prompt set, the profile, every channel
+  trace (``devices.NAME.link.trace``);
 - the run's settings: seed and derived seeds, budgets, warm-up, repeats, order and schedule;
 - this machine: Python, Ray, llama.cpp, numpy, testbed, kernel, tc, CPU model and flags, and
   testbed's git commit and whether the tree was dirty;
@@ -62,6 +63,10 @@ def recorded_facts(manifest: dict) -> dict[str, Any]:
         out[f"digest.prompts.{name}"] = d
     if "profile" in digests:
         out["digest.profile"] = digests["profile"]
+    for name, dev in (exp.get("devices") or {}).items():
+        link = dev.get("link") if isinstance(dev, dict) else None
+        if isinstance(link, dict) and link.get("trace_sha256"):
+            out[f"digest.trace.{name}"] = link["trace_sha256"]
     if exp:
         out.update({k: v for k, v in settings_of(exp).items() if v is not None})
     if manifest.get("seeds") is not None:
@@ -121,6 +126,8 @@ def current_facts(exp, profile: dict | None, schedule: list, seeds: dict) -> dic
                            "digest.profile": digest(profile) if profile is not None else None}
     for w in exp.workloads.values():
         out[f"digest.prompts.{w.name}"] = w.prompt_set.digest if w.prompt_set else None
+    for name, trace in exp.traces.items():
+        out[f"digest.trace.{name}"] = trace.digest
     out.update(settings_of(exp.to_dict()))
     out["settings.seeds"] = seeds
     out["settings.schedule"] = schedule

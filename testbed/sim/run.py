@@ -5,9 +5,9 @@ population in place of the profiled devices when ``devices`` is given) and the `
 them on; ``live.loop.run(exp, profile, out, lab=lab)`` then runs it exactly as a live run, in
 simulated time. ``simulated_facts`` is what the manifest records about the simulation.
 
-Limits: with a drawn population the experiment's scheduled events are dropped (they name the
-profiled devices); the inventory's devices are replaced by the drawn ones, each a copy of its
-template's node.
+Limits: with a drawn population the experiment's scheduled events and channel traces are
+dropped (they name the profiled devices); the inventory's devices are replaced by the drawn
+ones, each a copy of its template's node.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def prepare(exp: Experiment, profile: dict, *, devices: int | None = None,
             nodes.append(dataclasses.replace(template, name=d.name, snr_db=d.snr_db))
             workloads[d.name] = exp.device_workloads[d.template]
         inv = dataclasses.replace(exp.inventory, devices=tuple(nodes))
-        exp = dataclasses.replace(exp, inventory=inv, device_workloads=workloads, events=())
+        exp = dataclasses.replace(exp, inventory=inv, device_workloads=workloads, events=(),
+                                  traces={})
         profile = as_profile(profile, drawn)
         sim_devices = drawn
     elif missing:
