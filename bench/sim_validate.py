@@ -8,6 +8,9 @@ digest it had), simulated with the profile that run used (``testbed simulate EXP
 --profile RUN``, the experiment's seed), then per policy the live run's mean goodput (with its
 95% interval when it had repeats), the simulated mean, the simulation's error, and the analytic
 forecast's error for the same live run (the live loop's per-round forecast, from the summary).
+"profile's acceptance" says where the profile's acceptance came from: "whole answers" (the
+profiler's teacher-forced answers, replayed by the simulator) or "draft rounds" (profiles made
+before the profiler measured whole answers: rates from a few hundred drafted positions).
 The README's "Simulator" table is this output (``tests/test_sim_validation.py`` checks that).
 """
 
@@ -48,6 +51,8 @@ def validate(run: Path) -> list[dict]:
         run_dir, _ = run_loop(exp, profile, Path(tmp), lab=lab)
         sim = json.loads((run_dir / "summary.json").read_text())
     simulated = {p["policy"]: p for p in sim["policies"]}
+    whole = any("teacher_forced" in (d.get("acceptance") or {})
+                for d in manifest["profile"].get("devices") or [])
     rows = []
     for p in live["policies"]:
         mean = p.get("goodput_mean", p["goodput_tps"])
@@ -57,18 +62,19 @@ def validate(run: Path) -> list[dict]:
         rows.append({"run": run.name, "policy": p["policy"], "live": mean, "live_ci95": ci,
                      "sim": s_mean, "error": s_mean / mean - 1,
                      "inside": None if not ci else bool(ci[0] <= s_mean <= ci[1]),
-                     "forecast_error": p.get("prediction_error")})
+                     "forecast_error": p.get("prediction_error"),
+                     "acceptance": "whole answers" if whole else "draft rounds"})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | policy | live tok/s (95% CI) | simulated | error | inside the CI | "
-             "analytic forecast's error |", "|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| run | profile's acceptance | policy | live tok/s (95% CI) | simulated | error | "
+             "inside the CI | analytic forecast's error |", "|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         ci = f" ({r['live_ci95'][0]:.1f}–{r['live_ci95'][1]:.1f})" if r["live_ci95"] else ""
         inside = "—" if r["inside"] is None else ("yes" if r["inside"] else "no")
         fc = "—" if r["forecast_error"] is None else f"{-r['forecast_error'] / (1 + r['forecast_error']):+.1%}"
-        lines.append(f"| `{r['run']}` | {r['policy']} | {r['live']:.1f}{ci} | {r['sim']:.1f} | "
+        lines.append(f"| `{r['run']}` | {r['acceptance']} | {r['policy']} | {r['live']:.1f}{ci} | {r['sim']:.1f} | "
                      f"{r['error']:+.1%} | {inside} | {fc} |")
     return "\n".join(lines) + "\n"
 

@@ -257,3 +257,27 @@ def test_catch_up_keeps_an_idle_device_current(paths, references):
         assert d.ctx.n_tokens_decoded - before == 2               # the last token + 1 draft
     finally:
         agent.close()
+
+
+def test_teacher_forcing_matches_the_speculative_verdicts(paths, references):
+    """The profiler's acceptance measurement: the target's greedy answers of several prompts at
+    once (one decode per step over sequences) are the target-only answers, and the draft's
+    teacher-forced matches are the test's own one-batch computation of the same thing, whose
+    verdicts test_greedy_speculation_is_lossless checks against real speculative runs."""
+    prompts = [references[t][0] for t in PROMPTS]
+    v = Verifier(paths[TARGET], n_seq_max=2, threads=THREADS, n_ctx=512)   # 2: chunks of 2, 1
+    try:
+        answers = v.greedy_answers(prompts, MAX_TOKENS)
+    finally:
+        v.close()
+    assert answers == [references[t][1] for t in PROMPTS]
+    name = "smollm2-135m-q2_k"
+    d = DraftWorker(paths[name], n_ctx=512, threads=THREADS)
+    try:
+        for prompt, want in zip(prompts, answers):
+            got = d.greedy_matches(prompt, want)
+            expect = [a == b for a, b in zip(draft_greedy_next(paths[name], prompt, want), want)]
+            assert got == expect
+        assert 0 < sum(got) < len(got)      # the Q2_K draft both agrees and disagrees
+    finally:
+        d.close()

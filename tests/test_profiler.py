@@ -455,6 +455,22 @@ def test_quick_profile_through_the_cli(lab_inv, tmp_path):
         assert acc["ci95"][0] <= acc["rate"] <= acc["ci95"][1] and acc["n_drafted"] > 40
         assert set(acc["per_workload"]) == {"chat", "code", "qa", "summarise"}
 
+    # Acceptance over whole answers (teacher forcing): one answer per workload in --quick, the
+    # same target answers for every device, one agreement flag per position.
+    lengths = set()
+    for d in devs.values():
+        tf = d["acceptance"]["teacher_forced"]
+        assert set(tf["per_workload"]) == {"chat", "code", "qa", "summarise"}
+        assert [(p["workload"], p["index"]) for p in tf["prompts"]] == [
+            ("chat", 0), ("code", 0), ("qa", 0), ("summarise", 0)]
+        assert all(set(p["matches"]) <= {"0", "1"} and 0 < len(p["matches"]) <= 96
+                   for p in tf["prompts"])
+        assert tf["n_judged"] == sum(len(p["matches"]) for p in tf["prompts"])
+        lengths.add(tuple(len(p["matches"]) for p in tf["prompts"]))
+    assert len(lengths) == 1
+    whole = {n: devs[n]["acceptance"]["teacher_forced"]["rate"] for n in devs}
+    assert min(whole["dev-a"], whole["dev-d"]) > whole["dev-c"], whole
+
     # Payload as sent: topk with greedy drafts carries one entry per token.
     assert prof["payload"]["bits_per_draft_token"] == pytest.approx(48, abs=1)
     assert prof["payload"]["fit"]["r2"] > 0.99
@@ -489,7 +505,8 @@ def test_a_killed_device_is_marked_failed_and_the_others_are_profiled(lab_inv, t
                 os.kill(self.pid, signal.SIGKILL)        # the agent process dies for real
 
     tiny = profiler.Budget(rounds_per_segment=2, min_segments=2, fidelity_rounds=2,
-                           verify_repeats=1, pings=2, bulk_s=0.3, bulk_repeats=1)
+                           verify_repeats=1, pings=2, bulk_s=0.3, bulk_repeats=1,
+                           answer_prompts=0)
     rep = KillAtLink()
     prof = profiler.Profiler(lab_inv, profiler.workloads_from_files(
         [ROOT / "experiments/prompts/chat.yaml"]), budget=tiny, reporter=rep)

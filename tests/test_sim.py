@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from testbed.control.model import uplink_rate_bps
+from testbed.inputs.prompts import prompt_key
 from testbed.sim.lab import SimLab
 from testbed.sim.population import PopulationSpec, SimDevice, SimServer, devices_from_profile, draw
 
@@ -83,6 +84,27 @@ def test_task_rates_follow_the_prompt():
     assert lab.round({"a": 5}).verify.verdicts["a"].n_accepted == 5
     lab.start_sequence("a", "QA PROMPT")
     assert lab.round({"a": 5}).verify.verdicts["a"].n_accepted == 0
+
+
+def test_replayed_answers_accept_the_runs_of_agreement():
+    """A prompt whose teacher-forced answer the profile has: each draft accepts the run of
+    agreements from its position (at most L), whatever the rate says, and the answer ends
+    where the target's did; another prompt falls back to the (here zero) rate."""
+    matches = np.array([1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1], dtype=bool)   # the target ended
+    dev = _device("a", acceptance=0.0,
+                  traces={prompt_key("KNOWN"): (matches, True)})
+    lab = _lab([dev])
+    lab.set_shares({"a": 1.0})
+    lab.start_sequence("a", "KNOWN")
+    got = []
+    for L in (4, 4, 2, 8):
+        v = lab.round({"a": L}).verify.verdicts["a"]
+        got.append((v.n_accepted, len(v.tokens), v.eog))
+    # position 0: a run of 2 (the target's token is position 2); 3: 4 of 4 (the target's
+    # token is 7); 8: a miss; 9: the last two agreements, and the answer ends
+    assert got == [(2, 3, False), (4, 5, False), (0, 1, False), (2, 3, True)]
+    lab.start_sequence("a", "UNKNOWN")
+    assert lab.round({"a": 4}).verify.verdicts["a"].n_accepted == 0
 
 
 def test_profile_devices_and_population():
@@ -152,7 +174,8 @@ def test_population_run(tmp_path: Path):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--server-cost", "x"], "--server-cost: expected BASE_S,PER_TOKEN_S"),
+    (["--server-cost", "x"], '--server-cost: unknown server cost "x"'),
+    (["--server-cost", "x,1"], "--server-cost: expected BASE_S,PER_TOKEN_S"),
     (["--server-cost", "1,-1"], "--server-cost: expected 0 <= base"),
     (["--devices", "0"], "must be in 1..100000"),
     (["--duration", "nan"], "--duration"),
@@ -170,3 +193,62 @@ def test_profile_auto_needs_a_profile(tmp_path: Path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "give --profile" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_named_server_costs():
+    """Names for --server-cost and sweeps: lines fitted on the measured H100 data (the numbers
+    docs/gpu-server.md gives), the profile's real compute, and the profile's own fit."""
+    from testbed.errors import InputError
+    from testbed.sim import costs
+    base, per = costs.resolve("h100-8b", {})
+    assert base == pytest.approx(0.0080, abs=2e-4) and per == pytest.approx(0.000119, rel=0.02)
+    base, per = costs.resolve("h100-135m", {})
+    assert base == pytest.approx(0.0071, abs=2e-4) and per == pytest.approx(0.000041, rel=0.03)
+    prof = json.loads(PROFILE.read_text())
+    real = prof["server"]["verify"]["real_fit"]
+    assert costs.resolve("profile-real", prof) == (real["base_s"], real["per_token_s"])
+    assert costs.resolve("profile", prof) is None and costs.resolve([0.1, 0.01], prof) == (0.1, 0.01)
+    with pytest.raises(InputError, match="unknown server cost"):
+        costs.resolve("h200", prof)
+
+
+def _fair_experiment(tmp: Path, tpot_s: float) -> Path:
+    text = (ROOT / "experiments/fairness.yaml").read_text()
+    text = text.replace("inventory: ../inventory/local.yaml",
+                        f"inventory: {ROOT / 'inventory/local.yaml'}")
+    text = text.replace("prompts: prompts/", f"prompts: {ROOT / 'experiments/prompts'}/")
+    text = text.replace("  - agnostic-fixed\n", "  - agnostic-fixed\n  - slo-heterogeneous\n")
+    text = text.replace("repeats: 3\n", "repeats: 1\n").replace("order: interleaved\n", "")
+    path = tmp / f"fair-{tpot_s}.yaml"
+    path.write_text(text + f"slo: {{tpot_s: {tpot_s}}}\n")
+    return path
+
+
+@pytest.mark.parametrize("tpot_s,feasible", [(10.0, True), (0.001, False)])
+def test_fair_and_slo_policies_run_through_the_loop(tmp_path: Path, tpot_s, feasible):
+    """The fair policies and the SLO variant run as any policy (the simulated lab goes through
+    the live loop): max-min's slowest device gets at least agnostic-fixed's, the SLO plan is
+    heterogeneous's when the target is loose, max-min's when nothing meets it (said so in the
+    policy_start event and the live view's line), and the users' fields are in the summary."""
+    exp = _fair_experiment(tmp_path, tpot_s)
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "simulate", str(exp),
+                           "--profile", str(PROFILE), "--out", str(tmp_path / "runs"),
+                           "--duration", "30"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    events = [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines()]
+    starts = {e["policy"]: e for e in events if e["type"] == "policy_start"}
+    slo = starts["slo-heterogeneous"]["slo"]
+    assert slo["feasible"] is feasible and slo["tpot_s"] == tpot_s
+    lengths = {p: [d["draft_len"] for d in e["plan"]["devices"]] for p, e in starts.items()}
+    twin = "multispin-heterogeneous" if feasible else "max-min"
+    assert lengths["slo-heterogeneous"] == lengths[twin]
+    from testbed.records.view import RunView
+    line = RunView(duration_s=30, rounds=None)._on_policy_start(starts["slo-heterogeneous"])
+    assert ("no plan meets" in line) is not feasible       # what the live view prints
+    summary = {p["policy"]: p for p in json.loads((run / "summary.json").read_text())["policies"]}
+    assert summary["max-min"]["min_device_goodput_tps"] >= \
+        summary["agnostic-fixed"]["min_device_goodput_tps"]
+    assert summary["multispin-heterogeneous"]["goodput_tps"] >= \
+        summary["max-min"]["goodput_tps"]

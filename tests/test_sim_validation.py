@@ -23,3 +23,22 @@ def test_readme_simulator_table_is_reproduced():
     assert proc.stdout.strip() == block.strip()
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| `")]
     assert len(rows) >= 6                     # two live runs at least, every policy of each
+
+
+def test_simulation_is_within_ten_percent_of_live_runs_profiled_over_whole_answers():
+    """The issue's bar, on the shipped live runs whose profile measured acceptance over whole
+    answers (quickstart and adaptation at least): every policy's simulated mean within 10% of
+    the live mean, and inside the live 95% interval where the run had repeats."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sim_validate
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for run in sorted((ROOT / "docs/data/runs").iterdir()):
+        rows += [r for r in sim_validate.validate(run) if r["acceptance"] == "whole answers"]
+    experiments = {r["run"].split("-", 1)[1] for r in rows}
+    assert {"quickstart", "adaptation"} <= experiments, experiments
+    for r in rows:
+        assert abs(r["error"]) <= 0.10, r
+        assert r["inside"] is not False, r

@@ -169,6 +169,35 @@ class DraftWorker:
         q = Dist.from_weights(ids, w)      # exactly the q the verifier will decode
         return sample(q, self.rng), q, (ids, w)
 
+    def greedy_matches(self, prompt_tokens, answer) -> list[bool]:
+        """Teacher forcing: for each position i of ``answer`` (the target's greedy answer to
+        the prompt), whether this model's greedy next token after ``prompt + answer[:i]`` is
+        ``answer[i]``. With greedy decoding on both sides that is exactly what speculative
+        decoding accepts: a round that starts at position p with a draft of L tokens accepts
+        the run of matches from p, at most L (its draft tokens are these very predictions as
+        long as they match). One decode per 512 positions. Leaves the sequence at
+        ``prompt + answer`` (a ``start`` follows)."""
+        answer = [int(t) for t in answer]
+        if not answer:
+            return []
+        self.start(list(prompt_tokens))
+        full = list(prompt_tokens) + answer
+        if len(full) + 1 > self.ctx.n_ctx:
+            raise EngineError(f"draft context full ({self.ctx.n_ctx} tokens)")
+        todo = full[len(self._kv):-1]          # the prompt's last token, then answer[:-1]
+        matches: list[bool] = []
+        for lo in range(0, len(todo), self.batch.capacity):
+            chunk = todo[lo:lo + self.batch.capacity]
+            self.batch.clear()
+            for tok in chunk:
+                self.batch.add(tok, len(self._kv), 0, True)
+                self._kv.append(tok)
+            self.ctx.decode(self.batch)
+            for j in range(len(chunk)):
+                matches.append(greedy(self.ctx.logits(j)) == answer[lo + j])
+        self.tokens = full
+        return matches
+
     def catch_up(self) -> float:
         """Decode the tokens accepted since the last draft (all but the last, which stays
         pending), so that a device that does not draft for a while is not left with all of

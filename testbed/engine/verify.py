@@ -210,6 +210,45 @@ class Verifier:
         return VerifyResult(results, n_tokens, self.ctx.n_decodes - decodes_before, decode_s,
                             compute_s, emulated_s)
 
+    def greedy_answers(self, prompts, max_tokens: int) -> list[list[int]]:
+        """The target's greedy answer to each prompt (token lists): at most ``max_tokens``
+        tokens, ending early at an end-of-generation token. ``n_seq_max`` prompts at a time,
+        one decode per step, no emulated duration (these are not rounds). The profiler's
+        reference answers for teacher-forced acceptance (``DraftWorker.greedy_matches``).
+        Restarts sequences 0..n_seq_max-1: their previous contents are gone."""
+        if max_tokens < 1:
+            raise InputError(f"must be >= 1, got {max_tokens}", field="max_tokens")
+        prompts = [list(p) for p in prompts]
+        out: list[list[int]] = [[] for _ in prompts]
+        width = self.ctx.n_seq_max
+        for lo in range(0, len(prompts), width):
+            chunk = list(range(lo, min(len(prompts), lo + width)))
+            live = []
+            for seq, i in enumerate(chunk):
+                if len(prompts[i]) + max_tokens > self.n_ctx_seq:
+                    raise InputError(f"prompt {i}: {len(prompts[i])} + {max_tokens} tokens do "
+                                     f"not fit n_ctx={self.n_ctx_seq}", field="max_tokens")
+                self.add_sequence(seq, prompts[i], sampling=SamplingParams())
+                live.append((seq, i))
+            while live:
+                self.batch.clear()
+                index = {}
+                for seq, i in live:
+                    st = self._seqs[seq]
+                    index[seq] = self.batch.add(st.tokens[-1], len(st.tokens) - 1, seq, True)
+                self.ctx.decode(self.batch)
+                still = []
+                for seq, i in live:
+                    st = self._seqs[seq]
+                    tok = greedy(self.ctx.logits(index[seq]))
+                    st.kv.append(st.tokens[-1])
+                    st.tokens.append(tok)
+                    out[i].append(tok)
+                    if len(out[i]) < max_tokens and not self.model.is_eog(tok):
+                        still.append((seq, i))
+                live = still
+        return out
+
     def _accept(self, st: _Seq, d: pl.DraftPayload, first: int) -> tuple[int, int]:
         if st.sampling.greedy:
             return accept_greedy(d.tokens, lambda i: greedy(self.ctx.logits(first + i)))

@@ -68,6 +68,13 @@ class PromptSet:
         return tuple(self.render(i) for i in range(len(self.prompts)))
 
 
+def prompt_key(rendered: str) -> str:
+    """A rendered prompt's key in profiles (its teacher-forced answers): 16 hex digits of the
+    SHA-256 of its UTF-8 text, so that a profile and an experiment agree on a prompt whatever
+    file or index it came from."""
+    return hashlib.sha256(rendered.encode()).hexdigest()[:16]
+
+
 def load_prompts(path: str | Path) -> PromptSet:
     """Load and validate a prompt set; raises PromptsError (file:line: field: what)."""
     root = load_yaml(path, PromptsError)

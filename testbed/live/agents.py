@@ -164,6 +164,14 @@ class DeviceAgent:
         return DeviceStep(self.name, accept_s, d.draft_s, up.upload_s, len(d.tokens),
                           up.payload_bytes, up.wire_bytes, catch_up_s)
 
+    def greedy_matches(self, prompt_tokens: Sequence[int], answer: Sequence[int]) -> str:
+        """Profiler: teacher-forced acceptance of the target's greedy ``answer`` (see
+        ``DraftWorker.greedy_matches``), as a string of "1" (the draft's greedy token agrees)
+        and "0"; the next ``start`` begins a new sequence."""
+        self._join_catch_up()
+        return "".join("1" if m else "0"
+                       for m in self.worker.greedy_matches(list(prompt_tokens), list(answer)))
+
     def bulk(self, nbytes: int) -> dict:
         """Push ``nbytes`` through the data path (link-rate measurement)."""
         return asdict(self.client.bulk(nbytes))
@@ -263,6 +271,12 @@ class ServerAgent:
 
     def discard_before(self, round_id: int) -> None:
         self.receiver.discard_before(round_id)
+
+    def greedy_answers(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """Profiler: the target's greedy answers (``Verifier.greedy_answers``); restarts the
+        devices' sequences (they start new ones afterwards)."""
+        with self._engine:
+            return self.verifier.greedy_answers([list(p) for p in prompts], int(max_tokens))
 
     def verify_grid(self, cells: Sequence[tuple[int, int]], prompt_tokens: Sequence[int], *,
                     repeats: int = 2) -> list[dict]:

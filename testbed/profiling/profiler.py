@@ -14,6 +14,10 @@ hears about per node (the CLI draws one progress bar per device and stage from i
    workloads. Gives drafting time vs drafted tokens (base + per token), acceptance (pooled, per
    position, per workload; see ``profile_stats``), the wire bits of an upload vs its length
    (``payload``) and the rounds' fixed overheads (Ray's dispatch, returning the verdicts).
+   ``answers``: acceptance over whole answers by teacher forcing (greedy workloads): the
+   server's greedy answers to the first ``answer_prompts`` prompts of each workload, and per
+   device whether its draft model agrees at every position (``acceptance.teacher_forced``;
+   see ``_answers``).
 4. ``verify`` (server): synthetic batches over a grid of device counts K and draft lengths L;
    ``v0 + v1 * n`` fitted on the batch tokens n, for the emulated duration (what a round waits
    for in the emulated lab) and for the real compute. It runs after the rounds: right after
@@ -50,7 +54,7 @@ from typing import Callable, Mapping, Sequence
 from testbed.errors import ProfileError, RunError, TestbedError
 from testbed.channel import Channel
 from testbed.inputs.inventory import Inventory
-from testbed.inputs.prompts import PromptSet, load_prompts
+from testbed.inputs.prompts import PromptSet, load_prompts, prompt_key
 from testbed.live.datapath import FRAME_OVERHEAD_BYTES
 from testbed.live.session import DeviceFailed, LiveSession, resolve_model
 from testbed.profiling.format import (SCHEMA, SummaryError, device_summary,
@@ -79,12 +83,13 @@ class Budget:
     pings: int
     bulk_s: float               # target duration of one bulk transfer
     bulk_repeats: int
+    answer_prompts: int = 10    # prompts per greedy workload with teacher-forced acceptance
 
 
 QUICK = Budget(rounds_per_segment=5, min_segments=4, fidelity_rounds=6, verify_repeats=2,
-               pings=5, bulk_s=0.5, bulk_repeats=1)
+               pings=5, bulk_s=0.5, bulk_repeats=1, answer_prompts=1)
 FULL = Budget(rounds_per_segment=10, min_segments=8, fidelity_rounds=15, verify_repeats=3,
-              pings=20, bulk_s=1.0, bulk_repeats=2)
+              pings=20, bulk_s=1.0, bulk_repeats=2, answer_prompts=10)
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,16 @@ class ProfileWorkload:
     name: str
     prompts: PromptSet
     sampling: dict = field(default_factory=lambda: {"temperature": 0.0})
+    max_tokens: int = 96        # answer length of the teacher-forced acceptance
+
+    @property
+    def greedy(self) -> bool:
+        return not self.sampling.get("temperature")
 
     def to_dict(self) -> dict:
         return {"task": self.prompts.task, "prompts": str(self.prompts.path),
-                "prompts_sha256": self.prompts.digest, "sampling": dict(self.sampling)}
+                "prompts_sha256": self.prompts.digest, "sampling": dict(self.sampling),
+                "max_tokens": self.max_tokens}
 
 
 def workloads_from_files(paths: Sequence[str | Path]) -> dict[str, ProfileWorkload]:
@@ -118,7 +129,7 @@ def workloads_from_files(paths: Sequence[str | Path]) -> dict[str, ProfileWorklo
 def workloads_from_experiment(exp) -> dict[str, ProfileWorkload]:
     """The experiment's workloads with their sampling settings."""
     return {name: ProfileWorkload(name, w.prompt_set, {"temperature": w.temperature, "top_k": w.top_k,
-                                                "top_p": w.top_p})
+                                                "top_p": w.top_p}, w.max_tokens)
             for name, w in exp.workloads.items()}
 
 
@@ -173,6 +184,7 @@ class Profiler:
         self.warnings: list[str] = []
         self.fit_lens, self.held_lens = draft_grids(self.channel.max_draft_len)
         self.rounds: list[dict] = []            # the draft stage's rounds, as measured
+        self.teacher: dict[str, dict] = {}      # device -> teacher-forced acceptance
         self._prompt_no: dict[str, int] = {}
         self.stage_s: dict[str, float] = {}     # wall time of each stage (the profile has it)
 
@@ -192,13 +204,18 @@ class Profiler:
     def _plan_tasks(self) -> list[Task]:
         b = self.budget
         n_cells = len(self._verify_cells(len(self.inv.devices)))
+        n_answers = len(self._answer_prompts())
         tasks = [Task("server", "load", 1, 20.0),
                  Task("server", "verify", n_cells * b.verify_repeats, 0.25)]
+        if n_answers:
+            tasks.append(Task("server", "answers", n_answers, 1.5))
         for d in self.inv.devices:
             tasks += [Task(d.name, "load", 1, 20.0),
                       Task(d.name, "link", 2 * b.bulk_repeats + 2, 1.5),
-                      Task(d.name, "draft", self._n_rounds(), 1.0),
-                      Task(d.name, "fidelity", b.fidelity_rounds, 1.0)]
+                      Task(d.name, "draft", self._n_rounds(), 1.0)]
+            if n_answers:
+                tasks.append(Task(d.name, "answers", n_answers, 1.0))
+            tasks.append(Task(d.name, "fidelity", b.fidelity_rounds, 1.0))
         return tasks
 
     def _n_segments(self) -> int:
@@ -220,6 +237,7 @@ class Profiler:
             facts0, t_facts0 = self._timed("load", self._load)
             links = self._timed("link", self._links)
             self._timed("draft", self._draft_rounds)
+            self.teacher = self._timed("answers", self._answers)
             verify = self._timed("verify", self._verify)
             partial = self._assemble(created, 0.0, facts0, t_facts0, verify, links, None)
             fidelity = self._timed("fidelity", lambda: self._fidelity(partial))
@@ -313,18 +331,23 @@ class Profiler:
     # -- links ---------------------------------------------------------------------------
 
     def _links(self) -> dict[str, dict]:
-        names = self.active()
+        return self._per_device("link", self._link, self.active())
+
+    def _per_device(self, stage: str, fn: Callable[[str], dict],
+                    names: Sequence[str]) -> dict[str, dict]:
+        """``fn(name)`` for every device at once; a device whose call fails is marked failed
+        at ``stage`` and left out."""
         out: dict[str, dict] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = {n: pool.submit(self._link, n) for n in names}
+            futures = {n: pool.submit(fn, n) for n in names}
             for name, fut in futures.items():
                 try:
                     out[name] = fut.result()
-                    self.rep.finished(name, "link")
+                    self.rep.finished(name, stage)
                 except TestbedError as exc:
-                    self._fail(name, "link", str(exc))
+                    self._fail(name, stage, str(exc))
                 except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
-                    self._fail(name, "link", _first_line(exc))
+                    self._fail(name, stage, _first_line(exc))
         return out
 
     def _link(self, name: str) -> dict:
@@ -446,6 +469,69 @@ class Profiler:
         for n in self.active():
             self.rep.finished(n, "draft")
 
+    # -- teacher-forced acceptance over whole answers ---------------------------------------
+
+    def _answer_prompts(self) -> list[tuple[str, int]]:
+        """(workload, prompt index) of the answers the ``answers`` stage measures: the first
+        ``answer_prompts`` prompts of every greedy workload."""
+        return [(wname, i) for wname, w in self.workloads.items() if w.greedy
+                for i in range(min(self.budget.answer_prompts, len(w.prompts.prompts)))]
+
+    def _answers(self) -> dict[str, dict]:
+        """Acceptance over whole answers, by teacher forcing (greedy workloads only): the
+        server writes the target's greedy answer to each prompt (up to the workload's
+        ``max_tokens``), then every device computes, for each position, whether its draft
+        model's greedy token agrees (``DraftWorker.greedy_matches``). With greedy decoding on
+        both sides this is exactly what speculative rounds accept, for any draft lengths, so
+        the profile keeps the agreement string of every answer (the simulator replays them)
+        and the rate over all positions, per workload. The draft rounds measure acceptance
+        too, but only on the first rounds of a few prompts, with a few hundred tokens per
+        device: their rates were 10% off whole live runs (docs/simulator.md)."""
+        self._stage = "answers"
+        todo = self._answer_prompts()
+        names = self.active()
+        if not todo or not names:
+            return {}
+        session, server = self.session, self.inv.server.name
+        self.rep.started("server", "answers")
+        texts = [self.workloads[w].prompts.render(i) for w, i in todo]
+        tokens = [session.call(server, "tokenize", t, timeout=60) for t in texts]
+        answers: list[list[int] | None] = [None] * len(todo)
+        for mt in sorted({self.workloads[w].max_tokens for w, _ in todo}):
+            idx = [j for j, (w, _) in enumerate(todo) if self.workloads[w].max_tokens == mt]
+            try:
+                got = session.call(server, "greedy_answers", [tokens[j] for j in idx], mt,
+                                   timeout=1800)
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                raise RunError(f"server: answers: {_first_line(exc)}") from None
+            for j, a in zip(idx, got):
+                answers[j] = a
+            self.rep.advanced("server", "answers", len(idx))
+        self.rep.finished("server", "answers")
+
+        def one(name: str) -> dict:
+            self.rep.started(name, "answers")
+            prompts, tally = [], {}
+            for j, (w, i) in enumerate(todo):
+                bits = session.call(name, "greedy_matches", tokens[j], answers[j], timeout=600)
+                mt = self.workloads[w].max_tokens
+                prompts.append({"workload": w, "index": i, "sha256": prompt_key(texts[j]),
+                                "matches": bits, "eog": len(bits) < mt})
+                hit, n = tally.get(w, (0, 0))
+                tally[w] = (hit + bits.count("1"), n + len(bits))
+                self.rep.advanced(name, "answers")
+            hits, n = sum(h for h, _ in tally.values()), sum(m for _, m in tally.values())
+            return {"method": "teacher-forced greedy answers", "rate": hits / n if n else None,
+                    "n_judged": n,
+                    "per_workload": {w: {"rate": h / m if m else None, "n_judged": m,
+                                         "max_tokens": self.workloads[w].max_tokens,
+                                         "prompts": sum(1 for p in prompts
+                                                        if p["workload"] == w)}
+                                     for w, (h, m) in tally.items()},
+                    "prompts": prompts}
+
+        return self._per_device("answers", one, names)
+
     # -- fidelity ------------------------------------------------------------------------
 
     def _fidelity(self, partial: dict) -> dict | None:
@@ -531,6 +617,8 @@ class Profiler:
                                                       + entry["draft"]["accept_s"]
                                                       + over["dispatch_s"])
                     entry["link"] = links[name]
+                    if name in self.teacher:
+                        entry["acceptance"]["teacher_forced"] = self.teacher[name]
                 except (SummaryError, KeyError) as exc:
                     self.errors[name] = f"draft: {exc}"
             if name in self.errors:

@@ -14,9 +14,13 @@ One round, vectorised over the devices that draft (numpy), from each device's ``
 
 - drafting: ``round_base_s + per_token_s * L`` plus a normal residual with the profile's
   ``resid_sd_s`` (clipped so that drafting takes at least ``per_token_s * L / 2``);
-- acceptance: token by token, position i accepted with the device's rate for its current task
-  (the profile's per-workload rate) shaped by the profile's per-position rates; the draft stops
-  at the first rejection; the device gains the accepted tokens plus the server's one;
+- acceptance: replayed when the profile has the prompt's teacher-forced answer (a profiled
+  device, a greedy workload): a draft of L tokens at answer position p accepts the run of the
+  draft model's agreements with the target from p, at most L (exactly what greedy speculative
+  decoding accepts), and the answer ends where the target's ended. Otherwise sampled token by
+  token: position i accepted with the device's rate for its current task (the profile's
+  per-workload rate) shaped by the profile's per-position rates; the draft stops at the first
+  rejection. Either way the device gains the accepted tokens plus the server's one;
 - upload: ``header_bits + bits_per_draft_token * L`` at the device's rate (its band share on
   its SNR, as ``LiveSession.rate_bps``), times a factor drawn from the profile's measured
   upload time over the model (mean and spread);
@@ -24,13 +28,23 @@ One round, vectorised over the devices that draft (numpy), from each device's ``
   server's cost line: the profile's fit, the inventory's emulation, or a given one), the
   downlink, and the orchestration overhead (normal, the profile's ``round_overhead`` spread).
 
+Channel traces (an experiment's ``devices.NAME.link.trace``): the loop's ``tracefollow.start``
+calls ``follow_traces``; from then on a traced device's upload takes the time its bits need at
+the rate that follows the trace over the upload's own interval (``Trace.send_time``: the rate,
+its band share on the trace's SNR at each instant, integrated from the upload's start; the
+upload factor scales the bits), so an upload that spans a fade is slowed by it in proportion.
+Its ``snr_db`` and ``rate_bps`` are the trace's at each round's end, and every step of the
+trace within a round is recorded as a ``trace`` event at its simulated time, as the live
+follower records the ``tc`` changes it makes.
+
 Devices that do not draft (L = 0) get the server's token each round, as in the live lab.
 Prompts end after ``max_tokens`` (no end-of-generation token: text is not generated).
 Deterministic for a seed: every random draw comes from one ``numpy`` generator, in the
 loop's order.
 
-Limits: acceptance is independent from token to token (real text has easy and hard stretches:
-runs of acceptances are correlated), so its variance over rounds is lower than live;
+Limits: sampled acceptance is independent from token to token (real text has easy and hard
+stretches: runs of acceptances are correlated), so its variance over rounds is lower than live;
+replayed answers carry that correlation but only for the prompts the profile measured;
 prefills take no time; a device never fails unless the experiment says it leaves.
 """
 
@@ -43,6 +57,7 @@ import numpy as np
 
 from testbed.control.model import uplink_rate_bps
 from testbed.errors import RunError
+from testbed.inputs.prompts import prompt_key
 from testbed.live.rounds import DeviceStep, Round, ServerStep, Verdict
 from testbed.sim.population import SimDevice, SimServer
 
@@ -60,6 +75,8 @@ class SimDeviceState:
     active: bool = True
     generated: int = 0
     task: str | None = None
+    trace: np.ndarray | None = None       # the current prompt's teacher-forced agreements
+    trace_ends: bool = False              # the target's answer ended there (end of text)
     info: dict = field(default_factory=dict)
 
 
@@ -82,6 +99,9 @@ class SimLab:
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
         self._round = 0
+        self._traces: dict = {}                # device -> channel trace (follow_traces)
+        self._trace_t0 = 0.0                   # the lab time of the traces' time 0
+        self._trace_rec = None                 # tracefollow.TraceRecorder
         self._index = {name: i for i, name in enumerate(self.devices)}
         # Per-device parameters as arrays, indexed like ``self.devices``.
         specs = [d.spec for d in self.devices.values()]
@@ -135,6 +155,8 @@ class SimLab:
         dev.rate_bps = self._rate(dev)
         if read_back is not None:
             read_back[name] = dev.rate_bps
+        if name in self._traces:
+            self._trace_rec.change(name, dev.snr_db, dev.rate_bps, at=self.now)
 
     def set_shares(self, shares: Mapping[str, float], *, read_back: dict | None = None) -> float:
         for name, share in shares.items():
@@ -149,12 +171,54 @@ class SimLab:
         for dev in self.devices.values():
             dev.snr_db = dev.spec.snr_db
 
+    # -- channel traces (live/tracefollow.py does this live) ----------------------------------
+
+    def follow_traces(self, traces: Mapping, t0: float, recorder) -> "_SimTraces":
+        """Traced devices follow their traces from lab time ``t0`` (module docstring)."""
+        self._traces = {n: tr for n, tr in traces.items() if n in self.devices}
+        self._trace_t0, self._trace_rec = float(t0), recorder
+        for name in self._traces:
+            dev = self.devices[name]
+            recorder.change(name, dev.snr_db, dev.rate_bps or self._rate(dev), at=t0)
+        recorder.flush(0.0, at=t0, start=True)
+        return _SimTraces(self)
+
+    def _trace_rate(self, dev: SimDeviceState):
+        share = min(1.0, max(0.0, dev.share))
+        return lambda snr: max(uplink_rate_bps(share, self.bandwidth_hz, snr), MIN_RATE_BPS)
+
+    def _traced_uploads(self, drafting: list[str], upload_s: np.ndarray, bits: np.ndarray,
+                        start_s: np.ndarray) -> np.ndarray:
+        """Upload times of traced devices: ``bits`` from ``start_s`` into the round at the
+        rate that follows the trace (``Trace.send_time``)."""
+        out = upload_s.copy()
+        for j, n in enumerate(drafting):
+            trace = self._traces.get(n)
+            if trace is not None:
+                tau = self.now - self._trace_t0 + float(start_s[j])
+                out[j] = trace.send_time(float(bits[j]), tau, self._trace_rate(self.devices[n]))
+        return out
+
+    def _trace_round_end(self, start: float) -> None:
+        """The traces' steps within the round just simulated, recorded at their times; each
+        traced device's SNR and rate are the trace's at the round's end."""
+        t0, rec = self._trace_t0, self._trace_rec
+        for n, trace in self._traces.items():
+            dev = self.devices[n]
+            rate_of = self._trace_rate(dev)
+            for tau, snr in trace.changes(start - t0, self.now - t0):
+                rec.change(n, snr, rate_of(snr), at=t0 + tau)
+            dev.snr_db = trace.snr_at(self.now - t0)
+            dev.rate_bps = rate_of(dev.snr_db)
+        rec.flush(self.now - t0, at=self.now)
+
     def start_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
                        seed: int | None = None) -> float:
         """A new prompt: the device's task is its prompt set's (acceptance follows it)."""
         dev = self.devices[name]
         dev.task = self.prompt_tasks.get(prompt, dev.task)
         dev.generated = 0
+        dev.trace, dev.trace_ends = dev.spec.traces.get(prompt_key(prompt), (None, False))
         return 0.0
 
     def last_tokens(self, name: str) -> int:
@@ -172,6 +236,13 @@ class SimLab:
         return [n for n, d in self.devices.items() if d.active]
 
     # -- one round ----------------------------------------------------------------------------
+
+    def _ends(self, name: str, gained: int) -> bool:
+        """Whether the round's tokens reach the end of the target's replayed answer (its
+        end-of-text token: the loop then starts the next prompt, as live)."""
+        dev = self.devices[name]
+        return bool(dev.trace_ends and dev.trace is not None
+                    and dev.generated + gained >= len(dev.trace))
 
     def _acceptance(self, names: list[str]) -> np.ndarray:
         out = np.empty(len(names))
@@ -205,6 +276,9 @@ class SimLab:
             mean, sd = self.upload_factor
             factor = np.maximum(mean + sd * rng.normal(0.0, 1.0, len(idx)), 0.5)
             upload_s = bits / rates * factor
+            if self._traces:     # traced links: the rate follows the trace during the upload
+                upload_s = self._traced_uploads(drafting, upload_s, bits * factor,
+                                                ready_extra + draft_s)
             # token by token: position i accepted with alpha * shape_i, up to the first miss
             alpha = self._acceptance(drafting)
             width = self._shape.shape[1]
@@ -214,6 +288,16 @@ class SimLab:
             hit = rng.random((len(idx), lmax)) < p
             hit &= np.arange(lmax)[None, :] < L[:, None]
             accepted = np.cumprod(hit, axis=1).sum(axis=1)
+            for j, n in enumerate(drafting):      # replayed answers (after the draw: the
+                dev = self.devices[n]             # random stream does not depend on them)
+                if dev.trace is not None and dev.generated < len(dev.trace):
+                    window = dev.trace[dev.generated:dev.generated + int(L[j])]
+                    if not window.all():
+                        accepted[j] = int(np.argmin(window))
+                    elif len(window) == int(L[j]) or dev.trace_ends:
+                        accepted[j] = len(window)
+                    # else the draft runs past a measured answer cut at its max_tokens:
+                    # the sampled value stands
             ready = ready_extra + draft_s + upload_s
             slowest = float(ready.max())
             for j, n in enumerate(drafting):
@@ -222,12 +306,12 @@ class SimLab:
                 steps[n] = DeviceStep(n, 0.0, float(draft_s[j]), float(upload_s[j]), k,
                                       int(bits[j] // 8), int(bits[j] // 8),
                                       bits=float(bits[j]))
-                verdicts[n] = Verdict(k, a, 0, (0,) * (a + 1), False)
+                verdicts[n] = Verdict(k, a, 0, (0,) * (a + 1), self._ends(n, a + 1))
                 n_tokens += k + 1
         for n in active:
             if n not in verdicts:
                 steps[n] = DeviceStep(n, 0.0, 0.0, 0.0, 0, 0, 0)
-                verdicts[n] = Verdict(0, 0, 0, (0,), False)
+                verdicts[n] = Verdict(0, 0, 0, (0,), self._ends(n, 1))
                 n_tokens += 1
         if not active:
             raise RunError(f"round {rid}: no device is active")
@@ -236,8 +320,24 @@ class SimLab:
                        float(rng.normal(0.0, self.server.overhead_sd_s)))
         round_s = slowest + verify_s + self.server.downlink_s + overhead
         self.now += round_s
+        if self._traces:
+            self._trace_round_end(self.now - round_s)
         for n in active:
             self.devices[n].generated += len(verdicts[n].tokens)
         ver = ServerStep(rid, verdicts, slowest, n_tokens, 1, verify_s, None,
                          self.server.downlink_s)
         return Round(rid, round_s, steps, ver, tuple(active), {})
+
+
+class _SimTraces:
+    """What ``SimLab.follow_traces`` returns: ``stop()`` ends following (as the live
+    ``TraceFollower.stop``)."""
+
+    def __init__(self, lab: SimLab):
+        self.lab = lab
+
+    def stop(self) -> None:
+        lab = self.lab
+        if lab._trace_rec is not None:
+            lab._trace_rec.flush(lab.now - lab._trace_t0, at=lab.now)
+        lab._traces, lab._trace_rec = {}, None

@@ -17,6 +17,14 @@ is represented in turn) and varies it, with a generator seeded by ``seed``:
 - SNR: the template's plus ``N(0, snr_sd_db)`` dB (default 3), or ``N(snr_mean_db, snr_sd_db)``
   when a mean is given.
 
+With ``center`` (a sweep's ``heterogeneity`` levels, ``HETEROGENEITY``) every device varies
+one average of the profiled devices instead, so the spreads alone set how different they are.
+
+A profiled device keeps the profile's teacher-forced answers (``acceptance.teacher_forced``:
+per prompt, whether the draft model's greedy token agreed at each position of the target's
+greedy answer), which the simulated lab replays for greedy workloads; its per-task rates are
+those of the whole answers when the profile has them. A drawn device has the rates only.
+
 Limits: the population's devices are variations of the profiled ones, not new hardware; a
 profile's device that failed (status not ``ok``) is left out.
 """
@@ -47,6 +55,8 @@ class SimDevice:
     snr_db: float = 0.0
     model_path: str | None = None
     model_sha256: str | None = None
+    traces: dict = field(default_factory=dict)   # prompt key -> (matches, ended): the
+                                   # profile's teacher-forced answers, replayed (see lab.py)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,20 @@ class PopulationSpec:
     acceptance_logit_sd: float = 0.3
     snr_sd_db: float = 3.0
     snr_mean_db: float | None = None
+    center: bool = False           # vary one average device instead of each profiled one
+
+
+# Heterogeneity levels of a sweep (``heterogeneity: [mild, moderate, severe]``): every device
+# varies one average device (``mean_template``), so the level alone sets how different the
+# devices are. Spreads: drafting speed (log-normal sd), acceptance (sd of the logit shift),
+# SNR (dB). "severe" spans about 3x in drafting speed (+-1 sd), acceptance 0.5..0.95 around a
+# 0.8 device, and +-9 dB; "mild" +-10%, +-0.03 and +-2 dB.
+HETEROGENEITY = {
+    "none": PopulationSpec(0.0, 0.0, 0.0, center=True),
+    "mild": PopulationSpec(0.1, 0.2, 2.0, center=True),
+    "moderate": PopulationSpec(0.3, 0.5, 5.0, center=True),
+    "severe": PopulationSpec(0.6, 1.0, 9.0, center=True),
+}
 
 
 def _num(value, where: str) -> float:
@@ -100,6 +124,21 @@ def devices_from_profile(profile: dict, snr_db: dict[str, float] | None = None,
         for wname, w in (acc.get("per_workload") or {}).items():
             if isinstance(w, dict) and isinstance(w.get("rate"), (int, float)):
                 by_task[(tasks or {}).get(wname, wname)] = float(w["rate"])
+        teacher = acc.get("teacher_forced")
+        traces = {}
+        if isinstance(teacher, dict):      # whole answers: better rates, and the answers
+            for wname, w in (teacher.get("per_workload") or {}).items():
+                if isinstance(w, dict) and isinstance(w.get("rate"), (int, float)):
+                    by_task[(tasks or {}).get(wname, wname)] = float(w["rate"])
+            for j, p in enumerate(teacher.get("prompts") or []):
+                bits = p.get("matches") if isinstance(p, dict) else None
+                if not isinstance(bits, str) or not isinstance(p.get("sha256"), str) or \
+                        set(bits) - {"0", "1"}:
+                    raise ProfileError("expected a string of 0 and 1 with its prompt's "
+                                       "sha256", source="profile",
+                                       field=f"{where}.acceptance.teacher_forced.prompts[{j}]")
+                traces[p["sha256"]] = (np.frombuffer(bits.encode(), np.uint8) == ord("1"),
+                                       bool(p.get("eog")))
         shape: list[float] = []
         for p in acc.get("per_position") or []:
             if isinstance(p, dict) and isinstance(p.get("rate"), (int, float)) and pooled > 0:
@@ -113,7 +152,8 @@ def devices_from_profile(profile: dict, snr_db: dict[str, float] | None = None,
             per_token_s=max(0.0, _num(draft.get("per_token_s"), f"{where}.draft.per_token_s")),
             resid_sd_s=max(0.0, float(draft.get("resid_sd_s") or 0.0)),
             acceptance=pooled, acceptance_by_task=by_task, position_shape=tuple(shape),
-            snr_db=float(snr), model_path=model.get("path"), model_sha256=model.get("sha256")))
+            snr_db=float(snr), model_path=model.get("path"), model_sha256=model.get("sha256"),
+            traces=traces))
     if not out:
         raise ProfileError("no device was measured (status ok)", source="profile",
                            field="devices")
@@ -143,15 +183,51 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
+def mean_template(templates: list[SimDevice]) -> SimDevice:
+    """One average device: drafting times' geometric means, acceptance rates' mean logits
+    (per task, over the templates that have the task), the mean per-position shape and SNR;
+    the first template's name, model and tasks otherwise."""
+    t0 = templates[0]
+
+    def geo(values) -> float:
+        values = [max(v, 1e-12) for v in values]
+        return float(math.exp(sum(math.log(v) for v in values) / len(values)))
+
+    def logit_mean(values) -> float:
+        return _sigmoid(sum(_logit(v) for v in values) / len(values))
+
+    tasks = {k for t in templates for k in t.acceptance_by_task}
+    width = max(len(t.position_shape) for t in templates)
+    shape = tuple(float(np.mean([t.position_shape[i] if i < len(t.position_shape) else 1.0
+                                 for t in templates])) for i in range(width))
+    return replace(
+        t0, name="mean", template="mean",
+        draft_base_s=geo([t.draft_base_s for t in templates]),
+        round_base_s=geo([t.round_base_s for t in templates]),
+        per_token_s=geo([t.per_token_s for t in templates]),
+        resid_sd_s=float(np.mean([t.resid_sd_s for t in templates])),
+        acceptance=logit_mean([t.acceptance for t in templates]),
+        acceptance_by_task={k: logit_mean([t.acceptance_by_task[k] for t in templates
+                                           if k in t.acceptance_by_task]) for k in tasks},
+        position_shape=shape, snr_db=float(np.mean([t.snr_db for t in templates])),
+        traces={})
+
+
 def draw(templates: list[SimDevice], n: int, seed: int,
          spec: PopulationSpec = PopulationSpec()) -> list[SimDevice]:
     """``n`` devices varied from the templates (see the module docstring); names
-    ``dev-00001``... Deterministic for a seed."""
+    ``dev-00001``... Deterministic for a seed. With ``spec.center`` every device varies one
+    average device (``mean_template``) and keeps the template ``i mod K`` only for its node
+    and workload."""
     rng = np.random.default_rng([seed, 0x5E1])
+    center = mean_template(templates) if spec.center else None
     width = max(5, len(str(n)))
     out = []
     for i in range(n):
         t = templates[i % len(templates)]
+        if center is not None:
+            t = replace(center, template=t.template, model_path=t.model_path,
+                        model_sha256=t.model_sha256)
         speed = math.exp(rng.normal(0.0, spec.draft_speed_sd))
         shift = rng.normal(0.0, spec.acceptance_logit_sd)
         snr = (spec.snr_mean_db if spec.snr_mean_db is not None else t.snr_db) + \
@@ -163,7 +239,7 @@ def draw(templates: list[SimDevice], n: int, seed: int,
             acceptance=_sigmoid(_logit(t.acceptance) + shift),
             acceptance_by_task={k: _sigmoid(_logit(v) + shift)
                                 for k, v in t.acceptance_by_task.items()},
-            snr_db=float(snr)))
+            snr_db=float(snr), traces={}))      # a varied device: rates, not the answers
     return out
 
 
