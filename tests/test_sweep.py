@@ -84,8 +84,13 @@ def test_failed_points_are_recorded_and_the_others_go_on(tmp_path: Path):
     ("grid: {devices: [0]}\n", "grid.devices: expected whole numbers in 1..100000"),
     ("grid: {speed: [1]}\n", "grid.speed: unknown parameter"),
     ("grid: {devices: []}\n", "grid.devices: expected a non-empty list"),
-    ("mode: live\ngrid: {devices: [4]}\n", "mode: live sweeps are not built yet"),
+    ("mode: live\ngrid: {devices: [4]}\n", "grid.devices: not a parameter of live points"),
     ("grid: {server_cost: [[1]]}\n", "grid.server_cost: expected [base_s, per_token_s]"),
+    ("grid: {server_cost: [h200]}\n", "grid.server_cost: expected [base_s, per_token_s] or one"),
+    ("grid: {heterogeneity: [wild]}\n", "grid.heterogeneity: expected one of none, mild"),
+    ("grid: {devices: [4]}\nfigure: {x: seed}\n", "figure.x: expected one of"),
+    ("grid: {devices: [4], seed: [1]}\nfigure: {kind: gain-map, x: devices, y: seed}\n",
+     "figure.gains: expected a list of [policy, baseline] pairs"),
     ("grid: {bandwidth_hz: [1000.0], bandwidth_hz_per_device: [1000.0]}\n", "not both"),
     (f"grid: {{devices: {list(range(1, 11))}, seed: {list(range(110))},"
      f" max_draft_len: {list(range(1, 11))}}}\n", "11000 points: at most 10000"),
@@ -105,3 +110,52 @@ def test_grid_points_and_keys(tmp_path: Path):
                                                                                  "seed": 3}
     assert len({point_key(p) for p in pts}) == 6
     assert point_key({"seed": 1, "devices": 4}) == point_key(pts[0])     # order-free
+
+
+def test_gain_map_figure_named_costs_and_heterogeneity_levels(tmp_path: Path):
+    """A gain-map sweep over heterogeneity levels and named server costs writes figure.png and
+    a table of paired ratios; with no heterogeneity the drawn devices are all alike, so the
+    heterogeneity-aware policy gains less over the agnostic one than with severe spreads."""
+    path = _sweep(tmp_path, "duration_s: 20\nrepeats: 2\n"
+                  "policies: [multispin-heterogeneous, agnostic-fixed, server-only]\n"
+                  "grid:\n  devices: [6]\n  heterogeneity: [none, severe]\n"
+                  "  server_cost: [profile, h100-8b]\n"
+                  "figure:\n  kind: gain-map\n  x: heterogeneity\n  y: server_cost\n"
+                  "  gains: [[multispin-heterogeneous, agnostic-fixed],"
+                  " [multispin-heterogeneous, server-only]]\n")
+    out = tmp_path / "out"
+    proc = _run(str(path), "--out", str(out), "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [ln for ln in (out / "table.md").read_text().splitlines() if ln.startswith("| ")]
+    assert rows[0].startswith("| heterogeneity | server_cost | het / fixed | het / server |")
+    assert len(rows) == 1 + 4
+    ratio = {}
+    for f in (out / "points").glob("*.json"):
+        r = json.loads(f.read_text())
+        g = r["ratios"]["multispin-heterogeneous"]["agnostic-fixed"]["ratio"]
+        ratio[(r["params"]["heterogeneity"], r["params"]["server_cost"])] = g
+    assert ratio[("severe", "profile")] > ratio[("none", "profile")]
+
+
+def test_order_check_and_lines_table():
+    from testbed.sim import figures
+
+    def pol(name, g, lo, hi):
+        return {"policy": name, "goodput_tps": g, "goodput_ci95": [lo, hi]}
+    het, homo, fixed = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed")
+    ok = {het: pol(het, 10, 9, 11), homo: pol(homo, 8, 7, 9), fixed: pol(fixed, 5, 4, 6)}
+    close = {**ok, homo: pol(homo, 10.5, 10, 11)}
+    wrong = {**ok, fixed: pol(fixed, 9.6, 9.5, 9.7)}
+    assert figures.order_check(ok) == "yes"
+    assert figures.order_check(close) == "within CI"
+    assert figures.order_check(wrong) == "no"
+    assert figures.order_check({het: ok[het]}) is None
+    sweep = load_sweep(_sweep(Path(__import__("tempfile").mkdtemp()),
+                              "grid: {devices: [4, 8]}\nfigure: {x: devices}\n"))
+    results = [{"params": {"devices": 4}, "status": "ok", "policies": list(ok.values())},
+               {"params": {"devices": 8}, "status": "failed", "policies": []}]
+    table = figures.table_markdown(sweep, results).splitlines()
+    assert table[0] == "| devices | het | homo | fixed | het ≥ homo ≥ fixed |"
+    assert table[2] == "| 4 | 10.0 (9.0–11.0) | 8.0 (7.0–9.0) | 5.0 (4.0–6.0) | yes |"
+    assert table[3] == "| 8 | failed | failed | failed | — |"

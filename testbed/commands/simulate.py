@@ -37,19 +37,24 @@ def add_parser(sub) -> None:
                    "experiment's budget")
     p.add_argument("--seed", type=int_in(0, 2**32 - 1), metavar="S",
                    help="seed instead of the experiment's")
-    p.add_argument("--server-cost", metavar="BASE_S,PER_TOKEN_S",
-                   help="the server's verification cost line instead of the profile's, e.g. "
-                   "0.0152,0.0000612")
+    p.add_argument("--server-cost", metavar="NAME|BASE_S,PER_TOKEN_S",
+                   help="the server's verification cost line instead of the profile's: "
+                   "BASE_S,PER_TOKEN_S (e.g. 0.0152,0.0000612) or a name: profile-real (the "
+                   "lab server's real compute), h100-8b, h100-1b, h100-135m, h100-host-cpu "
+                   "(fits of docs/data/gpu-h100)")
     p.add_argument("--out", default="runs", metavar="DIR", help="where run folders go "
                    "(default: runs)")
     p.add_argument("--json", action="store_true", help="print the report's JSON at the end")
     p.set_defaults(func=run)
 
 
-def _cost(text: str | None) -> tuple[float, float] | None:
+def _cost(text: str | None, profile: dict) -> tuple[float, float] | None:
     from testbed.errors import InputError
     if text is None:
         return None
+    if "," not in text:
+        from testbed.sim.costs import resolve
+        return resolve(text.strip(), profile, source="testbed simulate", field="--server-cost")
     try:
         base, per = (float(x) for x in text.split(","))
     except ValueError:
@@ -96,9 +101,9 @@ def run(args) -> int:
 
     console = Console(log_path=False, stderr=args.json)
     writable_folder(args.out, "--out")
-    cost = _cost(args.server_cost)
     exp = load_experiment(args.experiment)
     profile = _profile(args, exp)
+    cost = _cost(args.server_cost, profile)
     from testbed.sim.population import PopulationSpec
     population = PopulationSpec(**(exp.population or {})) if args.devices is not None else None
     exp, profile, lab = prepare(exp, profile, devices=args.devices, seed=args.seed,

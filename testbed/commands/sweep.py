@@ -58,7 +58,7 @@ def run(args) -> int:
                                   markup=False, highlight=False)
 
         results = run_sweep(sweep, out, address=args.address, progress=progress,
-                            workers=args.workers)
+                            workers=args.workers, log=bar.console.log)
     data = points_json(results)
     (out / "points.json").write_text(json.dumps(data, indent=1) + "\n")
     if args.json:
@@ -86,4 +86,7 @@ def run(args) -> int:
         console.print(table)
         console.print(f"points kept in {out}/points/ (a second run resumes); table data in "
                       f"{out}/points.json")
+    from testbed.sim import figures
+    for path in figures.write(sweep, results, out):
+        console.print(f"wrote {path}")
     return 1 if any(r.get("status") == "failed" for r in results) else 0

@@ -16,8 +16,14 @@ estimates the time left. A point that fails is recorded with its error and the o
 Every finished point is written to ``<out>/points/<key>.json`` (key: the sha256 of its
 parameters) as soon as it returns, so an interrupted sweep resumes where it stopped.
 
-Limits: simulated points only (``mode: live`` is refused: docs/sweeps.md); a point keeps its
-summary, not its event log (a point of 1,000 devices would leave tens of MB).
+Live sweeps (``mode: live``): the points run one after another on the lab of the experiment's
+inventory, as ``testbed run`` would run them (the lab and its cluster brought up when they are
+not, under the lab's lock); only the channel's band, the draft-length limit and the seed vary
+(``LIVE_PARAMS``: the lab's devices and server are what they are); each point's run folder is
+kept under ``<out>/runs``.
+
+Limits: a simulated point keeps its summary, not its event log (a point of 1,000 devices would
+leave tens of MB).
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from testbed.errors import InputError
+from testbed.sim.costs import resolve as resolve_cost
 from testbed.files import atomic_write_json
 from testbed.yamlio import load_yaml
 
 SCHEMA = "testbed.sweep/1"
-PARAMS = ("devices", "bandwidth_hz", "bandwidth_hz_per_device", "snr_sd_db", "draft_speed_sd",
-          "acceptance_logit_sd", "server_cost", "max_draft_len", "seed")
+PARAMS = ("devices", "bandwidth_hz", "bandwidth_hz_per_device", "heterogeneity", "snr_sd_db",
+          "draft_speed_sd", "acceptance_logit_sd", "server_cost", "max_draft_len", "seed")
+LIVE_PARAMS = ("bandwidth_hz", "bandwidth_hz_per_device", "max_draft_len", "seed")
+FIGURE_KINDS = ("lines", "gain-map")
 MAX_POINTS = 10_000
 
 
@@ -57,6 +66,7 @@ class Sweep:
     repeats: int | None
     policies: tuple[str, ...] | None
     grid: dict[str, list]
+    figure: dict | None = None          # {"kind", "x", "y", "log_x", "gains", "title"}
 
     def points(self) -> list[dict]:
         """Every combination of the grid's values, in file order."""
@@ -82,9 +92,6 @@ def load_sweep(path: str | Path) -> Sweep:
     experiment = _existing_file(root, "experiment", base)     # as experiment files resolve
     profile = _existing_file(root, "profile", base)
     mode = root.str("mode", "simulated", choices=("simulated", "live"))
-    if mode == "live":
-        raise root.error("mode", "live sweeps are not built yet: run the experiment with "
-                         "`testbed run` per point (docs/sweeps.md)")
     duration = root.number("duration_s", None, min=0, min_exclusive=True, max=86_400)
     repeats = root.integer("repeats", None, min=1, max=1000)
     policies = root.raw("policies", None)
@@ -106,6 +113,11 @@ def load_sweep(path: str | Path) -> Sweep:
             if problem:
                 raise grid_sec.error(key, problem)
         grid[key] = values
+    if mode == "live":
+        for key in grid:
+            if key not in LIVE_PARAMS:
+                raise grid_sec.error(key, f"not a parameter of live points (they run on the "
+                                     f"lab's own devices and server: {', '.join(LIVE_PARAMS)})")
     if "bandwidth_hz" in grid and "bandwidth_hz_per_device" in grid:
         raise grid_sec.error("bandwidth_hz", "give bandwidth_hz or bandwidth_hz_per_device, "
                              "not both")
@@ -114,9 +126,40 @@ def load_sweep(path: str | Path) -> Sweep:
         n *= len(values)
     if n > MAX_POINTS:
         raise grid_sec.error(None, f"{n} points: at most {MAX_POINTS}")
+    figure = _figure(root, grid)
     root.done()
     return Sweep(path=Path(path), name=name, experiment_path=experiment, profile_path=profile,
-                 mode=mode, duration_s=duration, repeats=repeats, policies=policies, grid=grid)
+                 mode=mode, duration_s=duration, repeats=repeats, policies=policies, grid=grid,
+                 figure=figure)
+
+
+def _figure(root, grid: dict) -> dict | None:
+    """The optional ``figure:`` section (docs/sweeps.md, "Figures")."""
+    from testbed.control.problem import POLICY_NAMES
+    sec = root.section("figure", None)
+    if sec is None:
+        return None
+    kind = sec.str("kind", "lines", choices=FIGURE_KINDS)
+    params = list(grid)
+    x = sec.str("x", choices=params)
+    y = sec.str("y", None, choices=params) if kind == "gain-map" else None
+    if kind == "gain-map" and y is None:
+        raise sec.error("y", "a gain-map needs y: a second grid parameter")
+    if y == x:
+        raise sec.error("y", "expected another parameter than x")
+    gains = sec.raw("gains", None)
+    if kind == "gain-map":
+        if not isinstance(gains, list) or not gains or any(
+                not isinstance(g, list) or len(g) != 2 or any(p not in POLICY_NAMES for p in g)
+                for g in gains):
+            raise sec.error("gains", "expected a list of [policy, baseline] pairs")
+        gains = [list(g) for g in gains]
+    elif gains is not None:
+        raise sec.error("gains", "only a gain-map has gains")
+    out = {"kind": kind, "x": x, "y": y, "gains": gains,
+           "log_x": bool(sec.raw("log_x", False)), "title": sec.str("title", None)}
+    sec.done()
+    return out
 
 
 def _number(v, lo: float, hi: float) -> bool:
@@ -124,6 +167,10 @@ def _number(v, lo: float, hi: float) -> bool:
 
 
 def _check_value(key: str, v: Any) -> str | None:
+    if key == "heterogeneity":
+        from testbed.sim.population import HETEROGENEITY
+        return None if v in HETEROGENEITY else \
+            f"expected one of {', '.join(HETEROGENEITY)}, got {v!r}"
     if key == "devices":
         return None if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100_000 \
             else f"expected whole numbers in 1..100000, got {v!r}"
@@ -132,11 +179,13 @@ def _check_value(key: str, v: Any) -> str | None:
     if key in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd"):
         return None if _number(v, 0.0, 60.0) else f"expected numbers in [0, 60], got {v!r}"
     if key == "server_cost":
-        if v == "profile":
+        from testbed.sim.costs import NAMES
+        if v in NAMES:
             return None
         ok = isinstance(v, list) and len(v) == 2 and _number(v[0], 0, 3600) and \
             _number(v[1], 0, 60)
-        return None if ok else f'expected [base_s, per_token_s] or "profile", got {v!r}'
+        return None if ok else (f"expected [base_s, per_token_s] or one of {', '.join(NAMES)}, "
+                                f"got {v!r}")
     if key == "max_draft_len":
         return None if isinstance(v, int) and 1 <= v <= 64 else \
             f"expected whole numbers in 1..64, got {v!r}"
@@ -147,18 +196,42 @@ def _check_value(key: str, v: Any) -> str | None:
 
 
 def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: float | None,
-              repeats: int | None, policies: tuple | None) -> dict:
+              repeats: int | None, policies: tuple | None,
+              server_cost: tuple[float, float] | None = None) -> dict:
     """One point: the experiment with ``params`` applied, simulated; per policy its goodput and
     95% interval (pure: no files left behind). Runs in a Ray worker or in this process."""
     import tempfile
 
     from testbed.inputs.experiment import load_experiment
     from testbed.live.loop import run as run_loop
-    from testbed.sim.population import PopulationSpec
+    from testbed.sim.population import HETEROGENEITY, PopulationSpec
     from testbed.sim.run import prepare
 
     t0 = time.monotonic()
-    exp = load_experiment(experiment_path)
+    exp = apply_params(load_experiment(experiment_path), params, repeats=repeats,
+                       policies=policies)
+    k = params.get("devices")
+    spread = {f: params[f] for f in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd")
+              if f in params}
+    level = params.get("heterogeneity")
+    if level is not None:
+        spread = {**dataclasses.asdict(HETEROGENEITY[level]), **spread}
+    population = PopulationSpec(**{**(exp.population or {}), **spread})
+    cost = server_cost
+    if k is None and spread:
+        k = len(exp.inventory.devices)          # spreads need a drawn population
+    exp, prof, lab = prepare(exp, profile, devices=k, duration_s=duration_s,
+                             population=population if k is not None else None,
+                             server_cost=cost)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, _ = run_loop(exp, prof, Path(tmp), lab=lab)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return point_result(params, summary, time.monotonic() - t0)
+
+
+def apply_params(exp, params: dict, *, repeats: int | None = None,
+                 policies: tuple | None = None, duration_s: float | None = None):
+    """The experiment with a point's repeats, policies, seed and channel parameters."""
     changes: dict = {}
     if repeats is not None:
         changes.update(repeats=repeats, order="interleaved" if repeats > 1 else "blocked")
@@ -179,21 +252,14 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
         channel = dataclasses.replace(channel, max_draft_len=L,
                                       baseline_draft_len=min(channel.baseline_draft_len, L))
     changes["channel"] = channel
-    exp = dataclasses.replace(exp, **changes)
-    spread = {f: params[f] for f in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd")
-              if f in params}
-    population = PopulationSpec(**{**(exp.population or {}), **spread})
-    cost = params.get("server_cost")
-    cost = None if cost in (None, "profile") else (float(cost[0]), float(cost[1]))
-    if k is None and spread:
-        k = len(exp.inventory.devices)          # spreads need a drawn population
-    exp, prof, lab = prepare(exp, profile, devices=k, duration_s=duration_s,
-                             population=population if k is not None else None,
-                             server_cost=cost)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir, _ = run_loop(exp, prof, Path(tmp), lab=lab)
-        summary = json.loads((run_dir / "summary.json").read_text())
-    return {"params": params, "status": summary["status"], "wall_s": time.monotonic() - t0,
+    if duration_s is not None:
+        changes.update(duration_s=float(duration_s), rounds=None)
+    return dataclasses.replace(exp, **changes)
+
+
+def point_result(params: dict, summary: dict, wall_s: float, **extra) -> dict:
+    """A point's record: per policy its mean goodput and interval, the paired ratios."""
+    return {"params": params, "status": summary["status"], "wall_s": wall_s, **extra,
             "policies": [{"policy": p["policy"], "goodput_tps": p.get("goodput_mean",
                                                                        p["goodput_tps"]),
                           "goodput_ci95": p.get("goodput_ci95"), "rounds": p["rounds"]}
@@ -203,9 +269,11 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
 
 def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
               progress: Callable[[int, int, dict | None], None] = lambda *_: None,
-              workers: int | None = None) -> list[dict]:
+              workers: int | None = None,
+              log: Callable[[str], None] = lambda _: None) -> list[dict]:
     """Every point of the sweep (those already in ``out/points`` are not run again); returns
-    the results in grid order. ``progress(done, total, result)`` after each point."""
+    the results in grid order. ``progress(done, total, result)`` after each point; ``log``
+    hears the lab's bring-up and the live loop (live sweeps)."""
     import ray
 
     from testbed.profiling.format import load_profile
@@ -224,7 +292,10 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
     todo = [p for p in points if point_key(p) not in results]
     done = len(points) - len(todo)
     progress(done, len(points), None)
-    if todo:
+    if todo and sweep.mode == "live":
+        _run_live(sweep, profile, todo, folder, out / "runs", results, done, len(points),
+                  progress, log)
+    elif todo:
         started = not ray.is_initialized()
         if started:
             if address:
@@ -238,7 +309,10 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
             profile_ref = ray.put(profile)
             pending = {task.remote(str(sweep.experiment_path), profile_ref, params,
                                    duration_s=sweep.duration_s, repeats=sweep.repeats,
-                                   policies=sweep.policies): params for params in todo}
+                                   policies=sweep.policies,
+                                   server_cost=resolve_cost(params.get("server_cost"), profile,
+                                                            source=str(sweep.path))):
+                       params for params in todo}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 params = pending.pop(ready[0])
@@ -257,6 +331,38 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
             if started:
                 ray.shutdown()
     return [results[point_key(p)] for p in points]
+
+
+def _run_live(sweep: Sweep, profile: dict, todo: list[dict], folder: Path, runs: Path,
+              results: dict, done: int, total: int, progress, log) -> None:
+    """Live points, one after another on the lab of the experiment's inventory (brought up
+    when it is not, under the lab's lock, as ``testbed run``); each point is a live run whose
+    folder goes to ``runs`` and whose record names it."""
+    from testbed.errors import TestbedError
+    from testbed.inputs.experiment import load_experiment
+    from testbed.lab.bringup import bring_up
+    from testbed.lab.lock import lab_lock
+    from testbed.live.loop import run as run_loop
+    base = load_experiment(sweep.experiment_path)
+    with lab_lock(base.inventory, f"testbed sweep {sweep.path}"), \
+            bring_up(base.inventory, log):
+        for params in todo:
+            t0 = time.monotonic()
+            exp = apply_params(base, params, repeats=sweep.repeats, policies=sweep.policies,
+                               duration_s=sweep.duration_s)
+            log(f"live point {json.dumps(params)}")
+            try:
+                run_dir, _ = run_loop(exp, profile, runs, progress=log)
+                summary = json.loads((run_dir / "summary.json").read_text())
+                result = point_result(params, summary, time.monotonic() - t0,
+                                      run=str(run_dir))
+            except TestbedError as exc:        # this point failed; the next ones go on
+                result = {"params": params, "status": "failed", "error": str(exc)[:500],
+                          "policies": []}
+            results[point_key(params)] = result
+            atomic_write_json(folder / f"{point_key(params)}.json", result)
+            done += 1
+            progress(done, total, result)
 
 
 def points_json(results: list[dict]) -> dict:
