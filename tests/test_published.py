@@ -62,3 +62,26 @@ def test_published_records_are_readable_and_small():
         size = sum(f.stat().st_size for f in run.iterdir())
         assert size < 1_000_000, run
         assert not (run / "events.jsonl").exists()          # compressed
+
+
+SWEEP_MARK = re.compile(r"<!-- testbed sweep (\S+) -->\n(.*?)<!-- end -->", re.S)
+
+
+def test_readme_sweep_tables_are_the_published_points():
+    """Each README sweep table (``<!-- testbed sweep FILE -->``) is ``testbed sweep FILE``'s
+    table.md rebuilt from the published points (docs/data/sweeps/<name>/points/, one record
+    per point, named by its key), every grid point present."""
+    import json
+
+    from testbed.sim import figures
+    from testbed.sim.sweep import load_sweep, point_key
+    blocks = SWEEP_MARK.findall((ROOT / "README.md").read_text())
+    assert {Path(f).stem for f, _ in blocks} >= {"users", "bandwidth", "heterogeneity",
+                                                 "regime"}
+    for file, block in blocks:
+        sweep = load_sweep(ROOT / file)
+        folder = ROOT / "docs/data/sweeps" / sweep.name / "points"
+        results = [json.loads((folder / f"{point_key(p)}.json").read_text())
+                   for p in sweep.points()]
+        assert all(r["status"] == "ok" for r in results), file
+        assert figures.table_markdown(sweep, results).strip() == block.strip(), file

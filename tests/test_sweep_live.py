@@ -28,7 +28,7 @@ PROFILE = ROOT / "profiles/local.json"
 
 def _files(tmp: Path) -> tuple[Path, Path]:
     write_inventory(tmp / "lab", name="sweeplive", octet=17, prefix="tbw-", bridge="tbw0",
-                    cgroup="testbed-sweeplive", ray_port=6397, data_port=47117,
+                    cgroup="testbed-sweepl", ray_port=6397, data_port=47117,
                     devices=[("dev-a", 0.6, 22), ("dev-b", 0.35, 14)])
     exp = tmp / "exp.yaml"
     exp.write_text(f"""

@@ -279,3 +279,31 @@ def test_a_replay_compares_the_trace_files(tmp_path):
     again = load_experiment(_experiment(tmp_path, "  dev-a: {link: {trace: walk.csv}}\n"))
     now = {"digest.trace.dev-a": again.traces["dev-a"].digest}
     assert [d["item"] for d in differences(facts, now)] == ["digest.trace.dev-a"]
+
+
+def test_the_report_checks_links_against_their_traces(tmp_path):
+    """A simulated run of the shipped trace experiment: `testbed report --json` has the check
+    of every upload against its trace (the simulator's fluid model), the table is printed, and
+    trace.png is written."""
+    import json
+    runs = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "simulate",
+                           str(ROOT / "experiments/trace.yaml"), "--profile",
+                           str(ROOT / "profiles/local.json"), "--duration", "30", "--out",
+                           str(runs)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = list(runs.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(run), "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check = json.loads(proc.stdout)["runs"][0]["trace_check"]
+    assert check["model"] == "fluid" and check["overall"]["checked"] > 20
+    # the simulator times uploads with the profile's measured spread of upload times over
+    # the model (a random factor, mean about 1.04): the median ratio is that mean
+    assert abs(check["overall"]["median_ratio"] - 1.0) < 0.1, check["overall"]
+    assert {d["device"] for d in check["devices"]} == {"dev-a", "dev-b"}
+    assert (run / "trace.png").read_bytes()[:4] == b"\x89PNG"
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(run)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**__import__("os").environ, "COLUMNS": "100"})
+    assert "links against their traces" in proc.stdout

@@ -195,6 +195,9 @@ def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) 
              "prediction_error_sd": p.get("prediction_error_sd")}
             for p in run.summary["policies"]], "ratios": run.summary.get("ratios") or {},
             "users": users_json(run)}
+        if has_traces(run):
+            check = trace_check(run)
+            entry["trace_check"] = {k: v for k, v in check.items() if k != "uploads"}
         if run.events:
             entry["responses"] = event_responses(run.events)
         if plots is not None:
@@ -693,6 +696,8 @@ def print_report(console, runs: list[RunData], plots: dict[str, list[str]] | Non
         show(lambda short, r=r: users_table(r, short))
         if event_responses(r.events or []):
             show(lambda short, r=r: response_table(r, short))
+        if has_traces(r):
+            show(lambda short, r=r: trace_table(r))
         for p in (plots or {}).get(r.run_id, []):
             console.print(f"wrote {p}", markup=False, highlight=False)
     if short_any:
@@ -724,7 +729,76 @@ def markdown_report(runs: list[RunData]) -> str:
         parts.append(markdown(users_table(r)))
         if event_responses(r.events or []):
             parts.append(markdown(response_table(r)))
+        if has_traces(r):
+            parts.append(markdown(trace_table(r)))
     return "\n".join(parts)
+
+
+# -- channel traces ----------------------------------------------------------------------------
+
+def has_traces(run: RunData) -> bool:
+    return any(ev.get("type") == "trace" for ev in run.events or [])
+
+
+def trace_check(run: RunData) -> dict:
+    """``records.tracecheck.check`` on the run's events (uploads of traced devices against the
+    rate their trace implied)."""
+    from testbed.records.tracecheck import check
+    return check(run.events or [])
+
+
+def trace_table(run: RunData) -> Table:
+    from testbed.records.tracecheck import table
+    return table(trace_check(run), title=f"links against their traces — run {run.run_id}")
+
+
+def plot_traces(run: RunData, path: Path) -> Path:
+    """Per traced device and policy run: the rate its trace implied and each upload's measured
+    rate over time, the device's band share per round, and the re-plans (vertical lines)."""
+    from matplotlib.figure import Figure
+    result = trace_check(run)
+    devices = sorted({u["device"] for u in result["uploads"]})
+    trials = list(dict.fromkeys(u["policy"] for u in result["uploads"]))
+    colors = _colors(trials)
+    fig = Figure(figsize=(10, 3.2 * max(1, len(devices))))
+    for i, dev in enumerate(devices):
+        ax = fig.add_subplot(max(1, len(devices)), 1, i + 1)
+        share_ax = ax.twinx()
+        for pol in trials:
+            ups = [u for u in result["uploads"] if u["device"] == dev and u["policy"] == pol
+                   and u["repeat"] == 0]
+            if not ups:
+                continue
+            t0 = ups[0]["t_start"]
+            xs = [u["t_start"] - t0 for u in ups]
+            ax.plot(xs, [u["implied_bps"] / 1e3 for u in ups], color=colors[pol], lw=1,
+                    label=f"{pol}: implied by the trace")
+            ax.scatter(xs, [u["measured_bps"] / 1e3 for u in ups], color=colors[pol], s=8,
+                       label=f"{pol}: measured upload")
+            rounds = [ev for ev in run.events or [] if ev.get("type") == "round"
+                      and ev.get("policy") == pol and not ev.get("warmup")
+                      and ev.get("repeat", 0) == 0]
+            share = [(float(ev["t"]) - float(ev["round_s"]) - t0, d.get("share"))
+                     for ev in rounds for d in ev.get("devices") or [] if d.get("name") == dev]
+            if share:
+                share_ax.step([x for x, _ in share], [y for _, y in share], where="post",
+                              color=colors[pol], lw=0.8, ls=":", alpha=0.8)
+            for ev in run.events or []:
+                if ev.get("type") == "replan" and ev.get("policy") == pol and \
+                        ev.get("repeat", 0) == 0:
+                    ax.axvline(float(ev["t"]) - t0, color=colors[pol], alpha=0.25, lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{dev}: kbit/s")
+        share_ax.set_ylabel("band share (dotted)")
+        share_ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7, loc="lower left")
+    fig.axes[-2].set_xlabel("seconds since the policy started measuring (first repeat); "
+                            "vertical lines: re-plans")
+    fig.suptitle(f"links against their traces — run {run.run_id}")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -979,4 +1053,6 @@ def write_plots(run: RunData, out_dir: Path | None = None) -> list[Path]:
     paths.append(plot_devices(run, target / f"{prefix}devices.png"))
     paths.append(plot_intervals(run, target / f"{prefix}intervals.png"))
     paths.append(plot_users(run, target / f"{prefix}users.png"))
+    if has_traces(run):
+        paths.append(plot_traces(run, target / f"{prefix}trace.png"))
     return paths
