@@ -114,6 +114,7 @@ class SimLab:
         for i, s in enumerate(specs):
             shape[i, :len(s.position_shape)] = s.position_shape
         self._shape = shape
+        self._replays = any(s.traces for s in specs)   # some device replays answers
 
     # -- the clock -----------------------------------------------------------------------------
 
@@ -288,8 +289,8 @@ class SimLab:
             hit = rng.random((len(idx), lmax)) < p
             hit &= np.arange(lmax)[None, :] < L[:, None]
             accepted = np.cumprod(hit, axis=1).sum(axis=1)
-            for j, n in enumerate(drafting):      # replayed answers (after the draw: the
-                dev = self.devices[n]             # random stream does not depend on them)
+            for j, n in enumerate(drafting if self._replays else ()):   # replayed answers
+                dev = self.devices[n]     # (after the draw: the random stream is the same)
                 if dev.trace is not None and dev.generated < len(dev.trace):
                     window = dev.trace[dev.generated:dev.generated + int(L[j])]
                     if not window.all():
