@@ -57,7 +57,7 @@ def by(report, node: str, name: str):
     return c
 
 
-def test_all_checks_pass_on_a_good_lab(sshd_server, tmp_path, model):
+def test_all_checks_pass_on_a_good_lab(sshd_server, tmp_path, model):  # noqa: F811
     path, sha = model
     ref = ModelRef(path=path, sha256=sha)
     inv = inventory(tmp_path, [device("dev-1", sshd_server, model=ref)], ref)
@@ -71,7 +71,7 @@ def test_all_checks_pass_on_a_good_lab(sshd_server, tmp_path, model):
     assert by(report, "srv", "ssh").detail == "local node (no SSH)"
 
 
-def test_failures_come_with_their_fix(sshd_server, tmp_path, model):
+def test_failures_come_with_their_fix(sshd_server, tmp_path, model):  # noqa: F811
     path, sha = model
     good = ModelRef(path=path, sha256=sha)
     wrong = ModelRef(path=path, sha256="0" * 64)
@@ -115,7 +115,7 @@ def test_failures_come_with_their_fix(sshd_server, tmp_path, model):
     assert {c.node for c in report.failures()} == {d.name for d in devices}
 
 
-def test_trust_new_hosts_records_and_reports(sshd_server, tmp_path, model):
+def test_trust_new_hosts_records_and_reports(sshd_server, tmp_path, model):  # noqa: F811
     path, sha = model
     ref = ModelRef(path=path, sha256=sha)
     kh = tmp_path / "kh"
@@ -161,7 +161,7 @@ devices:
     return path
 
 
-def test_cli_exit_codes_and_table(sshd_server, tmp_path, model, capsys):
+def test_cli_exit_codes_and_table(sshd_server, tmp_path, model, capsys):  # noqa: F811
     path, sha = model
     inv = write_inventory(tmp_path / "good.yaml", sshd_server, path, sha)
     assert cli.main(["check", str(inv)]) == 0

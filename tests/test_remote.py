@@ -25,7 +25,7 @@ from testbed.lab.remote import LocalRunner, SSHRunner, runner_for
 
 
 @pytest.fixture(scope="module")
-def server(sshd_server):
+def server(sshd_server):  # noqa: F811
     return sshd_server
 
 

@@ -164,7 +164,7 @@ class _Search:
         it cannot beat gbest unless W_i > gbest * (T_i + C). The ``top`` instants with the
         largest margin give plans (all steps up to them) that are evaluated exactly.
         """
-        arr, K, M = self.arr, self.arr.K, self.arr.lmax
+        arr, K = self.arr, self.arr.K
         mu = self.gbest * arr.v1
         gain = self.dE - mu                                      # (M, K) value of step L
         ev_t = self.a + self.p                                   # earliest arrival of (k, L)
