@@ -55,6 +55,8 @@ def test_head_and_device_argv(inv):
     # Token authentication with the lab's own token, whatever ~/.ray holds.
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["RAY_AUTH_TOKEN_PATH"] == str(inv.state_dir / "ray_token")
+    # No task events: with them the GCS grew for the whole run (README, "Soak").
+    assert env["RAY_task_events_report_interval_ms"] == "0"
 
 
 def test_pinning_options():

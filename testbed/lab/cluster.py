@@ -82,11 +82,16 @@ def token_path(inv: Inventory, node: Node) -> str:
 
 def ray_env(inv: Inventory, node: Node) -> dict[str, str]:
     """Environment of every Ray process of ``node`` (ray start, drivers): no usage stats,
-    token authentication with the lab's own token (see the module doc), and actors at normal
-    priority: Ray starts workers at nice 15, where the server's verification lost to any
-    other busy process on the machine (measured: 1.4 s instead of 0.1 s per step)."""
+    token authentication with the lab's own token (see the module doc), actors at normal
+    priority (Ray starts workers at nice 15, where the server's verification lost to any
+    other busy process on the machine: measured 1.4 s instead of 0.1 s per step), and no task
+    events: every actor call reported an event to the GCS, which grew 1.1 MB a minute for the
+    whole run (a one-hour soak); with reporting off it stays flat (README, "Soak"). Ray's
+    task listing (``ray list tasks``, the dashboard's task view) is then empty; testbed does
+    not use it."""
     return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": token_path(inv, node), "RAY_worker_niceness": "0",
+            "RAY_task_events_report_interval_ms": "0",
             versions.LEVEL_ENV: inv.python_match}
 
 
