@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from testbed.control.model import uplink_rate_bps
 from testbed.errors import RunError
@@ -162,16 +163,13 @@ def test_a_closing_session_ends_the_follower_and_a_failing_link_is_said(tmp_path
     traces = {"dev-a": _trace(tmp_path, 0.05, 10), "dev-b": _trace(tmp_path, 0.05, 10, "b.csv")}
     events: list[dict] = []
     follower, _ = _follow(session, traces, events)
-    time.sleep(0.5)
+    assert wait_until(lambda: len(shells["dev-a"].changes) >= 5, timeout_s=30)
     errors = [e for e in events if e.get("errors")]
     assert len(errors) == 1 and "dev-b" in errors[0]["errors"]   # said once, then not followed
-    assert "dev-b" in follower.failed and len(shells["dev-a"].changes) >= 5
+    assert "dev-b" in follower.failed
     problems = session.close()                                  # Ctrl-C: the links are cleared
     assert problems == [] or all("closing" not in p for p in problems)
-    deadline = time.monotonic() + 5
-    while follower.alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not follower.alive                                    # tc work refused: it ended
+    assert wait_until(lambda: not follower.alive, timeout_s=30)  # tc work refused: it ended
     follower.stop()
     assert _followers() == []
 
