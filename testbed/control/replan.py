@@ -28,12 +28,11 @@ Main types: ``Replanner`` and ``Decision``. Pure: no clock, the caller passes ro
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from testbed.control.model import Arrays, arrays, evaluate
+from testbed.control.model import Arrays, arrays, evaluate, make_plan, optimal_shares
 from testbed.control.policies import SLO_POLICY, solve, solve_slo_plan
 from testbed.control.problem import Plan, Problem
 
@@ -110,9 +109,9 @@ class Replanner:
         plan, res = solve_slo_plan(problem, self.tpot_s, arr)
         slo = {"tpot_s": self.tpot_s, "feasible": res.feasible,
                "worst_tpot_s": res.worst_tpot_s}
-        if plan is None:
-            closest = solve(problem, "max-min", arr)
-            plan = dataclasses.replace(closest, policy=SLO_POLICY)
+        if plan is None:             # the solve already found max-min's plan: use it
+            L = res.closest_lengths
+            plan = make_plan(problem, arr, SLO_POLICY, L, optimal_shares(arr, L)[0])
         return plan, slo
 
     def _replace(self, plan: Plan, round_index: int, reason: str,

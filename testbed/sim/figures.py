@@ -103,12 +103,6 @@ def table_markdown(sweep, results: list[dict]) -> str:
     return "\n".join(lines) + f"\n\n{legend}; goodput in tokens/s, 95% intervals over repeats.\n"
 
 
-def _policy_colors(names: list[str]) -> dict[str, str]:
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
-               "tab:pink", "tab:gray"]
-    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
-
-
 def plot_lines(sweep, results: list[dict], path: Path) -> Path:
     from matplotlib.figure import Figure
     fig_spec = sweep.figure
@@ -116,7 +110,8 @@ def plot_lines(sweep, results: list[dict], path: Path) -> Path:
     others = [k for k in _varying(sweep) if k != x]
     combos = list(itertools.product(*(sweep.grid[k] for k in others)))[:6] or [()]
     policies = list(dict.fromkeys(p["policy"] for r in results for p in r.get("policies") or []))
-    colors = _policy_colors(policies)
+    from testbed.records.report import _colors
+    colors = _colors(policies)
     fig = Figure(figsize=(5.5 * min(3, len(combos)), 4.2 * math.ceil(len(combos) / 3)))
     numeric = all(isinstance(v, (int, float)) for v in sweep.grid[x])
     for i, combo in enumerate(combos):

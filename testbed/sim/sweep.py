@@ -217,12 +217,11 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
     if level is not None:
         spread = {**dataclasses.asdict(HETEROGENEITY[level]), **spread}
     population = PopulationSpec(**{**(exp.population or {}), **spread})
-    cost = server_cost
     if k is None and spread:
         k = len(exp.inventory.devices)          # spreads need a drawn population
     exp, prof, lab = prepare(exp, profile, devices=k, duration_s=duration_s,
                              population=population if k is not None else None,
-                             server_cost=cost)
+                             server_cost=server_cost)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, _ = run_loop(exp, prof, Path(tmp), lab=lab)
         summary = json.loads((run_dir / "summary.json").read_text())
