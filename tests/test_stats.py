@@ -1,6 +1,7 @@
-"""Error bars: the t interval over repeats, the paired ratio and its bootstrap interval (method
-by number of blocks), its coverage on simulated blocks with a known ratio, and the summary of
-a run with repeats (means, intervals, ratios, forecast spread) from synthetic events."""
+"""Error bars: the t interval over repeats, the paired ratio and its interval (t on the
+per-block log ratios), its coverage at 3 blocks on simulated runs with a known ratio (against a
+bootstrap that does not cover), and the summary of a run with repeats (means, intervals,
+ratios, forecast spread) from synthetic events."""
 
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ def test_mean_ci_is_the_t_interval():
     assert mean_ci([1.0, None, float("nan"), 3.0])["n"] == 2     # non-numbers left out
 
 
-def test_paired_ratio_methods_by_blocks():
+def test_paired_ratio_is_the_t_interval_of_log_ratios():
     a = {0: 23.1, 1: 24.0, 2: 22.5, 3: 23.6}
     b = {0: 14.1, 1: 14.8, 2: 14.0, 3: 14.3}
     r = paired_ratio(a, b)
     assert r["ratio"] == pytest.approx(np.mean(list(a.values())) / np.mean(list(b.values())))
-    assert r["blocks"] == 4 and r["method"].startswith("paired bootstrap (BCa")
-    lo, hi = r["ci95"]
-    assert lo < r["ratio"] < hi and hi - lo < 0.2
-    assert paired_ratio(a, b) == r                               # seeded: the same every time
+    assert r["blocks"] == 4 and r["method"] == "t on log ratios (4 blocks)"
+    d = np.log(list(a.values())) - np.log(list(b.values()))
+    half = 3.182446305284263 * np.std(d, ddof=1) / 2             # t(0.975, 3 df) * sd / sqrt(4)
+    assert r["ci95"] == pytest.approx(np.exp([d.mean() - half, d.mean() + half]))
+    assert r["t_ci95"] == r["ci95"] and r["ci95"][0] < r["ratio"] < r["ci95"][1]
+    assert set(r) == {"ratio", "ci95", "method", "blocks", "t_ci95"}   # runs.ratios' keys
     two = paired_ratio({0: 2.0, 1: 2.2}, {0: 1.0, 1: 1.0})
     assert two["method"] == "t on log ratios (2 blocks)" and two["ci95"][0] < 2.1 < two["ci95"][1]
     one = paired_ratio({0: 2.0}, {0: 1.0})
@@ -43,21 +46,31 @@ def test_paired_ratio_methods_by_blocks():
     assert paired_ratio({0: 1.0}, {1: 1.0}) is None
     same = paired_ratio({i: 3.0 for i in range(4)}, {i: 1.5 for i in range(4)})
     assert same["ci95"] == pytest.approx([2.0, 2.0])
+    # a zero goodput has no log: the ratio, no interval
+    zero = paired_ratio({0: 0.0, 1: 2.0, 2: 2.0}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert zero["ratio"] == pytest.approx(4 / 3)
+    assert zero["ci95"] is None and zero["method"] is None
 
 
-def test_paired_bootstrap_covers_a_known_ratio():
-    """Blocks share a load factor (what pairing removes) plus independent noise: the interval
-    holds the true ratio of means in most of 100 simulated runs of 8 blocks."""
+def test_paired_ratio_covers_a_known_ratio_at_3_blocks():
+    """300 simulated runs of 3 blocks (what published runs use), true ratio 1.6; blocks share
+    a load factor (what pairing removes), each policy has its own 4% noise (the "test model" of
+    bench/coverage.py, which runs this at 3, 5 and 8 blocks with more trials). The shipped 95%
+    interval holds the ratio in at least 90% of the runs; a paired BCa bootstrap of the ratio of
+    means (what paired_ratio gave before) holds it in under 90% under the same model, so the
+    check can tell a good interval from a bad one."""
+    from scipy import stats
     rng = np.random.default_rng(7)
-    true = 1.6
-    hits = 0
-    for _ in range(100):
-        load = rng.uniform(0.7, 1.3, 8)
-        a = true * 10 * load * rng.normal(1, 0.04, 8)
-        b = 10 * load * rng.normal(1, 0.04, 8)
-        r = paired_ratio(dict(enumerate(a)), dict(enumerate(b)))
-        hits += r["ci95"][0] <= true <= r["ci95"][1]
-    assert hits >= 80
+    true, shape = 1.6, (300, 3)
+    load = rng.uniform(0.7, 1.3, shape)
+    a = true * 10 * load * rng.normal(1, 0.04, shape)
+    b = 10 * load * rng.normal(1, 0.04, shape)
+    shipped = [paired_ratio(dict(enumerate(x)), dict(enumerate(y)))["ci95"] for x, y in zip(a, b)]
+    assert np.mean([lo <= true <= hi for lo, hi in shipped]) >= 0.90
+    bca = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis) / y.mean(axis),
+                          paired=True, vectorized=True, axis=-1, n_resamples=9999,
+                          method="BCa", random_state=20261201).confidence_interval
+    assert np.mean((bca.low <= true) & (true <= bca.high)) < 0.90
 
 
 def test_summary_of_a_run_with_repeats():
