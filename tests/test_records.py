@@ -158,7 +158,7 @@ def test_damage_before_the_last_line_is_an_error(tmp_path: Path):
     with pytest.raises(RecordsError, match=rf"^{path}:5: not a JSON event"):
         read_events(path)
     path.write_text('{"type": "round", "t": 1}\n[1, 2]\n{"type": "x", "t": 2}\n')
-    with pytest.raises(RecordsError, match=r':2: expected an object with "type" and "t"'):
+    with pytest.raises(RecordsError, match=r':2: expected an object with "type" and a number "t"'):
         read_events(path)
     with pytest.raises(RecordsError, match="file not found"):
         read_events(tmp_path / "nope.jsonl")
@@ -321,15 +321,36 @@ def _hand_events() -> list[dict]:
         {"type": "run_end", "t": 5.1, "status": "ok"}]
 
 
+def test_summary_wall_clock_worked_by_hand():
+    """Goodput is over the wall time: the measured rounds run from 2.0 (3.0 - 1.0) to 5.0, so
+    the policy held the lab 3.0 s, of which 2.3 s were rounds; 0.7 s fell between them (0.5 s
+    before the round ending at 4.0, 0.2 s before the one ending at 5.0), 0.3 s of it prefills
+    (0.2 and 0.1 s, both inside the span; the warm-up's are before it)."""
+    events = _hand_events()
+    events[6:6] = [{"type": "replan", "t": 3.4, "policy": "p", "applied_s": 0.05}]
+    events[-3]["control_s"] = 0.02            # planning before the round ending at 5.0
+    p = summarize(events)["policies"][0]
+    assert p["rounds"] == 4 and p["wall_s"] == pytest.approx(3.0)
+    assert p["duration_s"] == p["wall_s"] and p["rounds_s"] == pytest.approx(2.3)
+    assert p["goodput_tps"] == pytest.approx(11 / 3.0)
+    assert p["rounds_goodput_tps"] == pytest.approx(11 / 2.3)
+    t = p["time_s"]
+    assert t["draft_upload"] == pytest.approx(4 * 0.2) and t["verify"] == pytest.approx(0.4)
+    assert t["prefill"] == pytest.approx(0.3) and t["control"] == pytest.approx(0.07)
+    assert t["other"] == pytest.approx(3.0 - 0.8 - 0.4 - 0.3 - 0.07)
+    assert sum(t.values()) == pytest.approx(p["wall_s"])
+    assert p["repeats"][0]["goodput_tps"] == pytest.approx(11 / 3.0)
+
+
 def test_summary_user_figures_worked_by_hand():
     p = summarize(_hand_events())["policies"][0]
-    assert p["rounds"] == 4 and p["duration_s"] == pytest.approx(2.3)
+    assert p["rounds"] == 4 and p["duration_s"] == pytest.approx(3.0)
     a, b = p["devices"]
     assert (a["tokens"], b["tokens"]) == (7, 4) and b["rounds"] == 3
-    assert a["tokens_per_s"] == pytest.approx(7 / 2.3)
-    assert b["tokens_per_s"] == pytest.approx(4 / 2.3)       # over the policy's whole time
+    assert a["tokens_per_s"] == pytest.approx(7 / 3.0)
+    assert b["tokens_per_s"] == pytest.approx(4 / 3.0)       # over the policy's wall time
     assert p["jain_index"] == pytest.approx(11 ** 2 / (2 * (7 ** 2 + 4 ** 2)))
-    assert p["min_device"] == "b" and p["min_device_goodput_tps"] == pytest.approx(4 / 2.3)
+    assert p["min_device"] == "b" and p["min_device_goodput_tps"] == pytest.approx(4 / 3.0)
     # TPOT samples: a 1.0/2, (0.5 + 0.4)/4, 0.4/1 -> sorted 0.225, 0.4, 0.5
     #               b 1.0/1, 0.5/2, 0.4/1         -> sorted 0.25, 0.4, 1.0
     # p95 (linear, numpy's default): rank 0.95 * 2 = 1.9 -> x[1] + 0.9 (x[2] - x[1])

@@ -83,6 +83,7 @@ def test_json_and_plots(tmp_path: Path, capsys):
     assert [p.name for p in plots] == [f"{run_dir.name}-devices.png",
                                        f"{run_dir.name}-goodput.png",
                                        f"{run_dir.name}-intervals.png",
+                                       f"{run_dir.name}-time.png",
                                        f"{run_dir.name}-users.png"]
     for p in plots:
         w, h = _png_size(p)
@@ -123,7 +124,8 @@ def test_summary_only_folder(tmp_path: Path):
     (run_dir / "events.jsonl").unlink()
     run = load_run(run_dir)
     assert run.events is None
-    assert [p.name for p in write_plots(run)] == ["devices.png", "intervals.png", "users.png"]
+    assert [p.name for p in write_plots(run)] == ["devices.png", "intervals.png", "time.png",
+                                                  "users.png"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "garbled_summary", "garbled_events",
@@ -311,7 +313,8 @@ def test_repeats_table_fits_80_columns_and_keeps_numbers_whole(tmp_path: Path, c
         assert max(len(ln) for ln in proc.stdout.splitlines()) <= 80
         _whole_numbers(proc.stdout, data if len(runs) == 2 else {"runs": data["runs"][:1]})
         assert "policies: hetero = multispin-heterogeneous" in proc.stdout    # the legend
-        assert "95% CI" in proc.stdout and "paired bootstrap" in proc.stdout
+        words = " ".join(proc.stdout.split())
+        assert "95% CI" in words and "95% CI: t on log ratios;" in words   # the method named
     # piped, no COLUMNS: 100 columns, full names
     import os
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
@@ -363,7 +366,7 @@ def test_error_bar_plot_and_repeats_in_goodput_plot(tmp_path: Path):
     assert series["agnostic-fixed #3"]["t"][0] == pytest.approx(0.4)  # from its own start
     paths = write_plots(run)
     assert [p.name for p in paths] == ["goodput.png", "devices.png", "intervals.png",
-                                       "users.png"]
+                                       "time.png", "users.png"]
     for p in paths:
         w, h = _png_size(p)
         assert w >= 800 and h >= 400

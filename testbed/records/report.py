@@ -310,7 +310,7 @@ def comparison_table(runs: list[RunData], short: int = 0) -> Table:
 
     One repeat: goodput with its per-round spread and the ratios of the run's goodputs. With
     repeats: the mean over repeats with its 95% interval (Student t), and the paired ratios
-    with theirs (``stats.paired_ratio``: a bootstrap over blocks). ``short``: 1 short policy
+    with theirs (``stats.paired_ratio``: Student t on the per-block log ratios). ``short``: 1 short policy
     names, 2 also intervals stacked on two lines where the width needs it (``fit``)."""
     stack = short >= 2
     reps = has_repeats(runs)
@@ -318,13 +318,14 @@ def comparison_table(runs: list[RunData], short: int = 0) -> Table:
     if reps:
         cols = ["policy", "n", "rounds", "tok/s", "95% CI", "×fixed", "95% CI", "×server",
                 "95% CI"]
-        caption = ("n: repeats; tok/s: mean goodput over repeats, 95% CI: Student t; ×fixed, "
-                   "×server: mean goodput over that of agnostic-fixed, server-only (paired by "
-                   "block), 95% CI: paired bootstrap over blocks (t on log ratios with 2)")
+        caption = ("n: repeats; tok/s: mean goodput (tokens over wall time) over repeats, 95% "
+                   "CI: Student t; ×fixed, ×server: mean goodput over that of agnostic-fixed, "
+                   "server-only (paired by block), 95% CI: " + ratio_methods(runs) +
+                   "; intervals cover the repeats of this run on this machine")
     else:
         cols = ["policy", "rounds", "tok/s", "± std", "×fixed", "×server"]
-        caption = ("± std: over rounds; ×fixed, ×server: goodput over that of agnostic-fixed "
-                   "and server-only of the same run")
+        caption = ("tok/s: tokens over wall time; ± std: of per-round goodput; ×fixed, "
+                   "×server: goodput over that of agnostic-fixed and server-only of the same run")
     table = _table(_title(runs, "goodput"), (["run"] if several else []) + cols,
                    caption=_runs_caption(runs) + caption)
     if stack:
@@ -352,6 +353,51 @@ def comparison_table(runs: list[RunData], short: int = 0) -> Table:
                         _fmt(p.get("goodput_std"), ".1f")]
                 row += [_fmt(gains.get(b), ".2f") + ("x" if b in gains else "")
                         for b in BASELINES]
+            table.add_row(*row)
+    return table
+
+
+def ratio_methods(runs: list[RunData]) -> str:
+    """The interval methods of the runs' paired ratios, as their summaries name them (block
+    counts dropped), e.g. "t on log ratios"; "none" when no ratio has an interval."""
+    import re
+    methods = []
+    for run in runs:
+        for by_base in (run.summary.get("ratios") or {}).values():
+            for r in (by_base or {}).values():
+                m = r.get("method") if isinstance(r, dict) else None
+                if isinstance(m, str):
+                    m = re.sub(r"\s*\(?,?\s*\d+ blocks\)?", "", m).strip(" ,(") or m
+                    m = m + ")" if m.count("(") > m.count(")") else m
+                    if m not in methods:
+                        methods.append(m)
+    return ", ".join(methods) if methods else "none"
+
+
+def time_table(runs: list[RunData], short: bool = False) -> Table:
+    """One row per policy (and run): the wall time goodput is counted over, split into parts
+    (summary ``time_s``, shares of ``wall_s``), and the goodput over rounds alone beside the
+    goodput over the wall."""
+    several = len(runs) > 1
+    parts = ("draft_upload", "verify", "downlink", "prefill", "control", "other")
+    heads = ("d+up", "verif", "down", "pref", "ctrl", "other")
+    table = _table(_title(runs, "where the time went (% of wall)"),
+                   (["run"] if several else []) + ["policy", "wall", "tok/s", "rnds"] +
+                   list(heads),
+        caption="wall: seconds from each repeat's first measured round's start to its last "
+                "round's end, summed; tok/s: tokens over it (goodput); rnds: tokens over the "
+                "rounds' time alone; then % of wall: d+up: slowest device's draft + upload, "
+                "verif: verification, down: downlink, pref: prefills of new prompts, ctrl: "
+                "planning and tc changes, other: the rest")
+    for i, run in enumerate(runs):
+        for p in run.summary["policies"]:
+            wall = p.get("wall_s")
+            t = p.get("time_s") or {}
+            row = _run_label(runs, i) + [_name(p["policy"], short), _fmt(wall, ".1f"),
+                                         _fmt(p.get("goodput_tps"), ".1f"),
+                                         _fmt(p.get("rounds_goodput_tps"), ".1f")]
+            row += [_fmt(100 * t.get(k) / wall if _is_number(t.get(k)) and wall else None,
+                         ".1f") for k in parts]
             table.add_row(*row)
     return table
 
@@ -682,6 +728,8 @@ def print_report(console, runs: list[RunData], plots: dict[str, list[str]] | Non
     show(lambda short: comparison_table(runs, short))
     show(lambda short: forecast_table(runs, short))
     show(lambda short: breakdown_table(runs, short))
+    if any(p.get("time_s") for r in runs for p in r.summary["policies"]):
+        show(lambda short: time_table(runs, short))
     if replay_checks(runs):
         show(lambda short: replay_table(runs, short))
     for r in runs:
@@ -722,7 +770,8 @@ def markdown(table: Table) -> str:
 
 def markdown_report(runs: list[RunData]) -> str:
     """The report's tables in Markdown (full policy names, no width limit)."""
-    parts = [markdown(comparison_table(runs)), markdown(forecast_table(runs))]
+    parts = [markdown(comparison_table(runs)), markdown(time_table(runs)),
+             markdown(forecast_table(runs))]
     if replay_checks(runs):
         parts.append(markdown(replay_table(runs)))
     for r in runs:
@@ -908,6 +957,30 @@ def plot_devices(run: RunData, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_time(run: RunData, path: Path) -> Path:
+    """Where each policy's wall time went: one stacked bar per policy (``time_s``)."""
+    from matplotlib.figure import Figure
+
+    parts = ("draft_upload", "verify", "downlink", "prefill", "control", "other")
+    colors = ("#4477aa", "#ee6677", "#228833", "#ccbb44", "#aa3377", "#bbbbbb")
+    policies = run.summary["policies"]
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = range(len(policies))
+    bottom = [0.0] * len(policies)
+    for part, color in zip(parts, colors):
+        ys = [float((p.get("time_s") or {}).get(part) or 0.0) for p in policies]
+        ax.bar(xs, ys, 0.6, bottom=bottom, color=color, label=part.replace("_", "+"))
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_xticks(list(xs), [short_name(p["policy"]) for p in policies])
+    ax.set_ylabel("wall time (s, all repeats)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"where the time went — run {run.run_id}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_intervals(run: RunData, path: Path) -> Path:
     """Each policy's mean goodput with its 95% interval over repeats (error bar) and every
     repeat as a dot; beside it, each policy's goodput over agnostic-fixed and over server-only
@@ -1052,6 +1125,8 @@ def write_plots(run: RunData, out_dir: Path | None = None) -> list[Path]:
         paths.append(plot_goodput(run, target / f"{prefix}goodput.png"))
     paths.append(plot_devices(run, target / f"{prefix}devices.png"))
     paths.append(plot_intervals(run, target / f"{prefix}intervals.png"))
+    if any(p.get("time_s") for p in run.summary["policies"]):
+        paths.append(plot_time(run, target / f"{prefix}time.png"))
     paths.append(plot_users(run, target / f"{prefix}users.png"))
     if has_traces(run):
         paths.append(plot_traces(run, target / f"{prefix}trace.png"))

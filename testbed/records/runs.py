@@ -261,10 +261,61 @@ class EventWriter:
         self.close()
 
 
+# The typed fields of the events this package writes and reads (docs/records.md): type ->
+# field -> what it must be where present. ``check_event`` holds every event read to them, so a
+# reader downstream meets a number where it expects one; fields not listed are not checked.
+_NUM, _INT, _STR, _LIST, _DICT = "a number", "an integer", "a string", "a list", "an object"
+EVENT_FIELDS: dict[str, dict[str, str]] = {
+    "run_start": {"run": _STR, "policies": _LIST, "repeats": _INT},
+    "policy_start": {"policy": _STR, "plan": _DICT, "repeat": _INT},
+    "round": {"policy": _STR, "round": _INT, "round_s": _NUM, "devices": _LIST,
+              "tokens": _NUM, "slowest_s": _NUM, "verify_real_s": _NUM, "downlink_s": _NUM,
+              "overhead_s": _NUM, "control_s": _NUM, "repeat": _INT},
+    "prefill": {"policy": _STR, "device": _STR, "prefill_s": _NUM, "waited_s": _NUM,
+                "start_t": _NUM, "repeat": _INT},
+    "replan": {"policy": _STR, "applied_s": _NUM, "repeat": _INT},
+    "event": {"policy": _STR, "kind": _STR, "applied_s": _NUM, "repeat": _INT},
+    "policy_end": {"policy": _STR, "repeat": _INT},
+    "run_end": {"status": _STR},
+}
+# the fields of a round's device rows
+ROW_FIELDS = {"name": _STR, "tokens": _NUM, "n_drafted": _NUM, "n_accepted": _NUM,
+              "draft_len": _NUM, "share": _NUM, "draft_s": _NUM, "upload_s": _NUM}
+
+
+def _is(value, want: str) -> bool:
+    if want in (_NUM, _INT):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return isinstance(value, int) if want == _INT else math.isfinite(value)
+    return isinstance(value, {_STR: str, _LIST: list, _DICT: dict}[want])
+
+
+def check_event(event: dict) -> str | None:
+    """None when ``event`` has the declared types (``EVENT_FIELDS``, ``ROW_FIELDS``), else the
+    first field that has not and what it should be: ``'"devices[2].tokens": expected a
+    number'``. A null is a value left out (the writer writes a non-finite number as null)."""
+    for key, want in EVENT_FIELDS.get(event["type"], {}).items():
+        if event.get(key) is not None and not _is(event[key], want):
+            return f'"{key}": expected {want}, got {json.dumps(event[key])[:40]}'
+    if event["type"] == "round":
+        for j, row in enumerate(event.get("devices") or []):
+            if not isinstance(row, dict):
+                return f'"devices[{j}]": expected an object'
+            for key, want in ROW_FIELDS.items():
+                if row.get(key) is not None and not _is(row[key], want):
+                    return (f'"devices[{j}].{key}": expected {want}, '
+                            f'got {json.dumps(row[key])[:40]}')
+    return None
+
+
 def scan_events(path: str | Path) -> tuple[list[dict], bool]:
     """Events of a log and whether its last line was cut off (dropped: a crash mid-write).
 
     A bad line anywhere but at the end is damage, not a crash: RecordsError names its line.
+    Every event is held to its declared field types (``check_event``): a field of the wrong
+    type is RecordsError naming the line and the field (one line, exit 2), not a traceback
+    in a reader further on.
     ``events.jsonl.gz`` is read when ``events.jsonl`` is not there (records published
     compressed).
     """
@@ -299,8 +350,12 @@ def scan_events(path: str | Path) -> tuple[list[dict], bool]:
             raise RecordsError(f"not a JSON event ({exc.msg}); only the last line may be cut off",
                                source=str(path), line=i + 1) from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str) or \
-                not isinstance(event.get("t"), (int, float)):
-            raise RecordsError('expected an object with "type" and "t"', source=str(path),
+                not _is(event.get("t"), _NUM):
+            raise RecordsError('expected an object with "type" and a number "t"',
+                               source=str(path), line=i + 1)
+        wrong = check_event(event)
+        if wrong is not None:
+            raise RecordsError(f'{event["type"]} event: {wrong}', source=str(path),
                                line=i + 1)
         events.append(event)
     return events, truncated
@@ -395,6 +450,14 @@ class _Policy:
         self.row_tokens: list[float] = []
         self.row_counts: list[int] = []            # rows per round
         self.ttft: dict[str, list[float]] = {}     # per device: its prompts' times to 1st token
+        # per repeat: the loop's work between rounds, as (kind, end t, seconds), kind
+        # "prefill" or "control" (re-plans, scheduled events): ``wall_time`` keeps those
+        # inside the repeat's measured span
+        self.gaps: dict[int, list[tuple[str, float, float]]] = {}
+
+    def gap(self, repeat: int, kind: str, end: float, seconds: float) -> None:
+        if seconds > 0:
+            self.gaps.setdefault(repeat, []).append((kind, end, seconds))
 
     def add(self, ev: dict, waiting: dict[str, float] | None = None) -> None:
         """A counted round. ``waiting``: device -> start of its prompt that has no token yet
@@ -429,14 +492,19 @@ class _Policy:
     def result(self) -> dict:
         n = len(self.rounds)
         parts = [round_parts(ev) for ev in self.rounds]
-        duration = sum(p["round_s"] for p in parts)
+        rounds_s = sum(p["round_s"] for p in parts)
+        walls = {r: wall_time(evs, self.gaps.get(r, ())) for r, evs in self.by_repeat.items()}
+        wall_s = sum(w["wall_s"] for w in walls.values())
+        time_s = {k: sum(w["time_s"][k] for w in walls.values()) for k in TIME_PARTS}
+        duration = wall_s
         tokens = sum(round_tokens(ev) for ev in self.rounds)
         per_round = [round_tokens(ev) / p["round_s"] for ev, p in zip(self.rounds, parts)
                      if p["round_s"] > 0]
         pred, pred_round = _predicted(self.rounds, "predicted_goodput_tps", "predicted_round_s")
         planned, _ = _predicted(self.rounds, "plan_goodput_tps", "plan_round_s")
         goodput = tokens / duration if duration > 0 else None
-        users = _users(self, [p["round_s"] for p in parts])
+        users = _users(self, [p["round_s"] for p in parts],
+                       {r: w["wall_s"] for r, w in walls.items()})
         devices = []
         for (name, sums), user in zip(self.devices.items(), users["devices"]):
             acc = dict(zip(("rounds",) + _DEVICE_SUMS, sums))
@@ -448,7 +516,7 @@ class _Policy:
                 "mean_draft_len": acc["draft_len"] / k, "mean_share": acc["share"] / k,
                 "mean_rate_bps": acc["rate_bps"] / k, "mean_draft_s": acc["draft_s"] / k,
                 "mean_upload_s": acc["upload_s"] / k, **user})
-        repeats = [_repeat_result(r, evs) for r, evs in sorted(self.by_repeat.items())]
+        repeats = [_repeat_result(r, evs, walls[r]) for r, evs in sorted(self.by_repeat.items())]
         for rep in repeats:
             rep.update(users["repeats"].get(rep["repeat"], _fairness({})))
         over = mean_ci([r["goodput_tps"] for r in repeats])
@@ -459,15 +527,17 @@ class _Policy:
             "goodput_ci95": over["ci95"], "goodput_ci_method": over["method"],
             "prediction_error_mean": errors["mean"], "prediction_error_sd": errors["sd"],
             "repeats": repeats,
-            "duration_s": duration, "tokens": tokens, "goodput_tps": goodput,
+            "wall_s": wall_s, "duration_s": duration, "rounds_s": rounds_s, "time_s": time_s,
+            "tokens": tokens, "goodput_tps": goodput,
+            "rounds_goodput_tps": tokens / rounds_s if rounds_s > 0 else None,
             "goodput_std": _std(per_round), "predicted_goodput_tps": pred,
             "predicted_round_s": pred_round,
             "prediction_error": (goodput - pred) / pred if goodput is not None and pred else None,
             "planned_goodput_tps": planned,
             "plan_prediction_error": ((goodput - planned) / planned
                                       if goodput is not None and planned else None),
-            "overhead_frac": (sum(p["overhead_s"] for p in parts) / duration
-                              if duration > 0 else None),
+            "overhead_frac": (sum(p["overhead_s"] for p in parts) / rounds_s
+                              if rounds_s > 0 else None),
             "breakdown": {key: _mean([p[key] for p in parts]) for key in
                           ("round_s", "draft_upload_s", "verify_s", "downlink_s", "overhead_s")},
             "gain_vs": {}, "replans": self.replans, "events": self.events,
@@ -508,7 +578,7 @@ def _none(values) -> list:
     return [None if math.isnan(v) else v for v in values]
 
 
-def _users(pol: _Policy, round_s: list[float]) -> dict:
+def _users(pol: _Policy, round_s: list[float], wall_s: dict[int, float]) -> dict:
     """Per device (in ``pol.devices`` order) its time per output token (median and 95th
     percentile over its rounds) and time to first token (mean, median, 95th percentile over
     its prompts, and how many), and per repeat the fairness figures (``_fairness``).
@@ -566,7 +636,7 @@ def _users(pol: _Policy, round_s: list[float]) -> dict:
     size = n_dev * len(labels)
     tokens = np.bincount(key, weights=tok, minlength=size).reshape(n_dev, len(labels))
     present = np.bincount(key, minlength=size).reshape(n_dev, len(labels)) > 0
-    time_s = np.bincount(pos_of, weights=np.asarray(round_s, float), minlength=len(labels))
+    time_s = np.array([wall_s.get(label, 0.0) for label in labels.tolist()], float)
     repeats = {}
     for j, label in enumerate(labels.tolist()):
         rows = np.flatnonzero(present[:, j])
@@ -575,19 +645,69 @@ def _users(pol: _Policy, round_s: list[float]) -> dict:
     return {"devices": devices, "repeats": repeats}
 
 
+# The parts of a policy's wall time (summary ``time_s``), in the order tables show them.
+TIME_PARTS = ("draft_upload", "verify", "downlink", "prefill", "control", "other")
+_SLACK_S = 1e-5         # event times are rounded to 1 us: a gap this close to the span is in it
+
+
+def wall_time(rounds: list[dict], gaps: Iterable[tuple[str, float, float]]) -> dict:
+    """The wall time of one repeat of a policy and its split (docs/records.md, "Wall clock").
+
+    The repeat holds the lab from its first measured round's start (that round's ``t`` minus
+    its ``round_s``) to its last round's end (``t``): ``wall_s``, every second of it, including
+    what the loop does between rounds. ``time_s`` splits it: ``draft_upload`` (each round's
+    slowest draft + upload), ``verify``, ``downlink``, ``prefill`` (new prompts started inside
+    the span; of a prefill overlapped with a round only its ``waited_s``, the part the round
+    did not hide), ``control`` (the controller's planning recorded on rounds as ``control_s``, tc
+    changes of re-plans and scheduled events, ``applied_s``, less any prefill they contain),
+    and ``other``: the rest (the round's own overhead, the runner's bookkeeping and records).
+    The parts sum to ``wall_s`` by construction; ``other`` is what nothing accounts for.
+    A record whose times are inconsistent (a round span shorter than its rounds, which a live
+    run cannot produce) gets the sum of its rounds as its wall time.
+    """
+    rounds_s = sum(round_parts(ev)["round_s"] for ev in rounds)
+    parts = {k: 0.0 for k in TIME_PARTS}
+    if not rounds:
+        return {"wall_s": 0.0, "time_s": parts}
+    ends = [_num(ev.get("t")) for ev in rounds]
+    first = min(range(len(rounds)), key=ends.__getitem__)
+    start = ends[first] - _num(rounds[first].get("round_s"))
+    end = max(ends)
+    wall = max(end - start, rounds_s)
+    for ev in rounds:
+        p = round_parts(ev)
+        parts["draft_upload"] += p["draft_upload_s"]
+        parts["verify"] += p["verify_s"]
+        parts["downlink"] += p["downlink_s"]
+    # planning between rounds, recorded on the round after it; the first round's was spent
+    # before the span (during warm-up)
+    parts["control"] += sum(_num(ev.get("control_s")) for i, ev in enumerate(rounds)
+                            if i != first)
+    for kind, t_end, seconds in gaps:
+        if t_end - seconds >= start - _SLACK_S and t_end <= end + _SLACK_S:
+            parts[kind] += seconds
+    parts["other"] = wall - sum(v for k, v in parts.items() if k != "other")
+    return {"wall_s": wall, "time_s": parts}
+
+
 def _repeat_of(ev: dict) -> int:
     r = ev.get("repeat", 0)
     return r if isinstance(r, int) and not isinstance(r, bool) else 0
 
 
-def _repeat_result(repeat: int, rounds: list[dict]) -> dict:
-    """One repeat of a policy: its rounds, time, tokens, goodput and forecast error."""
-    duration = sum(round_parts(ev)["round_s"] for ev in rounds)
+def _repeat_result(repeat: int, rounds: list[dict], wall: dict) -> dict:
+    """One repeat of a policy: its rounds, wall time (``wall_time``) and its split, tokens,
+    goodput (tokens over the wall time) and forecast error."""
+    duration = wall["wall_s"]
+    rounds_s = sum(round_parts(ev)["round_s"] for ev in rounds)
     tokens = sum(round_tokens(ev) for ev in rounds)
     goodput = tokens / duration if duration > 0 else None
     pred, _ = _predicted(rounds, "predicted_goodput_tps", "predicted_round_s")
-    return {"repeat": repeat, "rounds": len(rounds), "duration_s": duration, "tokens": tokens,
-            "goodput_tps": goodput, "predicted_goodput_tps": pred,
+    return {"repeat": repeat, "rounds": len(rounds), "wall_s": duration, "duration_s": duration,
+            "rounds_s": rounds_s, "time_s": wall["time_s"], "tokens": tokens,
+            "goodput_tps": goodput,
+            "rounds_goodput_tps": tokens / rounds_s if rounds_s > 0 else None,
+            "predicted_goodput_tps": pred,
             "prediction_error": (goodput - pred) / pred if goodput is not None and pred
             else None}
 
@@ -638,6 +758,7 @@ def summarize(events: Iterable[dict]) -> dict:
     policies: dict[str, _Policy] = {}
     # (policy, repeat) -> device -> start of its prompt (prefill) that has no token yet
     waiting: dict[tuple[str, int], dict[str, float]] = {}
+    prefills: list[tuple[float, float]] = []     # (end t, seconds) of every prefill so far
 
     def acc(name: Any) -> _Policy:
         name = str(name)
@@ -662,12 +783,28 @@ def summarize(events: Iterable[dict]) -> dict:
         elif typ == "prefill":
             # ``t`` is when the prefill ended (the event is written once it returned) and
             # ``prefill_s`` how long it took: the prompt started at t - prefill_s.
+            # An overlapped prefill (``prefill: overlap``) ran beside a round: it began at
+            # ``start_t`` and held the lab only for ``waited_s`` after that round.
+            t, seconds = _num(ev.get("t")), _num(ev.get("prefill_s"))
+            start = _num(ev["start_t"]) if "start_t" in ev else t - seconds
+            held = _num(ev["waited_s"]) if "waited_s" in ev else seconds
             waiting.setdefault((str(ev.get("policy")), _repeat_of(ev)), {})[
-                str(ev.get("device"))] = _num(ev.get("t")) - _num(ev.get("prefill_s"))
+                str(ev.get("device"))] = start
+            acc(ev.get("policy")).gap(_repeat_of(ev), "prefill", t, held)
+            prefills.append((t, held))
         elif typ == "replan":
-            acc(ev.get("policy")).replans += 1
+            pol = acc(ev.get("policy"))
+            pol.replans += 1
+            pol.gap(_repeat_of(ev), "control", _num(ev.get("t")), _num(ev.get("applied_s")))
         elif typ == "event":
-            acc(ev.get("policy")).events += 1
+            pol = acc(ev.get("policy"))
+            pol.events += 1
+            # a workload switch or a rejoin starts a prompt inside its ``applied_s``: that
+            # prefill has its own event (written just before this one) and is not control
+            t, applied = _num(ev.get("t")), _num(ev.get("applied_s"))
+            inner = sum(s for te, s in prefills[-4:] if t - applied - _SLACK_S <= te - s
+                        and te <= t + _SLACK_S)
+            pol.gap(_repeat_of(ev), "control", t, max(0.0, applied - inner))
         elif typ == "policy_end":
             acc(ev.get("policy")).complete = True
         elif typ == "run_end":
