@@ -159,6 +159,32 @@ def test_cli_bad_folder_exit_2_one_line(tmp_path: Path):
     assert lines == [f"error: {tmp_path / 'nope'}: no such run folder"]
 
 
+@pytest.mark.parametrize("field,value,expect", [
+    ("devices", '"abc"', '"devices": expected a list'),
+    ("devices", '["abc"]', '"devices[0]": expected an object'),
+    ("devices", '[{"name": "a", "tokens": "3"}]', '"devices[0].tokens": expected a number'),
+    ("round_s", '"fast"', '"round_s": expected a number'),
+    ("repeat", "1.5", '"repeat": expected an integer')])
+def test_cli_malformed_events_exit_2_naming_line_and_field(tmp_path: Path, field, value,
+                                                           expect):
+    """A run folder whose round record has a field of the wrong type (no summary.json: the
+    report reads the events): one line naming the file, the line and the field, exit 2."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events.jsonl").write_text(
+        '{"type": "run_start", "t": 0, "run": "r", "policies": ["p"]}\n'
+        '{"type": "policy_start", "t": 0.1, "policy": "p"}\n'
+        f'{{"type": "round", "t": 1, "policy": "p", "round_s": 0.5, "devices": [], '
+        f'"{field}": {value}}}\n')
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(run)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: {run / 'events.jsonl'}:3: round event: {expect}"] or \
+        (len(lines) == 1 and lines[0].startswith(f"error: {run / 'events.jsonl'}:3: round event: "
+                                                 f"{expect}")), lines
+
+
 def test_pieces_fit_writer_view_summary_report(tmp_path: Path, capsys):
     """What the runner does: events through the writer (live view subscribed), then the
     summary, then the report, all from the same event dicts."""
