@@ -35,7 +35,7 @@ def run(args) -> int:
     console.print(f"inventory {exp.inventory_path} ({exp.inventory.name}, {exp.inventory.kind}); "
                   f"profile {profile}; seed {exp.seed}")
     console.print(f"policies: {', '.join(exp.policies)}; {budget} each after "
-                  f"{exp.warmup_rounds} warm-up rounds")
+                  f"{exp.warmup_rounds} warm-up rounds; prefills {exp.prefill}")
     topk = f" (top {ch.top_k})" if ch.payload == "topk" else ""
     console.print(f"channel: {ch.bandwidth_hz:g} Hz, payload {ch.payload}{topk}, header "
                   f"{ch.header_bits} bits, L <= {ch.max_draft_len}, baseline L "

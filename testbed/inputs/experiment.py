@@ -42,6 +42,10 @@ SCHEMA = "testbed.experiment/1"
 POLICIES = POLICY_NAMES      # the contract's names, defined once (control/problem.py)
 EVENT_KINDS = ("snr_change", "workload_switch", "leave", "rejoin")
 ORDERS = ("interleaved", "blocked")
+# How a device that finished an answer starts its next prompt (``prefill:``): "serial", between
+# rounds while every device waits (the default, and what every run before 2026-12-07 did), or
+# "overlap": the device sits out the next round while it prefills, beside the others' round.
+PREFILL_MODES = ("serial", "overlap")
 MAX_REPEATS = 1000
 # Event key in the file -> event kind in the records.
 _EVENT_KEYS = {"snr_db": "snr_change", "workload": "workload_switch", "leave": "leave",
@@ -150,6 +154,7 @@ class Experiment:
     repeats: int = 1               # each policy runs this many times
     order: str = "blocked"         # "interleaved": seeded shuffle per block; "blocked": as listed
     tpot_s: float | None = None    # slo.tpot_s: the target of the slo-heterogeneous policy
+    prefill: str = "serial"        # PREFILL_MODES
     # device -> the channel trace its uplink SNR follows (devices.NAME.link.trace)
     traces: dict[str, Trace] = field(default_factory=dict, compare=False)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -189,6 +194,7 @@ class Experiment:
             "repeats": self.repeats, "order": self.order, "population": self.population,
             "slo": {"tpot_s": self.tpot_s} if self.tpot_s is not None else None,
             "warmup_rounds": self.warmup_rounds,
+            **({"prefill": self.prefill} if self.prefill != "serial" else {}),
             "channel": dataclasses.asdict(self.channel),
             "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
             "devices": {d: {"workload": w, **({"link": _link_dict(self.traces[d])}
@@ -467,6 +473,7 @@ def load_experiment(path: str | Path) -> Experiment:
     repeats = root.integer("repeats", 1, min=1, max=MAX_REPEATS)
     population = _population(root)
     order = root.str("order", "interleaved" if repeats > 1 else "blocked", choices=ORDERS)
+    prefill = root.str("prefill", "serial", choices=PREFILL_MODES)
 
     channel = _channel(root, inv)
     workloads = _workloads(root, base, channel)
@@ -480,6 +487,6 @@ def load_experiment(path: str | Path) -> Experiment:
                       duration_s=duration_s, rounds=rounds, warmup_rounds=warmup_rounds,
                       channel=channel, workloads=workloads, device_workloads=device_workloads,
                       replan=replan, events=events, repeats=repeats, order=order,
-                      population=population, traces=traces, tpot_s=tpot_s,
+                      population=population, traces=traces, tpot_s=tpot_s, prefill=prefill,
                       digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                       lines=dict(root.lines))

@@ -41,7 +41,8 @@ problem), ``observation`` / ``observe_round`` (what the estimator learns from a 
 
 Limits: the server's cost is taken from the profile, not re-estimated live (see observe_round);
 rounds are synchronous (the slowest device sets the pace, as in the model); prefills of
-new prompts happen between rounds and are recorded as events, not rounds.
+new prompts happen between rounds and are recorded as events, not rounds (they count in the
+policy's wall time all the same: records/runs.py, ``wall_time``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class PolicyState:
     measured_t0: float | None = None
     last_plan_round: int = 0
     devices: dict[str, DeviceRun] = field(default_factory=dict)
+    control_s: float = 0.0         # planning since the last round (recorded on the next one)
+    # prefill: overlap: devices starting a prompt beside the round: name -> (handle, start t)
+    prefilling: dict = field(default_factory=dict)
 
 
 def observation(row: dict) -> RoundObservation:
@@ -217,17 +221,24 @@ class ExperimentLoop:
         pol.plan = plan
         return self.clock() - t0
 
-    def _start_prompt(self, pol: PolicyState, dev: DeviceRun) -> None:
+    def _start_prompt(self, pol: PolicyState, dev: DeviceRun, *, overlap: bool = False) -> None:
+        """The device's next prompt on both sides. ``overlap``: begun only (the device sits
+        out the next round while it prefills; ``_finish_prefills`` waits for it after that
+        round); else done now, between rounds, while every device waits."""
         w = self.exp.workloads[dev.workload]
         # Repeat r starts every device r prompts further on (r = 0: as without repeats), so
         # that repeats sample the workload too; within a repeat every policy gets the same.
         index = dev.prompt_index + pol.repeat
         text = w.prompt_set.render(dev.index + index)
         seed = self.exp.seed * 100_003 + dev.index * 1009 + index
+        sampling = {"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p}
+        if overlap:
+            pol.prefilling[dev.name] = (self.session.begin_sequence(
+                dev.name, text, seed=seed, sampling=sampling), self.t())
+            return
         try:
-            prefill_s = self.session.start_sequence(
-                dev.name, text, seed=seed,
-                sampling={"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p})
+            prefill_s = self.session.start_sequence(dev.name, text, seed=seed,
+                                                    sampling=sampling)
         except DeviceFailed as exc:         # its agent died: lost, like a failure mid-round
             self._lose(pol, dev.name, exc.failed[dev.name])
             return
@@ -235,6 +246,25 @@ class ExperimentLoop:
                    "workload": dev.workload, "prompt": dev.prompt_index,
                    "prefill_s": prefill_s})
         dev.prompt_index += 1
+
+    def _finish_prefills(self, pol: PolicyState, only: str | None = None) -> None:
+        """Wait for the prefills begun beside the last round (``prefill: overlap``), or for
+        ``only`` that device's; each gets its ``prefill`` event: ``prefill_s`` the prefill,
+        ``waited_s`` what the round beside it did not hide (what the wall clock charges as
+        prefill), ``start_t`` when it began."""
+        for name in [n for n in pol.prefilling if only in (None, n)]:
+            pending, start_t = pol.prefilling.pop(name)
+            dev = pol.devices[name]
+            try:
+                prefill_s, waited_s = self.session.end_sequence(pending)
+            except DeviceFailed as exc:
+                self._lose(pol, name, exc.failed[name])
+                continue
+            self.emit({"type": "prefill", "policy": pol.policy, "device": name,
+                       "workload": dev.workload, "prompt": dev.prompt_index,
+                       "prefill_s": prefill_s, "waited_s": waited_s, "start_t": start_t,
+                       "overlapped": True})
+            dev.prompt_index += 1
 
     # -- one policy --------------------------------------------------------------------------
 
@@ -304,6 +334,7 @@ class ExperimentLoop:
                                 exp.replan.surprise):
                     self._maybe_replan(pol, est, rule, reason="surprise", ignore_dwell=True)
             round_i += 1
+        self._finish_prefills(pol)          # the agents idle again before the next policy
         self.stop_traces()
         self.emit({"type": "policy_end", "policy": policy, "rounds": pol.rounds})
         self._repeat = None
@@ -343,6 +374,7 @@ class ExperimentLoop:
 
     def _apply_event(self, pol: PolicyState, est: Estimator, ev) -> None:
         dev = pol.devices[ev.device]
+        self._finish_prefills(pol, only=dev.name)     # its prompt is started before it changes
         t0 = self.clock()
         detail: dict = {}
         if ev.kind == "snr_change":
@@ -403,7 +435,9 @@ class ExperimentLoop:
         if not problem.devices:
             raise RunError("no device left in the run")
         pol.last_plan_round = pol.rounds
+        t0 = self.clock()
         decision = rule.decide(pol.plan, problem, pol.rounds, ignore_dwell=ignore_dwell)
+        pol.control_s += self.clock() - t0
         if not decision.replace:
             return
         old = pol.plan
@@ -420,7 +454,10 @@ class ExperimentLoop:
 
     def _one_round(self, pol: PolicyState, est: Estimator, *, warmup: bool) -> dict:
         lengths = {d.name: d.draft_len for d in pol.plan.devices}
-        present = [n for n, d in pol.devices.items() if d.present]
+        present = [n for n, d in pol.devices.items() if d.present and n not in pol.prefilling]
+        if not present and pol.prefilling:   # every device is prefilling: nothing to overlap
+            self._finish_prefills(pol)
+            present = [n for n, d in pol.devices.items() if d.present]
         # The forecast is from past rounds only (the estimates so far); the plan's own values
         # (``plan_*``) are what the controller expected when it chose the plan.
         predicted_round_s, predicted_tps = forecast(pol.plan, self._problem_for(pol, est))
@@ -463,12 +500,14 @@ class ExperimentLoop:
                  "predicted_goodput_tps": predicted_tps, "plan_round_s": pol.plan.round_s,
                  "plan_goodput_tps": pol.plan.goodput_tps, "tokens": tokens_total,
                  "goodput_tps": tokens_total / round_s if round_s > 0 else 0.0,
-                 "overhead_s": overhead}
+                 "overhead_s": overhead, "control_s": pol.control_s}
+        pol.control_s = 0.0
         if warmup:
             event["warmup"] = True
         if ver.emulated_s is not None and ver.compute_s > ver.emulated_s * 1.001:
             event["verify_over_emulation"] = True
         self.emit(event)
+        self._finish_prefills(pol)          # begun after the round before, beside this one
         self._next_prompts(pol, out)
         return event
 
@@ -489,7 +528,7 @@ class ExperimentLoop:
             dev = pol.devices[n]
             w = self.exp.workloads[dev.workload]
             if out.verify.verdicts[n].eog or self.session.last_tokens(n) >= w.max_tokens:
-                self._start_prompt(pol, dev)
+                self._start_prompt(pol, dev, overlap=self.exp.prefill == "overlap")
 
 
 def seeds_of(exp: Experiment) -> dict:

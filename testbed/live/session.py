@@ -8,6 +8,8 @@ the target's vocabulary, and shapes each device's uplink with ``tc`` through tha
 
 - ``start_sequence(name, prompt, sampling)``: a new prompt on both sides (prefill, not a round);
   raises ``DeviceFailed`` when the device's agent fails meanwhile (it died: the device is lost);
+  ``begin_sequence`` / ``end_sequence`` the same in two halves, so that the prefill runs beside
+  a round of the other devices (an experiment's ``prefill: overlap``);
 - the links: the session owns each device's uplink. ``set_shares({name: share})`` gives devices
   their fractions of the band and ``set_snr(name, dB)`` changes a device's true channel; the
   session turns (share, SNR) into the Shannon rate (``control.model.uplink_rate_bps``, the
@@ -47,7 +49,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from testbed.control.model import uplink_rate_bps
 from testbed.errors import (ClusterError, ModelFileError, RemoteError, RunError, ShapingError,
@@ -416,6 +418,35 @@ class LiveSession:
         dev.generated = 0
         return prefill_s
 
+    def begin_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
+                       seed: int | None = None) -> "PendingPrefill":
+        """``start_sequence`` without waiting: the prefill runs on the device and the server
+        while the caller goes on (a round of the other devices: the server's actor takes it
+        in its second slot, and its engine lock keeps it apart from the round's verification).
+        ``end_sequence`` waits for it. The device must sit out rounds until then."""
+        ray = self._ray
+        tokens = ray.get(self.server.tokenize.remote(prompt))
+        return PendingPrefill(
+            name, self.server.start.remote(name, tokens, seed=seed, sampling=sampling),
+            self.devices[name].actor.start.remote(tokens, seed=seed, sampling=sampling))
+
+    def end_sequence(self, pending: "PendingPrefill") -> tuple[float, float]:
+        """Wait for a ``begin_sequence``: (the slower side's prefill, the seconds waited here
+        for it: the part the round beside it did not hide). DeviceFailed when the device's
+        side failed."""
+        ray = self._ray
+        t0 = time.perf_counter()
+        try:
+            device_s = ray.get(pending.device_ref)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the remote error
+            ray.get(pending.server_ref)
+            raise DeviceFailed(None, {pending.name: _first_line(exc)}) from None
+        prefill_s = max(ray.get(pending.server_ref), device_s)
+        dev = self.devices[pending.name]
+        dev.verdict = None
+        dev.generated = 0
+        return prefill_s, time.perf_counter() - t0
+
     def round(self, lengths: Mapping[str, int], *, timeout_s: float = 120.0,
               keep_going: bool = False) -> Round:
         """One synchronous round over the active devices named in ``lengths``.
@@ -556,6 +587,15 @@ class LiveSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class PendingPrefill:
+    """A prompt being started on a device and the server (``LiveSession.begin_sequence``)."""
+
+    name: str
+    server_ref: Any
+    device_ref: Any
 
 
 class DeviceFailed(RunError):
