@@ -15,25 +15,32 @@ Not a policy name but planned here too: ``solve_slo_plan(problem, tpot_s)``, the
 goodput with every device's expected time per token T / E_k <= tpot_s (plan name
 ``SLO_POLICY`` = "slo-heterogeneous"), or None with the best TPOT any plan reaches.
 
+Constraints: besides its objective a policy may declare what every plan of it must meet
+(``constraints(policy, tpot_s)``: functions ``(plan, problem, arr=None) -> [violation, ...]``,
+each violation a short text such as "tpot_s (0.187 > 0.15)"). The re-planner checks the plan
+in force against them at every decision, under the current estimates. Only ``SLO_POLICY``
+declares one today (``TpotTarget``); the seven policies declare none.
+
 Ordering that holds by construction (tests check it): heterogeneous >= homogeneous >=
 agnostic-tuned and agnostic-fixed, and heterogeneous >= server-only (sum goodput);
 proportional-fair has the largest sum_k log g_k and max-min the largest min_k g_k of all
 policies. Homogeneous may lose to server-only (it must draft at least one token).
 
 Entry points: ``solve(problem, policy) -> Plan``, ``solve_many``, ``POLICIES``,
-``solve_slo_plan``. Pure.
+``solve_slo_plan``, ``constraints``. Pure.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from testbed.control.fair import SloResult, solve_max_min, solve_proportional_fair, solve_slo
 from testbed.control.hetero import solve_heterogeneous
-from testbed.control.model import (Arrays, arrays, arrival_time, expected_tokens, make_plan,
-                                   optimal_shares, spectral_efficiency)
+from testbed.control.model import (Arrays, arrays, arrival_time, evaluate, expected_tokens,
+                                   make_plan, optimal_shares, spectral_efficiency)
 from testbed.control.problem import POLICY_NAMES, Plan, Problem
 from testbed.errors import InputError
 
@@ -134,3 +141,39 @@ def solve_slo_plan(problem: Problem, tpot_s: float,
         return None, result
     return make_plan(problem, arr, SLO_POLICY, result.lengths,
                      optimal_shares(arr, result.lengths)[0]), result
+
+
+# -- constraints a plan of a policy must meet (module docstring) -------------------------------
+
+Constraint = Callable[..., list]     # (plan, problem, arr=None) -> list of violations (str)
+TPOT_TOLERANCE = 1e-9                # relative: the solver's plans meet a target to rounding
+
+
+def worst_tpot_s(arr: Arrays, plan: Plan) -> float:
+    """The largest expected time per token T / E_k of ``plan`` (its lengths and its own
+    shares, not re-optimised) under the estimates ``arr`` was built from."""
+    L = np.asarray(plan.draft_lens, dtype=np.intp)
+    round_s, _ = evaluate(arr, L, plan.shares)
+    return round_s / float(arr.tokens[np.arange(arr.K), L].min())
+
+
+@dataclass(frozen=True)
+class TpotTarget:
+    """``SLO_POLICY``'s constraint: every device's T / E_k at most ``tpot_s``."""
+    tpot_s: float
+
+    def __call__(self, plan: Plan, problem: Problem, arr: Arrays | None = None) -> list[str]:
+        worst = worst_tpot_s(arrays(problem) if arr is None else arr, plan)
+        if worst <= self.tpot_s * (1 + TPOT_TOLERANCE):
+            return []
+        return [f"tpot_s ({worst:.3g} > {self.tpot_s:.3g})"]
+
+
+def constraints(policy: str, tpot_s: float | None = None) -> tuple[Constraint, ...]:
+    """What every plan of ``policy`` must meet besides maximising its objective: for
+    ``SLO_POLICY`` the target ``tpot_s``; nothing for the seven policies."""
+    if policy == SLO_POLICY:
+        if tpot_s is None:
+            raise ValueError(f"{SLO_POLICY} needs a target time per token (tpot_s)")
+        return (TpotTarget(tpot_s),)
+    return ()

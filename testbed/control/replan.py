@@ -6,6 +6,11 @@ plan in force **evaluated under the same current estimates** (its lengths and sh
 goodput it was predicted when it was made). It replaces the plan only when
 
 - the devices changed (one left or rejoined: the plan in force no longer fits), or there is none;
+- the plan in force misses one of its policy's constraints (``policies.constraints``: for
+  ``slo-heterogeneous`` the target time per token) under the current estimates, and the
+  candidate meets them all: at once, whatever the hysteresis and the dwell, even at a loss of
+  value (the reason names what was missed, e.g. "plan in force misses tpot_s (0.187 > 0.15)").
+  When no plan meets them (the candidate is then the closest plan) the rules below decide;
 - otherwise when the plan in force has been in place for at least ``min_dwell_rounds`` rounds
   (``ignore_dwell``: at any time, for a change the caller knows of, such as a workload switch)
   and the candidate's predicted value beats it by more than ``hysteresis`` (relative).
@@ -33,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from testbed.control.model import Arrays, arrays, evaluate, make_plan, optimal_shares
-from testbed.control.policies import SLO_POLICY, solve, solve_slo_plan
+from testbed.control.policies import (SLO_POLICY, constraints, solve, solve_slo_plan,
+                                      worst_tpot_s)
 from testbed.control.problem import Plan, Problem
 
 
@@ -52,11 +58,13 @@ def policy_value(policy: str, arr: Arrays, lengths, shares) -> float:
 class Decision:
     replace: bool
     plan: Plan                      # the plan to apply from now (the old one when kept)
-    reason: str                     # "first plan", "devices changed", "gain", "small gain", "dwell"
+    reason: str                     # "first plan", "devices changed", "plan in force misses
+                                    # ...", "gain", "small gain", "dwell"
     current_tps: float | None       # the plan in force, valued under the current estimates
     candidate_tps: float            # the policy's best under the current estimates (both by
                                     # ``policy_value``: the sum goodput but for fair policies)
-    slo: dict | None = None         # SLO_POLICY: {"tpot_s", "feasible", "worst_tpot_s"}
+    slo: dict | None = None         # SLO_POLICY: {"tpot_s", "feasible", "worst_tpot_s"} of
+                                    # ``plan`` (the one applied from now) under the estimates
 
     @property
     def predicted_gain(self) -> float | None:
@@ -74,8 +82,7 @@ class Replanner:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
         if min_dwell_rounds < 0:
             raise ValueError(f"min_dwell_rounds must be >= 0, got {min_dwell_rounds}")
-        if policy == SLO_POLICY and tpot_s is None:
-            raise ValueError(f"{SLO_POLICY} needs a target time per token (tpot_s)")
+        self.constraints = constraints(policy, tpot_s)     # raises without a needed tpot_s
         self.policy = policy
         self.tpot_s = tpot_s
         self.hysteresis = hysteresis
@@ -92,13 +99,25 @@ class Replanner:
                                  slo=slo)
         current_tps = policy_value(self.policy, arr, current.draft_lens, current.shares)
         candidate_tps = policy_value(self.policy, arr, candidate.draft_lens, candidate.shares)
+        misses = self.violations(current, problem, arr)
+        if misses and not self.violations(candidate, problem, arr):
+            return self._replace(candidate, round_index,
+                                 "plan in force misses " + "; ".join(misses), current_tps,
+                                 candidate_tps, slo=slo)
+        kept_slo = None if slo is None else {      # the plan in force, if kept
+            "tpot_s": self.tpot_s, "feasible": not misses,
+            "worst_tpot_s": worst_tpot_s(arr, current)}
         if not ignore_dwell and self.since_round is not None and \
                 round_index - self.since_round < self.min_dwell_rounds:
-            return Decision(False, current, "dwell", current_tps, candidate_tps, slo)
+            return Decision(False, current, "dwell", current_tps, candidate_tps, kept_slo)
         if candidate_tps > current_tps * (1.0 + self.hysteresis):
             return self._replace(candidate, round_index, "gain", current_tps, candidate_tps,
                                  slo=slo)
-        return Decision(False, current, "small gain", current_tps, candidate_tps, slo)
+        return Decision(False, current, "small gain", current_tps, candidate_tps, kept_slo)
+
+    def violations(self, plan: Plan, problem: Problem, arr=None) -> list[str]:
+        """What ``plan`` misses of the policy's constraints under ``problem`` (empty: none)."""
+        return [v for check in self.constraints for v in check(plan, problem, arr)]
 
     def _candidate(self, problem: Problem, arr) -> tuple[Plan, dict | None]:
         """The policy's plan; for ``SLO_POLICY`` the best plan that meets the target, or when
