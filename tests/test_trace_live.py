@@ -2,10 +2,12 @@
 
 1. The follower against real links: a two-device lab (no Ray), each uplink shaped, the
    follower thread drives both through their long-lived shells from traces sampled at 20 and
-   10 Hz: at least 10 tc changes a second per device, counted in the records; the rate tc
-   reports, read from the root namespace meanwhile, is always one the follower recorded; it
-   stops cleanly (no thread), and the links are cleared after. Prints the time a change takes
-   and the CPU time the shell's tc processes used.
+   10 Hz: at least 10 tc changes a second per device, counted in the records (what the
+   follower applied, with the time each tc command returned: no gap of half a second); the
+   rate tc reports, read from the root namespace meanwhile by a sampler of its own (at least
+   10 changes seen), is always one the follower recorded; it stops cleanly (no thread), and
+   the links are cleared after. Prints the time a change takes and the CPU time the shell's
+   tc processes used.
 2. A short live run of a traced experiment (``testbed run``, two policies, a few seconds each):
    the ``trace`` events record the applied rates (the session's rate function of a planned
    share and the trace's SNR), the rates tc reports during the run are those recorded, and the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -63,8 +66,17 @@ def _square(path: Path, rate_hz: float, seconds: float, high: float, low: float,
 
 
 class TcSampler:
-    """Reads each device's data-class rate from the root namespace (``ip netns exec``), so the
-    readings do not go through the shells under test."""
+    """Reads each device's data-class rate from the root namespace, so the readings do not go
+    through the shells under test: one long-lived shell per device's namespace (``ip netns
+    exec NS sh``, its own), to which each reading is a ``tc -s class show``. The sampler used to
+    spawn ``ip netns exec`` for every reading (a new mount namespace and sysfs mount each
+    time), at a fixed pause: with a core busy its readings thinned out, and a fixed pause near
+    a multiple of the follower's tick reads the same one of the trace's alternating values
+    again and again (one run read back 8 changes of a device where 10 were needed, while the
+    follower's records had its full count). Now a reading costs one ``tc`` process, and the
+    pause is drawn in [0.5, 1.5] x ``period_s``."""
+
+    END = "--tc-sampler-end--"
 
     def __init__(self, inv, period_s: float = 0.1):
         self.targets = {d.name: emulated.netns_name(inv, d) for d in inv.devices}
@@ -72,16 +84,42 @@ class TcSampler:
         self.readings: dict[str, list[tuple[float, float]]] = {n: [] for n in self.targets}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._shells: dict[str, subprocess.Popen] = {}
+
+    def _shell(self, name: str) -> subprocess.Popen:
+        """The device's sampling shell; a new one when it is gone (``testbed run`` stops
+        every process of a device's namespace but sshd when it brings Ray up or down)."""
+        shell = self._shells.get(name)
+        if shell is None or shell.poll() is not None:
+            shell = self._shells[name] = subprocess.Popen(
+                ["ip", "netns", "exec", self.targets[name], "sh"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return shell
+
+    def _read(self, name: str) -> float | None:
+        shell = self._shell(name)
+        lines = []
+        try:
+            shell.stdin.write(f"tc -s class show dev eth0; echo {self.END}\n")
+            shell.stdin.flush()
+            for line in shell.stdout:
+                if line.strip() == self.END:
+                    break
+                lines.append(line)
+            else:
+                return None                     # the shell was stopped: a new one next time
+        except OSError:
+            return None
+        data = shaping.parse_class_stats("".join(lines)).get(shaping.DATA_CLASS)
+        return None if data is None else data.rate_bps
 
     def _run(self):
-        while not self._stop.wait(self.period_s):
-            for name, ns in self.targets.items():
-                proc = subprocess.run(["ip", "netns", "exec", ns, "tc", "-s", "class", "show",
-                                       "dev", "eth0"], check=False, capture_output=True,
-                                      text=True, timeout=10)
-                data = shaping.parse_class_stats(proc.stdout).get(shaping.DATA_CLASS)
-                if data is not None:
-                    self.readings[name].append((time.monotonic(), data.rate_bps))
+        rng = random.Random(7)
+        while not self._stop.wait(self.period_s * rng.uniform(0.5, 1.5)):
+            for name in self.targets:
+                rate = self._read(name)
+                if rate is not None:
+                    self.readings[name].append((time.monotonic(), rate))
 
     def __enter__(self):
         self._thread.start()
@@ -90,6 +128,16 @@ class TcSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(20)
+        for shell in self._shells.values():
+            try:
+                shell.stdin.close()
+            except OSError:
+                pass
+            try:
+                shell.wait(10)
+            except subprocess.TimeoutExpired:
+                shell.kill()
+                shell.wait(10)
 
     def distinct(self, name: str) -> list[float]:
         out: list[float] = []
@@ -125,7 +173,7 @@ def test_the_follower_drives_real_links_ten_times_a_second(tmp_path):
         before = {n: session.devices[n].shell.run(["times"]).stdout
                   for n in traces}
         events: list[dict] = []
-        with TcSampler(inv) as sampler:
+        with TcSampler(inv, period_s=0.05) as sampler:
             t_start = time.monotonic()
             follower = tracefollow.start(session, traces, write=events.append,
                                          clock=time.monotonic, t_start=t_start, policy="p")
@@ -143,6 +191,9 @@ def test_the_follower_drives_real_links_ten_times_a_second(tmp_path):
                   f"({len(changes) / took:.1f}/s; trace {per_s} samples/s); shell times "
                   f"before {before[name].split()} after {after[name].split()}")
             assert len(changes) >= 10 * took * 0.8          # a late tick is skipped (load)
+            times = sorted(c["t"] for c in changes)         # when each tc change returned
+            assert times[0] < 0.5 and took - times[-1] < 0.5
+            assert max(b - a for a, b in zip(times, times[1:])) < 0.5   # no stall: all along
             rates = {c["rate_bps"] for c in changes}
             for c in changes:
                 assert c["rate_bps"] == pytest.approx(
@@ -150,8 +201,8 @@ def test_the_follower_drives_real_links_ten_times_a_second(tmp_path):
             read = sampler.distinct(name)
             start_rate = session.rate_bps(name, 0.5)
             unknown = [r for r in read if not _recorded(r, rates | {start_rate})]
-            print(f"{name}: {len(read)} distinct rates read back from tc, "
-                  f"{len(unknown)} not recorded: {unknown[:5]}")
+            print(f"{name}: {len(read)} distinct rates in {len(sampler.readings[name])} "
+                  f"readings of tc, {len(unknown)} not recorded: {unknown[:5]}")
             assert len(read) >= 10 and len(unknown) <= 1   # the last reading may be cut off
             # the last applied rate is what tc holds now
             last = session.devices[name].rate_bps
