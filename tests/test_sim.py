@@ -4,7 +4,8 @@ Checked here: one simulated round against hand-computed times and token counts (
 acceptance sampled token by token matches the geometric law in the mean, SNR changes move the
 rate as the live shaper's function says, a drawn population is seeded and varies as specified,
 whole runs are deterministic for a seed and differ across seeds, records are in the live
-format and marked simulated, the report reads them, and bad input is one line, exit 2."""
+format and marked simulated, the report reads them, bad input is one line, exit 2, and a given
+server cost (``--server-cost``) is the one the controller plans with as well as the lab's."""
 
 from __future__ import annotations
 
@@ -210,6 +211,46 @@ def test_named_server_costs():
     assert costs.resolve("profile", prof) is None and costs.resolve([0.1, 0.01], prof) == (0.1, 0.01)
     with pytest.raises(InputError, match="unknown server cost"):
         costs.resolve("h200", prof)
+
+
+def planned_servers(monkeypatch) -> list:
+    """Every ``Problem.server`` the controller is asked to plan with from now on (the
+    re-planner's input: the estimator's problem, whose server is its prior's)."""
+    from testbed.control.replan import Replanner
+    seen, decide = [], Replanner.decide
+
+    def spy(self, current, problem, *args, **kw):
+        seen.append(problem.server)
+        return decide(self, current, problem, *args, **kw)
+    monkeypatch.setattr(Replanner, "decide", spy)
+    return seen
+
+
+def test_given_server_cost_is_the_one_planned_with(tmp_path: Path, monkeypatch):
+    """``testbed simulate --server-cost h100-8b``: every problem the controller planned with
+    has the server line the simulated lab charged in every round (its verification time for
+    the round's batch), the H100 fit; the recorded profile and manifest say the same."""
+    from testbed.cli import main
+    from testbed.sim import costs
+    seen = planned_servers(monkeypatch)
+    code = main(["simulate", str(ROOT / "experiments/quickstart.yaml"), "--profile",
+                 str(PROFILE), "--out", str(tmp_path), "--server-cost", "h100-8b",
+                 "--duration", "5", "--json"])
+    assert code == 0
+    base, per = costs.resolve("h100-8b", {})
+    assert seen and {(s.verify_base_s, s.verify_per_token_s) for s in seen} == {(base, per)}
+    (run,) = list(tmp_path.iterdir())
+    rounds = _rounds(run)
+    assert len(rounds) > 100
+    for r in rounds:                                 # what the lab charged
+        assert r["verify_real_s"] == pytest.approx(base + per * r["batch_tokens"], rel=1e-9)
+    manifest = json.loads((run / "manifest.json").read_text())
+    server = manifest["simulated"]["server"]
+    assert (server["verify_base_s"], server["verify_per_token_s"]) == (base, per)
+    verify = manifest["profile"]["server"]["verify"]
+    assert (verify["base_s"], verify["per_token_s"], verify["given"]) == (base, per, True)
+    assert verify["profiled"]["base_s"] == json.loads(PROFILE.read_text())[
+        "server"]["verify"]["base_s"]                # the fit it replaced, kept
 
 
 def _fair_experiment(tmp: Path, tpot_s: float) -> Path:

@@ -1,6 +1,7 @@
 """Sweeps (testbed/sim/sweep.py): a grid of simulated points run as Ray tasks on a local Ray,
 the --json shape, resuming (a point already kept is not run again), failed points recorded
-with their error while the others go on (exit 1), and bad sweep files (one line, exit 2)."""
+with their error while the others go on (exit 1), bad sweep files (one line, exit 2), and a
+point's named server cost reaching the controller's plans as well as the simulated lab."""
 
 from __future__ import annotations
 
@@ -159,3 +160,35 @@ def test_order_check_and_lines_table():
     assert table[0] == "| devices | het | homo | fixed | het ≥ homo ≥ fixed |"
     assert table[2] == "| 4 | 10.0 (9.0–11.0) | 8.0 (7.0–9.0) | 5.0 (4.0–6.0) | yes |"
     assert table[3] == "| 8 | failed | failed | failed | — |"
+
+
+def test_point_plans_with_its_server_cost(monkeypatch):
+    """A sweep point with ``server_cost: h100-8b`` (run as ``run_sweep`` runs it): the lab and
+    every plan use the H100 line, and with it multispin-heterogeneous does not lose to the
+    server alone (it never drafts at a loss the model can predict). Planned with the profile's
+    400 ms step instead (the fault of issue #25), it drafted on every device and got about a
+    quarter of server-only's goodput. 3 x 60 simulated seconds: enough rounds that two
+    identical plans differ by well under 1% (the rounds' overhead is noisy)."""
+    import testbed.live.loop as loop
+    from testbed.sim import costs
+    from testbed.sim.sweep import run_point
+    from test_sim import planned_servers
+    seen = planned_servers(monkeypatch)
+    labs, run = [], loop.run
+
+    def spy(exp, profile, out, **kw):
+        labs.append(kw["lab"].server)
+        return run(exp, profile, out, **kw)
+    monkeypatch.setattr(loop, "run", spy)
+    profile = json.loads((ROOT / "profiles/local-full.json").read_text())
+    params = {"devices": 4, "server_cost": "h100-8b", "bandwidth_hz_per_device": 25000}
+    het, server = "multispin-heterogeneous", "server-only"
+    result = run_point(str(ROOT / "experiments/quickstart.yaml"), profile, params,
+                       duration_s=60, repeats=3, policies=(het, server),
+                       server_cost=costs.resolve("h100-8b", profile))
+    assert result["status"] == "ok"
+    line = costs.resolve("h100-8b", {})
+    assert [(s.verify_base_s, s.verify_per_token_s) for s in labs] == [line]
+    assert seen and {(s.verify_base_s, s.verify_per_token_s) for s in seen} == {line}
+    goodput = {p["policy"]: p["goodput_tps"] for p in result["policies"]}
+    assert goodput[het] >= 0.99 * goodput[server], goodput

@@ -14,6 +14,10 @@ a batch of n tokens. Besides a pair of numbers, ``testbed simulate --server-cost
   line (numpy) through the measured medians in ``docs/data/gpu-h100/`` (``docs/gpu-server.md``
   says how they were measured), fitted when asked for, so the numbers come from the data.
 
+``with_cost(profile, cost)`` puts a resolved cost in the profile's place (``server.verify``):
+the simulated lab's server, the controller's problem and the estimator's prior all read the
+profile, so a given cost reaches all three from that one value (``sim.run.prepare``).
+
 Limits: the H100 lines are in real seconds, while the emulated lab's devices draft on
 quota'd CPU cores in tens of milliseconds per token; a simulation that pairs them asks what
 those devices would gain from such a server, not what a Jetson would (docs/sweeps.md).
@@ -77,3 +81,22 @@ def resolve(cost, profile: dict, *, source: str = "<sweep>",
         return fit_file(DATA / MEASURED[cost][0])
     base, per = cost
     return float(base), float(per)
+
+
+def with_cost(profile: dict, cost: tuple[float, float] | None) -> dict:
+    """The profile with ``cost`` (``(base_s, per_token_s)``, as ``resolve`` gives it) as its
+    server's verification line, ``server.verify``: what the simulated lab's server
+    (``sim.population.server_from_profile``) and the controller's problem
+    (``control.problem.problem_from_profile``) both read, so they cannot differ. The fit it
+    replaces is kept as ``server.verify.profiled`` and the real fit as ``real_fit`` (so
+    ``profile-real`` still resolves on the result); ``given`` marks it. ``None``: the profile
+    unchanged."""
+    if cost is None:
+        return profile
+    server = profile.get("server") or {}
+    fit = server.get("verify") or {}
+    verify = {"base_s": float(cost[0]), "per_token_s": float(cost[1]), "given": True,
+              "profiled": {k: fit[k] for k in ("base_s", "per_token_s") if k in fit}}
+    if "real_fit" in fit:
+        verify["real_fit"] = fit["real_fit"]
+    return {**profile, "server": {**server, "verify": verify}}

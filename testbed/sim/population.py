@@ -3,8 +3,9 @@
 ``devices_from_profile(profile, snr_db)`` gives one ``SimDevice`` per profiled device: its
 drafting line and residual spread (``draft``), its acceptance per task and the shape of its
 per-position acceptance (``acceptance``), its SNR (the inventory's), its model file.
-``server_from_profile(profile, cost)`` gives the ``SimServer``: the verification cost line (the
-profile's fit, or a given ``(base_s, per_token_s)`` such as the H100 fit), the downlink and the
+``server_from_profile(profile)`` gives the ``SimServer``: the verification cost line (the
+profile's ``server.verify`` fit; a given cost such as the H100 fit is put there first,
+``sim.costs.with_cost``, so that the controller plans with the same line), the downlink and the
 spread of the orchestration overhead (``server.round_overhead``).
 
 ``draw(devices, n, seed, spec)`` draws a population of ``n`` devices from the profiled ones
@@ -57,6 +58,9 @@ class SimDevice:
     model_sha256: str | None = None
     traces: dict = field(default_factory=dict)   # prompt key -> (matches, ended): the
                                    # profile's teacher-forced answers, replayed (see lab.py)
+    prefill_s: float = 0.0         # starting a new prompt (the profile's ``prefill`` mean;
+                                   # 0 for a profile made before it was measured)
+    prefill_by_task: dict = field(default_factory=dict)      # task -> mean prefill (s)
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,14 @@ def devices_from_profile(profile: dict, snr_db: dict[str, float] | None = None,
         for p in acc.get("per_position") or []:
             if isinstance(p, dict) and isinstance(p.get("rate"), (int, float)) and pooled > 0:
                 shape.append(float(p["rate"]) / pooled)
+        prefill = d.get("prefill") if isinstance(d.get("prefill"), dict) else {}
+        prefill_s = prefill.get("mean_s")
+        prefill_s = _num(prefill_s, f"{where}.prefill.mean_s") if prefill_s is not None else 0.0
+        prefill_by_task = {}
+        for wname, w in (prefill.get("per_workload") or {}).items():
+            if isinstance(w, dict) and w.get("mean_s") is not None:
+                prefill_by_task[(tasks or {}).get(wname, wname)] = max(0.0, _num(
+                    w["mean_s"], f"{where}.prefill.per_workload.{wname}.mean_s"))
         name = d.get("name")
         model = d.get("model") or {}
         snr = (snr_db or {}).get(name, (d.get("link") or {}).get("snr_db", 0.0))
@@ -153,21 +165,20 @@ def devices_from_profile(profile: dict, snr_db: dict[str, float] | None = None,
             resid_sd_s=max(0.0, float(draft.get("resid_sd_s") or 0.0)),
             acceptance=pooled, acceptance_by_task=by_task, position_shape=tuple(shape),
             snr_db=float(snr), model_path=model.get("path"), model_sha256=model.get("sha256"),
-            traces=traces))
+            traces=traces, prefill_s=max(0.0, prefill_s), prefill_by_task=prefill_by_task))
     if not out:
         raise ProfileError("no device was measured (status ok)", source="profile",
                            field="devices")
     return out
 
 
-def server_from_profile(profile: dict, cost: tuple[float, float] | None = None) -> SimServer:
+def server_from_profile(profile: dict) -> SimServer:
     server = profile.get("server") or {}
     verify = server.get("verify") or {}
     overhead = server.get("round_overhead") or {}
     model = server.get("model") or {}
-    base, per = cost if cost is not None else (
-        _num(verify.get("base_s"), "server.verify.base_s"),
-        _num(verify.get("per_token_s"), "server.verify.per_token_s"))
+    base = _num(verify.get("base_s"), "server.verify.base_s")
+    per = _num(verify.get("per_token_s"), "server.verify.per_token_s")
     return SimServer(verify_base_s=max(0.0, base), verify_per_token_s=max(0.0, per),
                      downlink_s=max(0.0, float(server.get("downlink_s") or 0.0)),
                      overhead_sd_s=max(0.0, float(overhead.get("return_s_sd") or 0.0)),

@@ -3,7 +3,11 @@
 ``prepare(exp, profile, ...)`` returns the experiment and profile the run records (with a drawn
 population in place of the profiled devices when ``devices`` is given) and the ``SimLab`` to run
 them on; ``live.loop.run(exp, profile, out, lab=lab)`` then runs it exactly as a live run, in
-simulated time. ``simulated_facts`` is what the manifest records about the simulation.
+simulated time. A given ``server_cost`` replaces the profile's verification fit in the profile
+itself (``sim.costs.with_cost``): the lab's server, the controller's plans and the estimator's
+prior all read it from there, so the run plans with the server it is simulated on, and the
+recorded profile says so. ``simulated_facts`` is what the manifest records about the
+simulation.
 
 Limits: with a drawn population the experiment's scheduled events and channel traces are
 dropped (they name the profiled devices); the inventory's devices are replaced by the drawn
@@ -17,6 +21,7 @@ import dataclasses
 from testbed.control.problem import problem_from_profile
 from testbed.errors import ExperimentError
 from testbed.inputs.experiment import Experiment
+from testbed.sim.costs import with_cost
 from testbed.sim.lab import SimLab
 from testbed.sim.population import (
     PopulationSpec,
@@ -43,7 +48,9 @@ def prepare(exp: Experiment, profile: dict, *, devices: int | None = None,
             server_cost: tuple[float, float] | None = None,
             timing_noise: float = 1.0) -> tuple[Experiment, dict, SimLab]:
     """(experiment, profile, lab) for ``live.loop.run`` (see the module docstring). ``seed``
-    replaces the experiment's; ``duration_s`` its per-policy budget (simulated seconds).
+    replaces the experiment's; ``duration_s`` its per-policy budget (simulated seconds);
+    ``server_cost`` ``(base_s, per_token_s)`` the profile's verification fit, for the lab and
+    the controller alike.
     ``timing_noise`` scales every timing spread (drafting residual, upload factor, overhead):
     0 gives rounds whose times are the measured means (``bench/sim_gap.py`` uses it to
     separate the arrival spread from the rest)."""
@@ -51,6 +58,7 @@ def prepare(exp: Experiment, profile: dict, *, devices: int | None = None,
         exp = dataclasses.replace(exp, seed=int(seed))
     if duration_s is not None:
         exp = dataclasses.replace(exp, duration_s=float(duration_s), rounds=None)
+    profile = with_cost(profile, server_cost)     # the lab's and the plan's server, one value
     snr = {d.name: d.snr_db for d in exp.inventory.devices}
     sim_devices = devices_from_profile(profile, snr)
     missing = [d.name for d in exp.inventory.devices if d.name not in
@@ -77,7 +85,7 @@ def prepare(exp: Experiment, profile: dict, *, devices: int | None = None,
     if timing_noise != 1.0:
         sim_devices = [dataclasses.replace(d, resid_sd_s=d.resid_sd_s * timing_noise)
                        for d in sim_devices]
-    server = server_from_profile(profile, server_cost)
+    server = server_from_profile(profile)
     server = dataclasses.replace(server, overhead_sd_s=server.overhead_sd_s * timing_noise)
     lab = SimLab(sim_devices, server,
                  bandwidth_hz=exp.channel.bandwidth_hz, header_bits=problem.header_bits,

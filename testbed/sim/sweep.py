@@ -8,7 +8,8 @@ each policy's goodput with its 95% interval over the experiment's repeats.
 Grid parameters (each a list of values): ``devices`` (a drawn population of that many),
 ``bandwidth_hz`` or ``bandwidth_hz_per_device`` (the band, or the band per device),
 ``snr_sd_db``, ``draft_speed_sd``, ``acceptance_logit_sd`` (the population's spreads),
-``server_cost`` (``[base_s, per_token_s]``, or ``profile``), ``max_draft_len`` and ``seed``.
+``server_cost`` (``[base_s, per_token_s]`` or a name of ``sim.costs``: the line the point's
+lab and its controller both use, ``sim.run.prepare``), ``max_draft_len`` and ``seed``.
 
 Running: points are Ray tasks (``ray.remote``), on a local Ray started for the sweep (as many
 workers as CPUs) or on an existing cluster (``address``); a progress bar counts points and
