@@ -11,7 +11,13 @@ forecast's error for the same live run (the live loop's per-round forecast, from
 "profile's acceptance" says where the profile's acceptance came from: "whole answers" (the
 profiler's teacher-forced answers, replayed by the simulator) or "draft rounds" (profiles made
 before the profiler measured whole answers: rates from a few hundred drafted positions).
-The README's "Simulator" table is this output (``tests/test_sim_validation.py`` checks that).
+"prefills" says where the simulator's prefill costs came from: "profile" (the profiler's
+``prefill`` block) or "run's events" (profiles made before the profiler timed prefills,
+2026-12-07: each device's mean ``prefill_s`` over the live run's own prefill events, a cost
+input like the profile's, not the goodput being checked). Both sides count goodput over the
+wall clock (docs/records.md), prefills included.
+The simulator table in docs/results.md is this output (``tests/test_sim_validation.py``
+checks that).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from testbed.inputs.experiment import load_experiment  # noqa: E402
 from testbed.live.loop import run as run_loop  # noqa: E402
+from testbed.records.runs import scan_events  # noqa: E402
 from testbed.sim.run import prepare  # noqa: E402
 
 
@@ -40,13 +47,32 @@ def experiment_file(manifest: dict) -> Path | None:
     return path
 
 
+def with_prefills(profile: dict, run: Path) -> tuple[dict, str]:
+    """The profile, with each device's prefill cost from the run's prefill events when the
+    profile did not time prefills; and where the costs came from."""
+    devices = profile.get("devices") or []
+    if any(isinstance(d.get("prefill"), dict) for d in devices):
+        return profile, "profile"
+    events, _ = scan_events(run / "events.jsonl")
+    seconds: dict[str, list[float]] = {}
+    for ev in events:
+        if ev["type"] == "prefill" and isinstance(ev.get("prefill_s"), (int, float)):
+            seconds.setdefault(ev["device"], []).append(float(ev["prefill_s"]))
+    out = dict(profile, devices=[
+        dict(d, prefill={"mean_s": sum(seconds[d["name"]]) / len(seconds[d["name"]]),
+                         "n": len(seconds[d["name"]]), "per_workload": {}})
+        if d.get("name") in seconds else d for d in devices])
+    return out, "run's events"
+
+
 def validate(run: Path) -> list[dict]:
     manifest = json.loads((run / "manifest.json").read_text())
     live = json.loads((run / "summary.json").read_text())
     path = experiment_file(manifest)
     if path is None:
         return []
-    exp, profile, lab = prepare(load_experiment(path), manifest["profile"])
+    profile, prefills = with_prefills(manifest["profile"], run)
+    exp, profile, lab = prepare(load_experiment(path), profile)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, _ = run_loop(exp, profile, Path(tmp), lab=lab)
         sim = json.loads((run_dir / "summary.json").read_text())
@@ -63,18 +89,20 @@ def validate(run: Path) -> list[dict]:
                      "sim": s_mean, "error": s_mean / mean - 1,
                      "inside": None if not ci else bool(ci[0] <= s_mean <= ci[1]),
                      "forecast_error": p.get("prediction_error"),
-                     "acceptance": "whole answers" if whole else "draft rounds"})
+                     "acceptance": "whole answers" if whole else "draft rounds",
+                     "prefills": prefills})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | profile's acceptance | policy | live tok/s (95% CI) | simulated | error | "
-             "inside the CI | analytic forecast's error |", "|---|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| run | profile's acceptance | prefills | policy | live tok/s (95% CI) | simulated | "
+             "error | inside the CI | analytic forecast's error |",
+             "|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         ci = f" ({r['live_ci95'][0]:.1f}–{r['live_ci95'][1]:.1f})" if r["live_ci95"] else ""
         inside = "—" if r["inside"] is None else ("yes" if r["inside"] else "no")
         fc = "—" if r["forecast_error"] is None else f"{-r['forecast_error'] / (1 + r['forecast_error']):+.1%}"
-        lines.append(f"| `{r['run']}` | {r['acceptance']} | {r['policy']} | {r['live']:.1f}{ci} | {r['sim']:.1f} | "
+        lines.append(f"| `{r['run']}` | {r['acceptance']} | {r['prefills']} | {r['policy']} | {r['live']:.1f}{ci} | {r['sim']:.1f} | "
                      f"{r['error']:+.1%} | {inside} | {fc} |")
     return "\n".join(lines) + "\n"
 

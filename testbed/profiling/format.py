@@ -9,6 +9,8 @@ the profile, with pure functions over plain data so that they are tested on synt
 - ``payload_summary(rounds)``: bits on the wire per upload fitted against the draft length;
 - ``round_overheads(rounds)``: the round's dispatch and the return of the verdicts;
 - ``verify_summary(samples, emulated)``: the server's ``v0 + v1 * n`` fits;
+- ``prefill_summary(samples)``: what starting a new prompt costs a device (the slower of its
+  own and the server's prefill, as the live loop waits for both), per workload;
 - ``node_facts``: a node's probe at the start and end of profiling, condensed;
 - ``write_profile`` (atomic) and ``load_profile`` (``ProfileError`` naming file and field).
 
@@ -34,6 +36,18 @@ from testbed.profiling.stats import AcceptanceTally, fit_line, mean_sd
 
 SCHEMA = "testbed.profile/1"
 REQUIRED = ("schema", "inventory", "channel", "payload", "devices", "server")
+
+
+def prefill_summary(samples: dict[str, list[float]]) -> dict:
+    """The ``prefill`` block of a device: mean and sd of its prompts' prefills (s) over all
+    workloads and per workload (``{workload: [seconds, ...]}``), with the counts."""
+    pooled = [s for xs in samples.values() for s in xs]
+    mean, sd = mean_sd(pooled)
+    per = {}
+    for w, xs in samples.items():
+        m, d = mean_sd(xs)
+        per[w] = {"mean_s": m, "sd_s": d, "n": len(xs)}
+    return {"mean_s": mean, "sd_s": sd, "n": len(pooled), "per_workload": per}
 
 
 class SummaryError(ValueError):

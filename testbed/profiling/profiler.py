@@ -14,6 +14,8 @@ hears about per node (the CLI draws one progress bar per device and stage from i
    workloads. Gives drafting time vs drafted tokens (base + per token), acceptance (pooled, per
    position, per workload; see ``profile_stats``), the wire bits of an upload vs its length
    (``payload``) and the rounds' fixed overheads (Ray's dispatch, returning the verdicts).
+   Each new prompt segment is started one device after another, as the live loop does, and
+   its prefill timed (the slower of the device's and the server's side: ``prefill``).
    ``answers``: acceptance over whole answers by teacher forcing (greedy workloads): the
    server's greedy answers to the first ``answer_prompts`` prompts of each workload, and per
    device whether its draft model agrees at every position (``acceptance.teacher_forced``;
@@ -57,7 +59,7 @@ from testbed.inputs.inventory import Inventory
 from testbed.inputs.prompts import PromptSet, load_prompts, prompt_key
 from testbed.live.datapath import FRAME_OVERHEAD_BYTES
 from testbed.live.session import DeviceFailed, LiveSession, resolve_model
-from testbed.profiling.format import (SCHEMA, SummaryError, device_summary,
+from testbed.profiling.format import (SCHEMA, SummaryError, device_summary, prefill_summary,
                                       load_profile, node_facts, payload_summary, round_overheads,
                                       verify_summary, write_profile)
 from testbed.profiling.stats import mean_sd
@@ -185,6 +187,8 @@ class Profiler:
         self.fit_lens, self.held_lens = draft_grids(self.channel.max_draft_len)
         self.rounds: list[dict] = []            # the draft stage's rounds, as measured
         self.teacher: dict[str, dict] = {}      # device -> teacher-forced acceptance
+        # device -> workload -> the prefills of its new prompts (s), as the live loop pays them
+        self.prefills: dict[str, dict[str, list[float]]] = {}
         self._prompt_no: dict[str, int] = {}
         self.stage_s: dict[str, float] = {}     # wall time of each stage (the profile has it)
 
@@ -388,25 +392,28 @@ class Profiler:
     # -- draft rounds --------------------------------------------------------------------
 
     def _start(self, names: Sequence[str], workload_of: Mapping[str, str]) -> None:
-        """New prompts (of each device's workload) on both sides, devices in parallel."""
+        """New prompts (of each device's workload) on both sides, one device after another
+        as the live loop starts them (so each prefill is timed alone, server and device side
+        in parallel as live: ``prefill`` block of the profile)."""
         def one(name: str) -> None:
             w = self.workloads[workload_of[name]]
             k = self._prompt_no.get(name, 0)
             self._prompt_no[name] = k + 1
             index = list(self.session.devices).index(name)
-            self.session.start_sequence(name, w.prompts.render(index + k), sampling=w.sampling,
-                                    seed=self.seed * 7919 + index * 101 + k)
+            prefill_s = self.session.start_sequence(
+                name, w.prompts.render(index + k), sampling=w.sampling,
+                seed=self.seed * 7919 + index * 101 + k)
+            self.prefills.setdefault(name, {}).setdefault(workload_of[name], []).append(
+                float(prefill_s))
         names = [n for n in names if n not in self.errors]
         failed: dict[str, str] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = {n: pool.submit(one, n) for n in names}
-            for name, fut in futures.items():
-                try:
-                    fut.result()
-                except TestbedError as exc:
-                    failed[name] = str(exc)
-                except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
-                    failed[name] = _first_line(exc)
+        for name in names:
+            try:
+                one(name)
+            except TestbedError as exc:
+                failed[name] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the agent's error
+                failed[name] = _first_line(exc)
         if failed:
             self._server_alive()
             for name, msg in failed.items():
@@ -619,6 +626,7 @@ class Profiler:
                     entry["link"] = links[name]
                     if name in self.teacher:
                         entry["acceptance"]["teacher_forced"] = self.teacher[name]
+                    entry["prefill"] = prefill_summary(self.prefills.get(name, {}))
                 except (SummaryError, KeyError) as exc:
                     self.errors[name] = f"draft: {exc}"
             if name in self.errors:

@@ -45,7 +45,9 @@ loop's order.
 Limits: sampled acceptance is independent from token to token (real text has easy and hard
 stretches: runs of acceptances are correlated), so its variance over rounds is lower than live;
 replayed answers carry that correlation but only for the prompts the profile measured;
-prefills take no time; a device never fails unless the experiment says it leaves.
+a prefill costs the profile's mean for the task (no spread; none for a profile made before
+prefills were measured), and a traced link keeps its rate during a prefill; a device never
+fails unless the experiment says it leaves.
 """
 
 from __future__ import annotations
@@ -215,12 +217,33 @@ class SimLab:
 
     def start_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
                        seed: int | None = None) -> float:
-        """A new prompt: the device's task is its prompt set's (acceptance follows it)."""
+        """A new prompt: the device's task is its prompt set's (acceptance follows it). The
+        prefill costs the profile's measured mean for the task (its ``prefill`` block: the
+        slower of the device's and the server's side), on the clock, as live: the loop starts
+        prompts between rounds, one device after another."""
         dev = self.devices[name]
         dev.task = self.prompt_tasks.get(prompt, dev.task)
         dev.generated = 0
         dev.trace, dev.trace_ends = dev.spec.traces.get(prompt_key(prompt), (None, False))
-        return 0.0
+        prefill_s = float(dev.spec.prefill_by_task.get(dev.task, dev.spec.prefill_s))
+        self.now += prefill_s
+        return prefill_s
+
+    def begin_sequence(self, name: str, prompt: str, *, sampling: Mapping | None = None,
+                       seed: int | None = None) -> tuple[str, float, float]:
+        """``start_sequence`` beside the rounds that follow (``prefill: overlap``): the clock
+        does not stop; the prefill is ready at now + its cost."""
+        start = self.now
+        prefill_s = self.start_sequence(name, prompt, sampling=sampling, seed=seed)
+        self.now = start
+        return name, prefill_s, start + prefill_s
+
+    def end_sequence(self, pending: tuple[str, float, float]) -> tuple[float, float]:
+        """Wait for a ``begin_sequence``: (its prefill, the time waited for it now)."""
+        _, prefill_s, ready = pending
+        waited = max(0.0, ready - self.now)
+        self.now += waited
+        return prefill_s, waited
 
     def last_tokens(self, name: str) -> int:
         return self.devices[name].generated
