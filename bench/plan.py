@@ -1,6 +1,6 @@
 """Controller benchmark: solve time at scale, and each policy's goodput gain on edge scenarios.
 
-    .venv/bin/python bench/plan.py [--repeats 7] [--draws 20] [--json]
+    .venv/bin/python bench/plan.py [--repeats 7] [--draws 20] [--json] [--out docs/data/bench]
 
 1. Solve time of ``multispin-heterogeneous``, ``multispin-homogeneous``, ``proportional-fair``,
    ``max-min`` (``control.solve``: tables, search, shares and the plan) and of the TPOT-target
@@ -25,11 +25,18 @@ a 100 kHz uplink band; drafts carry 800 bits per token (token id and top-k proba
 sampling) plus a 512-bit header; a GPU-class server verifying a large target: 150 ms per step
 plus 0.5 ms per token, 5 ms to return verdicts (the regime where speculation pays, see
 docs/emulated-lab.md); at most 8 draft tokens, the fixed baseline drafts 4.
+
+Writes ``plan.json`` (the command, date, machine and its load at the start, versions, commit,
+parameters and every number above) and ``plan.md`` (the two tables as the docs publish them,
+between ``<!-- bench/plan.py -->`` and ``<!-- end -->``) under ``--out``, atomically
+(``bench/_records.py``), and prints the tables. About 10 s with the defaults on the 2-core
+AMD EPYC machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _records import Record, add_out_option, heading  # noqa: E402  (bench/)
 from testbed.control.fair import min_goodput  # noqa: E402
 from testbed.control.model import arrays  # noqa: E402
 from testbed.control.policies import POLICIES, SLO_POLICY, solve, solve_slo_plan  # noqa: E402
@@ -67,6 +75,12 @@ TIMED = ("multispin-heterogeneous", "multispin-homogeneous", "proportional-fair"
          SLO_POLICY)
 SHORT = {"multispin-heterogeneous": "heterogeneous", "multispin-homogeneous": "homogeneous",
          "proportional-fair": "prop. fair", "max-min": "max-min", SLO_POLICY: "SLO (TPOT)"}
+COLUMNS = {**SHORT, "proportional-fair": "proportional-fair", SLO_POLICY: "TPOT target"}
+
+
+def repeats_at(K: int, repeats: int) -> int:
+    """Timed solves per policy at K (fewer at 10,000, where one takes up to a second)."""
+    return repeats if K < 10_000 else max(3, repeats // 2)
 
 
 def draw(scenario: str, K: int, rng: np.random.Generator, band_hz: float = BAND_HZ,
@@ -102,7 +116,7 @@ def solve_times(repeats: int) -> list[dict]:
                     return solve(p, policy)
             run()                                                 # warm-up
             runs = []
-            for _ in range(repeats if K < 10_000 else max(3, repeats // 2)):
+            for _ in range(repeats_at(K, repeats)):
                 start = time.perf_counter()
                 plan = run()
                 runs.append(time.perf_counter() - start)
@@ -135,16 +149,62 @@ def gains(draws: int) -> dict:
     return out
 
 
+def _ms(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def _gain(ratio: float) -> str:
+    return "0" if ratio == 1 else f"{ratio - 1:+.1%}"
+
+
+def markdown(data: dict) -> str:
+    """plan.md from plan.json: the solve times, then the model gains (K = 8)."""
+    par = data["parameters"]
+    big = [row["K"] for row in data["solve_times"] if row["K"] >= 10_000]
+    fewer = (f" ({repeats_at(big[0], par['repeats'])} at K >= 10,000)"
+             if big and repeats_at(big[0], par["repeats"]) != par["repeats"] else "")
+    lines = [heading(data), "",
+             f"Solve time, ms, median / best of {par['repeats']}{fewer}; the TPOT target is "
+             "halfway between max-min's worst TPOT and heterogeneous's, so it binds:", "",
+             "| K | " + " | ".join(COLUMNS[p] for p in TIMED) + " |",
+             "|---:|" + "---:|" * len(TIMED)]
+    for row in data["solve_times"]:
+        lines.append(f"| {row['K']:,} | " + " | ".join(
+            f"{_ms(row[p]['median_ms'])} / {_ms(row[p]['best_ms'])}" for p in TIMED) + " |")
+    lines += ["", "Goals: K = 1,000 under 50 ms for heterogeneous and homogeneous, under 100 ms "
+              "for proportional-fair and max-min; K = 10,000 under 1 s.", "",
+              f"Model gains (K = {par['k_gains']}, mean of {par['draws']} seeded draws), vs "
+              "agnostic-fixed / vs server-only, and the worst device's expected time per token "
+              "(ms):", "",
+              "| policy | " + " | ".join(data["gains"]) + " | worst TPOT: "
+              + " / ".join(data["gains"]) + " |",
+              "|---|" + "---:|" * (len(data["gains"]) + 1)]
+    for p in POLICIES:
+        per = [data["gains"][sc][p] for sc in data["gains"]]
+        lines.append(f"| {p} | " + " | ".join(
+            f"{_gain(r['vs_fixed'])} / {_gain(r['vs_server'])}" for r in per) + " | "
+            + " / ".join(f"{r['worst_tpot_s'] * 1e3:.0f}" for r in per) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--draws", type=int, default=20)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the record, not the tables")
+    add_out_option(ap)
     args = ap.parse_args()
-    times = solve_times(args.repeats)
-    gain = gains(args.draws)
+    record = Record("plan")
+    record.data["parameters"] = {"repeats": args.repeats, "draws": args.draws, "ks": list(KS),
+                                 "k_gains": K_GAINS, "scenarios": SCENARIOS,
+                                 "band_hz": BAND_HZ, "bits_per_token": BITS_PER_TOKEN,
+                                 "header_bits": HEADER_BITS,
+                                 "server": dataclasses.asdict(SERVER)}
+    times = record.data["solve_times"] = solve_times(args.repeats)
+    gain = record.data["gains"] = gains(args.draws)
+    record.save(args.out, markdown)
     if args.json:
-        print(json.dumps({"solve_times": times, "gains": gain}, indent=2))
+        print(json.dumps(record.data, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table

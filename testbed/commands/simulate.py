@@ -112,6 +112,9 @@ def run(args) -> int:
     facts = simulated_facts(lab, devices=args.devices, population=population, server_cost=cost)
     console.log(f"simulating {exp.name}: {len(lab.devices)} devices, "
                 f"{len(exp.schedule())} policy runs")
+    if facts["prefills"] == "none":
+        console.log("note: the profile has no prefill times (made before 2026-12-07): new "
+                    "prompts cost nothing here; profile the lab again to charge them")
     run_dir, code = run_loop(exp, profile, Path(args.out), argv=sys.argv, progress=console.log,
                              lab=lab, manifest_extra={"simulated": facts})
     data = load_run(run_dir)

@@ -106,4 +106,13 @@ def simulated_facts(lab: SimLab, *, devices: int | None, population: PopulationS
                        "verify_per_token_s": s.verify_per_token_s,
                        "downlink_s": s.downlink_s, "overhead_sd_s": s.overhead_sd_s,
                        "cost_given": server_cost is not None},
-            "upload_factor": list(lab.upload_factor)}
+            "upload_factor": list(lab.upload_factor),
+            "prefills": prefill_source(lab)}
+
+
+def prefill_source(lab: SimLab) -> str:
+    """Where the simulated prefills' costs come from: "profile" (its ``prefill`` blocks), or
+    "none" (a profile made before prefills were timed: new prompts then cost nothing, and the
+    simulation is that much faster than the lab on the wall clock)."""
+    return "profile" if any(d.spec.prefill_s > 0 or d.spec.prefill_by_task
+                            for d in lab.devices.values()) else "none"
