@@ -86,12 +86,34 @@ def test_repeats_then_exact_replay(tmp_path: Path):
         assert all("repeat" in e for e in rounds) and len(rounds) == 6 * 3
         summary = json.loads((first / "summary.json").read_text())
         assert summary["repeats"] == 2 and summary["order"] == "interleaved"
+        # Every figure worked out here from the round records alone: each repeat's goodput is
+        # its tokens over its wall time (first measured round's start to last round's end),
+        # the mean and its Student t interval over the two repeats, the paired ratio's t
+        # interval on the per-block log ratios.
+        from scipy import stats
+        by = {}
+        for e in rounds:
+            by.setdefault((e["policy"], e["repeat"]), []).append(e)
+        tps = {}
+        for (policy, repeat), rs in by.items():
+            wall = rs[-1]["t"] - (rs[0]["t"] - rs[0]["round_s"])
+            tps[policy, repeat] = sum(e["tokens"] for e in rs) / wall
         for p in summary["policies"]:
             assert p["n_repeats"] == 2 and len(p["repeats"]) == 2 and p["rounds"] == 6
-            lo, hi = p["goodput_ci95"]
-            assert lo <= p["goodput_mean"] <= hi
+            xs = [tps[p["policy"], r] for r in (0, 1)]
+            assert [r["goodput_tps"] for r in p["repeats"]] == pytest.approx(xs, rel=1e-6)
+            assert p["goodput_mean"] == pytest.approx(sum(xs) / 2, rel=1e-6)
+            half = stats.t.ppf(0.975, 1) * abs(xs[0] - xs[1]) / 2     # sd / sqrt(2)
+            assert p["goodput_ci95"] == pytest.approx([sum(xs) / 2 - half, sum(xs) / 2 + half],
+                                                      rel=1e-6)
+            assert sum(p["time_s"].values()) == pytest.approx(p["wall_s"], rel=0.01)
         ratio = summary["ratios"]["multispin-heterogeneous"]["agnostic-fixed"]
         assert ratio["blocks"] == 2 and ratio["method"] == "t on log ratios (2 blocks)"
+        import math
+        d = [math.log(tps["multispin-heterogeneous", r] / tps["agnostic-fixed", r]) for r in (0, 1)]
+        half = stats.t.ppf(0.975, 1) * abs(d[0] - d[1]) / 2
+        assert ratio["ci95"] == pytest.approx([math.exp(sum(d) / 2 - half),
+                                               math.exp(sum(d) / 2 + half)], rel=1e-6)
         # prompts move on by one per repeat: repeat 1 starts dev-a at prompt index 1
         prefills = [e for e in events if e["type"] == "prefill" and e["device"] == "dev-a"]
         assert prefills[0]["repeat"] == schedule[0][0]

@@ -100,7 +100,9 @@ def table_markdown(sweep, results: list[dict]) -> str:
     lines += ["| " + " | ".join(c) + " |" for c in rows]
     legend = ", ".join(f"{v} = `{k}`" for k, v in SHORT.items() if k in policies
                        or any(k in g for g in (fig.get("gains") or [])))
-    return "\n".join(lines) + f"\n\n{legend}; goodput in tokens/s, 95% intervals over repeats.\n"
+    return "\n".join(lines) + (f"\n\n{legend}; goodput in tokens/s (tokens over simulated wall "
+                                "time), 95% intervals over repeats: Student t for a policy's "
+                                "mean, t on the per-block log ratios for a ratio.\n")
 
 
 def plot_lines(sweep, results: list[dict], path: Path) -> Path:
