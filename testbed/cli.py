@@ -22,7 +22,7 @@ from testbed.errors import InputError, TestbedError
 
 # Order is the order shown in --help.
 COMMANDS = ["demo", "inventory", "experiment", "lab", "provision", "check", "up", "down", "models",
-            "spec", "plan", "profile", "run", "simulate", "sweep", "report"]
+            "spec", "plan", "policy", "profile", "run", "simulate", "sweep", "report"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("TESTBED_DEBUG"))
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # emoji=False: a policy spec "mod:x" followed by ": ..." must not print as an emoji (":x:")
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -73,6 +73,20 @@ class ProblemError(InputError):
     """A problem or profile file given to the controller is malformed or inconsistent."""
 
 
+class PolicyError(InputError):
+    """A policy named by a spec (``file.py:attr``, ``package.module:attr``, an installed name)
+    cannot be loaded, or planned an invalid output: one line naming the spec and what is wrong
+    (``testbed/control/plugins.py``)."""
+
+    def __init__(self, spec: str, message: str):
+        self.spec = spec
+        super().__init__(message, source=f"policy {spec}")
+
+
+class PolicyTimeoutError(PolicyError):
+    """A policy's call did not return within its time limit."""
+
+
 class ProfileError(InputError):
     """A profile file is malformed, of another schema, or does not fit the inventory."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testbed.control.exhaustive import exhaustive_heterogeneous, exhaustive_homogeneous
+from testbed.control.exhaustive import (exhaustive_heterogeneous, exhaustive_homogeneous,
+                                        random_problem)
 from testbed.control.hetero import solve_heterogeneous
 from testbed.control.model import arrays, goodput_of_lengths
 from testbed.control.policies import POLICIES, solve, solve_many
@@ -14,29 +15,6 @@ from testbed.control.problem import Device, Problem, Server
 N_RANDOM = 240
 # The policies of sum goodput (the fair ones are tested against search in test_control_fair.py)
 SUM_POLICIES = POLICIES[:5]
-
-
-def random_problem(rng: np.random.Generator) -> Problem:
-    """Wide ranges on purpose: speeds, SNRs, acceptances (edges 0 and 1 included), payloads."""
-    K = int(rng.integers(1, 5))
-    lmax = int(rng.integers(1, 9))
-
-    def logu(lo, hi):
-        return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-
-    devices = []
-    for k in range(K):
-        r = rng.random()
-        alpha = 0.0 if r < 0.05 else 1.0 if r < 0.1 else \
-            float(rng.uniform(0.85, 0.99)) if r < 0.3 else float(rng.uniform(0, 1))
-        devices.append(Device(f"d{k}", 0.0 if rng.random() < 0.4 else logu(1e-3, 0.2),
-                              logu(1e-3, 0.3), alpha, float(rng.uniform(-10, 35))))
-    server = Server(logu(0.005, 0.5), 0.0 if rng.random() < 0.3 else logu(1e-5, 0.02),
-                    0.0 if rng.random() < 0.3 else logu(1e-4, 0.02))
-    return Problem(bandwidth_hz=logu(1e4, 2e6), bits_per_draft_token=logu(8, 8000),
-                   header_bits=0.0 if rng.random() < 0.3 else logu(8, 4000),
-                   max_draft_len=lmax, baseline_draft_len=int(rng.integers(1, lmax + 1)),
-                   server=server, devices=tuple(devices))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,12 @@ time per token (round time / its expected tokens) at most S. Alone it is the onl
 ``--policy`` it comes after them. When no plan meets S, one line on stderr says so with the
 best worst-device TPOT that any plan reaches (the max-min plan's); the other plans asked are
 still shown, and the exit code is 1 when the SLO plan was the only one asked.
+
+``--policy`` also takes a policy of one's own (docs/policies.md): ``FILE.py:ATTR`` (relative to
+the current folder), ``package.module:ATTR`` or an installed policy's name. Its plan is named
+by the policy's ``name`` attribute (else ATTR) and its numbers are the model's for exactly the
+lengths and shares it returned; a policy that fails or returns an invalid plan is one line
+naming the spec and what is wrong, exit code 2 (``--time-limit-s``: 10 s per plan by default).
 """
 
 from __future__ import annotations
@@ -34,6 +40,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _policy_spec(text: str) -> str:
+    """A built-in name, a spec with a colon, or an installed policy's name (checked here, so
+    that an unknown name is refused like an invalid choice, before anything is loaded)."""
+    from testbed.control.problem import POLICY_NAMES
+    if text in POLICY_NAMES or ":" in text:
+        return text
+    from testbed.control.plugins import installed_names
+    if text in installed_names():
+        return text
+    choices = ", ".join(repr(p) for p in POLICY_NAMES)
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {choices}, an "
+                                     "installed policy, FILE.py:ATTR or package.module:ATTR)")
+
+
 def add_parser(sub) -> None:
     from testbed.control.problem import POLICY_NAMES as POLICIES  # no numpy: --help stays fast
 
@@ -43,8 +63,12 @@ def add_parser(sub) -> None:
                        "plans.")
     p.add_argument("file", metavar="FILE", help="problem file (JSON, schema testbed.problem/1), "
                    "or a profile with --inventory/--experiment")
-    p.add_argument("--policy", action="append", choices=POLICIES, metavar="P",
-                   help=f"policy to plan (repeatable): {', '.join(POLICIES)}; default: all")
+    p.add_argument("--policy", action="append", type=_policy_spec, metavar="P",
+                   help=f"policy to plan (repeatable): {', '.join(POLICIES)}, an installed "
+                   "policy (testbed policy list), or one of your own as FILE.py:ATTR or "
+                   "package.module:ATTR (docs/policies.md); default: all built-ins")
+    p.add_argument("--time-limit-s", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="how long a policy of your own may take per plan (default 10)")
     p.add_argument("--tpot-s", type=_seconds, metavar="SECONDS",
                    help="plan slo-heterogeneous: the largest sum goodput with every device's "
                    "expected time per token (round time / its expected tokens) at most "
@@ -64,6 +88,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from testbed.control.model import arrays
+    from testbed.control.plugins import plan_with
     from testbed.control.policies import BASELINE, POLICIES, SLO_POLICY, solve, solve_slo_plan
     from testbed.control.problem import load_problem, plan_to_dict
 
@@ -80,8 +105,10 @@ def run(args) -> int:
         policies = []                               # --tpot-s alone: only the SLO plan
     else:
         policies = list(dict.fromkeys(args.policy or POLICIES))
+    own = _load_own(policies, POLICIES)
     arr = arrays(problem)
-    plans = [solve(problem, p, arr) for p in policies]
+    plans = [plan_with(own[i], problem, arr, time_limit_s=args.time_limit_s)[0] if i in own
+             else solve(problem, p, arr) for i, p in enumerate(policies)]
     asked = len(plans) + (tpot_s is not None)
     missed = None
     if tpot_s is not None:
@@ -104,6 +131,22 @@ def run(args) -> int:
     server = by_name.get("server-only") or solve(problem, "server-only", arr)
     _print_tables(args.file, plans, base, server, tpot_s)
     return 0
+
+
+def _load_own(specs, builtins) -> dict:
+    """The policies of one's own among ``specs`` by position, all loaded before any plan is
+    made; two plans may not share a name."""
+    from testbed.control.plugins import load_policy
+    from testbed.errors import PolicyError
+
+    own = {i: load_policy(spec) for i, spec in enumerate(specs) if spec not in builtins}
+    names = {spec: spec for spec in specs if spec in builtins}
+    for policy in own.values():
+        if policy.name in names:
+            raise PolicyError(policy.spec, f'name "{policy.name}" is also that of '
+                              f"{names[policy.name]}: give one a name attribute")
+        names[policy.name] = policy.spec
+    return own
 
 
 def _worst_tpot_s(plan) -> float:

@@ -12,6 +12,9 @@ returning (lengths, goodput_tps); for the fair policies (``fair``) ``exhaustive_
 ``exhaustive_max_min(arr)`` -> (lengths, min_k g_k) (ties in the minimum: the largest sum
 goodput) and ``exhaustive_slo(arr, tpot_s)`` -> (lengths or None, goodput_tps or nan,
 max-min goodput), g_k = E_k / T the goodput of device k.
+
+``random_problem(rng, devices=None)``: a seeded random problem over wide ranges, small enough
+for these references (the tests' generator, and ``testbed policy check``'s).
 """
 
 from __future__ import annotations
@@ -21,8 +24,33 @@ import itertools
 import numpy as np
 
 from testbed.control.model import Arrays
+from testbed.control.problem import Device, Problem, Server
 
 MAX_VECTORS = 2_000_000
+
+
+def random_problem(rng: np.random.Generator, devices: int | None = None) -> Problem:
+    """Wide ranges on purpose: speeds, SNRs, acceptances (edges 0 and 1 included), payloads.
+    K devices drawn in 1..4 unless ``devices`` says how many; Lmax in 1..8."""
+    K = int(rng.integers(1, 5)) if devices is None else int(devices)
+    lmax = int(rng.integers(1, 9))
+
+    def logu(lo, hi):
+        return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+    devs = []
+    for k in range(K):
+        r = rng.random()
+        alpha = 0.0 if r < 0.05 else 1.0 if r < 0.1 else \
+            float(rng.uniform(0.85, 0.99)) if r < 0.3 else float(rng.uniform(0, 1))
+        devs.append(Device(f"d{k}", 0.0 if rng.random() < 0.4 else logu(1e-3, 0.2),
+                           logu(1e-3, 0.3), alpha, float(rng.uniform(-10, 35))))
+    server = Server(logu(0.005, 0.5), 0.0 if rng.random() < 0.3 else logu(1e-5, 0.02),
+                    0.0 if rng.random() < 0.3 else logu(1e-4, 0.02))
+    return Problem(bandwidth_hz=logu(1e4, 2e6), bits_per_draft_token=logu(8, 8000),
+                   header_bits=0.0 if rng.random() < 0.3 else logu(8, 4000),
+                   max_draft_len=lmax, baseline_draft_len=int(rng.integers(1, lmax + 1)),
+                   server=server, devices=tuple(devs))
 
 
 def _bisect_arrival(arr: Arrays, L: np.ndarray) -> np.ndarray:
