@@ -374,8 +374,16 @@ def test_run_with_events_and_a_killed_agent_then_nothing_left(tmp_path: Path):
         s = by_policy[policy]
         assert s["rounds"] == ROUNDS and s["complete"]
         assert s["tokens"] == sum(r["tokens"] for r in rounds)
-        assert s["goodput_tps"] == pytest.approx(
+        # goodput on the wall clock: from the first measured round's start to the last
+        # round's end, the events' re-plans, tc changes and prefills between rounds included
+        wall = rounds[-1]["t"] - (rounds[0]["t"] - rounds[0]["round_s"])
+        assert s["wall_s"] == pytest.approx(wall, rel=1e-6)
+        assert s["wall_s"] > sum(r["round_s"] for r in rounds)
+        assert s["goodput_tps"] == pytest.approx(sum(r["tokens"] for r in rounds) / wall)
+        assert s["rounds_goodput_tps"] == pytest.approx(
             sum(r["tokens"] for r in rounds) / sum(r["round_s"] for r in rounds))
+        assert sum(s["time_s"].values()) == pytest.approx(wall, rel=0.01)
+        assert s["time_s"]["control"] > 0          # the scheduled events' tc changes and re-plans
     rep = subprocess.run([sys.executable, "-m", "testbed.cli", "report", str(run_dir), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
