@@ -114,3 +114,23 @@ def test_live_mode_on_a_terminal_console():
     text = console.export_text()
     assert "server-only (1/1)" in text and "run ended: ok" in text
     assert _row(text, "dev-b")[-1] == "5.0"
+
+
+def test_policy_goodput_is_over_the_wall_clock_like_the_summary():
+    """The live view's policy goodput is the summary's: tokens over the time from the first
+    measured round's start to the last round's end, a prefill between rounds included."""
+    from testbed.records.runs import summarize
+    events = [
+        {"type": "run_start", "t": 0.0, "run": "r", "policies": ["p"]},
+        {"type": "policy_start", "t": 0.1, "policy": "p", "plan": {}},
+        {"type": "round", "t": 1.0, "policy": "p", "round": 0, "round_s": 0.5, "tokens": 4,
+         "devices": [{"name": "a", "tokens": 4}]},
+        {"type": "prefill", "t": 1.6, "policy": "p", "device": "a", "prefill_s": 0.6},
+        {"type": "round", "t": 2.1, "policy": "p", "round": 1, "round_s": 0.5, "tokens": 4,
+         "devices": [{"name": "a", "tokens": 4}]}]
+    view = RunView(duration_s=10)
+    for ev in events:
+        view.update(ev)
+    assert view.goodput_policy == 8 / (2.1 - 0.5)               # not 8 / 1.0 (rounds only)
+    assert view.goodput_policy == summarize(events)["policies"][0]["goodput_tps"]
+    assert view.time_left_s()[0] == 10 - 1.6

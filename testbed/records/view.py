@@ -91,6 +91,8 @@ class RunView:
         self.rounds = 0
         self.tokens = 0.0
         self.round_s_sum = 0.0
+        self.first_start: float | None = None    # the first measured round's start (t)
+        self.last_end: float | None = None       # the last round's end (t)
         self.overhead_s_sum = 0.0
         self.predicted: float | None = None
         self.replans = 0
@@ -102,8 +104,16 @@ class RunView:
         return sum(r["tokens"] for r in self.window) / secs if secs > 0 else None
 
     @property
+    def wall_s(self) -> float:
+        """The policy's wall time so far, as the summary counts it (records/runs.py,
+        ``wall_time``): from its first measured round's start to its last round's end."""
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return max(self.last_end - self.first_start, self.round_s_sum)
+
+    @property
     def goodput_policy(self) -> float | None:
-        return self.tokens / self.round_s_sum if self.round_s_sum > 0 else None
+        return self.tokens / self.wall_s if self.wall_s > 0 else None
 
     def time_left_s(self) -> tuple[float | None, float | None]:
         """Seconds left in the active policy and in the whole run (estimates)."""
@@ -111,7 +121,7 @@ class RunView:
             return None, None
         later = max(0, len(self.schedule) - self.trial - 1)
         if self.duration_s is not None:
-            left = max(0.0, self.duration_s - self.round_s_sum)
+            left = max(0.0, self.duration_s - self.wall_s)
             return left, left + later * self.duration_s
         if self.rounds_budget is not None and self.rounds > 0:
             mean = self.round_s_sum / self.rounds
@@ -169,6 +179,9 @@ class RunView:
         self.rounds += 1
         self.tokens += tokens
         self.round_s_sum += round_s
+        if self.first_start is None:
+            self.first_start = self.t - round_s
+        self.last_end = self.t
         self.overhead_s_sum += float(ev.get("overhead_s") or 0.0)
         if ev.get("predicted_goodput_tps") is not None:
             self.predicted = ev["predicted_goodput_tps"]
@@ -224,7 +237,8 @@ class RunView:
 
     def _on_policy_end(self, ev: dict) -> str:
         self.finished.append((ev.get("policy"), self.rounds, self.goodput_policy))
-        return (f"policy {ev.get('policy')} done: {self.rounds} rounds, "
+        failed = f" (failed: {ev.get('error')})" if ev.get("failed") else ""
+        return (f"policy {ev.get('policy')} done{failed}: {self.rounds} rounds, "
                 f"{_f(self.goodput_policy, '.1f')} tok/s")
 
     def _on_run_end(self, ev: dict) -> str:
