@@ -231,3 +231,11 @@ def test_heterogeneous_beats_agnostic_fixed_in_the_simulated_sweeps_not_only_in_
     for k in (512, 1000):
         het, fixed, ci = serial[k]
         assert het < fixed and ci[1] < 1.0, (k, het, fixed, ci)
+
+
+def test_render_docs_finds_nothing_stale():
+    """scripts/render_docs.py --check: every marked block of README.md and docs/ is what its
+    command renders from the records now (the command a maintainer runs after new records)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/render_docs.py"), "--check"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
