@@ -1,8 +1,9 @@
 """`testbed run EXPERIMENT`: run an experiment on its lab, with the live view, into runs/<id>/.
 
 Exit codes: 0 the run completed; 3 it completed but devices were lost on the way (not the
-scheduled leaves); 1 it failed; 130 interrupted (Ctrl-C: links restored, agents stopped,
-records finalised; a second Ctrl-C forces the exit); 2 bad input.
+scheduled leaves), or a policy of one's own failed a segment (docs/policies.md); 1 it failed;
+130 interrupted (Ctrl-C: links restored, agents stopped, records finalised; a second Ctrl-C
+forces the exit); 2 bad input.
 """
 
 from __future__ import annotations

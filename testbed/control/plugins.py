@@ -18,8 +18,12 @@ instantiated with no arguments. Optional members (``Policy`` below):
 - ``value(problem, draft_lens, shares) -> float``: the policy's own objective (default: the
   model's sum goodput); ``admissible(problem, draft_lens, shares) -> bool`` (default: True).
   ``testbed policy check`` calls both on the policy's own plans;
-- ``observe(round)`` and ``replan(problem, current)``: the online form. **Declared, not yet
-  called**: the live loop, the simulator and sweeps do not run outside policies yet.
+- ``observe(round)`` and ``replan(problem, current)``: the online form, called by the
+  experiment loop (``testbed run`` and ``testbed simulate``): ``observe`` after every measured
+  round with a copy of its round record (the ``round`` event of ``events.jsonl``,
+  docs/records.md), ``replan`` every round with the estimator's current problem and the plan
+  in force; it returns the same forms as ``plan``, or None to keep the plan
+  (``observe_with``, ``replan_with``).
 
 **Specs** (``load_policy(spec, base)``): a built-in name (``problem.POLICY_NAMES``, solved by
 ``policies.solve``); ``path/to/file.py:attr`` (relative to ``base``, the current folder by
@@ -100,18 +104,21 @@ assert tuple(BUILTIN_SUMMARIES) == POLICY_NAMES
 class Policy(Protocol):
     """The object form of a policy. Only ``plan`` is required; see the module docstring for the
     optional members (``name``, ``value``, ``admissible``, and the online hooks ``observe`` and
-    ``replan``, which nothing calls yet)."""
+    ``replan``, which the experiment loop calls: ``OnlinePolicy``)."""
 
     def plan(self, problem: Problem) -> PolicyOutput:
         """Per device (in ``problem.devices`` order) a draft length and a band share."""
 
 
 class OnlinePolicy(Policy, Protocol):
-    """The online form (issue #26): **declared for the interface, not yet called by the live
-    loop**. ``observe(round)`` would see every round's typed result; ``replan(problem,
-    current)`` would return a new decision or None every round."""
+    """The online form: the experiment loop calls ``observe(round)`` after every measured round
+    with a copy of its round record (a dict: the ``round`` event of docs/records.md: per
+    device ``name``, ``draft_len``, ``share``, ``n_drafted``, ``n_accepted``, ``draft_s``,
+    ``upload_s``, ``upload_bits``, ``rate_bps``, ``tokens``; ``round_s``, ``verify_real_s``,
+    ...), and ``replan(problem, current)`` every round; it returns a new decision (as ``plan``
+    does) or None to keep ``current``."""
 
-    def observe(self, round: Any) -> None: ...
+    def observe(self, round: dict) -> None: ...
 
     def replan(self, problem: Problem, current: Plan) -> PolicyOutput | None: ...
 
@@ -120,7 +127,7 @@ class OnlinePolicy(Policy, Protocol):
 class LoadedPolicy:
     """A policy ready to plan: ``spec`` as given, ``name`` for plans and records, ``kind``
     (built-in, file, module or installed), ``target`` the object or callable, ``file`` the
-    source file of a file spec (for a future manifest's sha256)."""
+    source file of a file spec (the manifest records its sha256: ``manifest_entry``)."""
 
     spec: str
     name: str
@@ -555,3 +562,61 @@ def check_policy(policy: LoadedPolicy, problems: int = 20, devices: int = 3, see
             continue
         cases.append(CheckCase(**base, goodput_tps=plan.goodput_tps, seconds=seconds))
     return CheckReport(policy.spec, policy.name, seed, devices, tuple(cases), stopped, problems)
+
+
+# -- in a run: the online hooks, reloading, the manifest --------------------------------------
+
+def is_online(policy: LoadedPolicy) -> tuple[bool, bool]:
+    """Whether ``policy`` has an ``observe`` and a ``replan`` method (either may be absent)."""
+    return (callable(getattr(policy.target, "observe", None)),
+            callable(getattr(policy.target, "replan", None)))
+
+
+def observe_with(policy: LoadedPolicy, record: dict, *,
+                 time_limit_s: float | None = DEFAULT_TIME_LIMIT_S) -> None:
+    """``policy.observe(record)``: ``PolicyError`` when it raises or overruns the limit."""
+    call_with_limit(policy, "observe", policy.target.observe, record,
+                    time_limit_s=time_limit_s)
+
+
+def replan_with(policy: LoadedPolicy, problem: Problem, current: Plan, *,
+                time_limit_s: float | None = DEFAULT_TIME_LIMIT_S) -> Plan | None:
+    """``policy.replan(problem, current)`` as a validated ``Plan`` (as ``plan_with``), or None
+    when it returns None (keep ``current``). ``PolicyError`` when it fails or is invalid."""
+    out, _ = call_with_limit(policy, "replan", policy.target.replan, problem, current,
+                             time_limit_s=time_limit_s)
+    if out is None:
+        return None
+    lengths, shares = validate(policy, problem, out)
+    return make_plan(problem, arrays(problem), policy.name, lengths, shares)
+
+
+def reload(policy: LoadedPolicy, base: str | Path | None = None) -> LoadedPolicy:
+    """``policy`` loaded afresh from its spec (a file imported again, a class instantiated
+    again), so that a run's segments do not share what one of them learnt; built-ins as they
+    are. ``PolicyError`` when it no longer loads or its name changed."""
+    if policy.builtin:
+        return policy
+    fresh = load_policy(policy.spec, base)
+    if fresh.name != policy.name:
+        raise policy.error(f'its name changed from "{policy.name}" to "{fresh.name}" since '
+                           "the experiment was loaded")
+    return fresh
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_entry(policy: LoadedPolicy) -> dict:
+    """What a run's manifest records of a policy that is not built-in: spec, name, kind, and
+    for a file spec the file and its sha256; else the module's file when it has one."""
+    path = policy.file
+    if path is None:
+        module = sys.modules.get(getattr(policy.target, "__module__", None) or
+                                 getattr(type(policy.target), "__module__", ""))
+        where = getattr(module, "__file__", None)
+        path = Path(where) if where else None
+    return {"spec": policy.spec, "name": policy.name, "kind": policy.kind,
+            "file": str(path) if path else None,
+            "sha256": file_sha256(path) if path and path.is_file() else None}

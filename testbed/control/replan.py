@@ -28,6 +28,13 @@ another is never beaten by more than the threshold by the one it replaced (that 
 g(A) > (1 + h) g(B) and g(B) > (1 + h) g(A) at once). Plans change back only when the
 estimates themselves move by more than the threshold, and then at most once per dwell.
 
+A policy of your own (``plugins.LoadedPolicy``, docs/policies.md) goes through the same rules:
+its candidate is its ``plan`` of the current problem (validated: ``plugins.plan_with``, which
+raises ``PolicyError`` for a failure or an invalid output), both plans are valued by its own
+``value`` when it has one, else by the sum goodput (``plugins.value_of``), and its
+``admissible`` is its constraint (a plan in force it no longer admits is left at once for an
+admissible candidate, as a missed target above).
+
 Main types: ``Replanner`` and ``Decision``. Pure: no clock, the caller passes round numbers.
 """
 
@@ -40,6 +47,7 @@ import numpy as np
 from testbed.control.model import Arrays, arrays, evaluate, make_plan, optimal_shares
 from testbed.control.policies import (SLO_POLICY, constraints, solve, solve_slo_plan,
                                       worst_tpot_s)
+from testbed.control.plugins import LoadedPolicy, is_admissible, plan_with, value_of
 from testbed.control.problem import Plan, Problem
 
 
@@ -74,15 +82,21 @@ class Decision:
 
 
 class Replanner:
-    """Decides, for one policy, whether a new plan replaces the plan in force."""
+    """Decides, for one policy, whether a new plan replaces the plan in force. ``policy``: a
+    built-in name, or a loaded policy (a built-in one is taken by its name)."""
 
-    def __init__(self, policy: str, hysteresis: float = 0.05, min_dwell_rounds: int = 0,
-                 tpot_s: float | None = None):
+    def __init__(self, policy: str | LoadedPolicy, hysteresis: float = 0.05,
+                 min_dwell_rounds: int = 0, tpot_s: float | None = None):
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
         if min_dwell_rounds < 0:
             raise ValueError(f"min_dwell_rounds must be >= 0, got {min_dwell_rounds}")
-        self.constraints = constraints(policy, tpot_s)     # raises without a needed tpot_s
+        self.plugin = policy if isinstance(policy, LoadedPolicy) and not policy.builtin \
+            else None
+        if isinstance(policy, LoadedPolicy):
+            policy = policy.name
+        self.constraints = (constraints(policy, tpot_s) if self.plugin is None
+                            else (self._admitted,))     # raises without a needed tpot_s
         self.policy = policy
         self.tpot_s = tpot_s
         self.hysteresis = hysteresis
@@ -97,8 +111,8 @@ class Replanner:
             return self._replace(candidate, round_index,
                                  "first plan" if current is None else "devices changed", None,
                                  slo=slo)
-        current_tps = policy_value(self.policy, arr, current.draft_lens, current.shares)
-        candidate_tps = policy_value(self.policy, arr, candidate.draft_lens, candidate.shares)
+        current_tps = self.value(problem, arr, current)
+        candidate_tps = self.value(problem, arr, candidate)
         misses = self.violations(current, problem, arr)
         if misses and not self.violations(candidate, problem, arr):
             return self._replace(candidate, round_index,
@@ -115,6 +129,17 @@ class Replanner:
                                  slo=slo)
         return Decision(False, current, "small gain", current_tps, candidate_tps, kept_slo)
 
+    def value(self, problem: Problem, arr: Arrays, plan: Plan) -> float:
+        """``plan``'s value by the policy's objective: ``policy_value`` for a built-in, the
+        plugin's ``value`` (default: the sum goodput) for one of your own."""
+        if self.plugin is not None:
+            return value_of(self.plugin, problem, plan, arr)
+        return policy_value(self.policy, arr, plan.draft_lens, plan.shares)
+
+    def _admitted(self, plan: Plan, problem: Problem, arr=None) -> list[str]:
+        """A plugin's constraint: its own ``admissible`` (default True)."""
+        return [] if is_admissible(self.plugin, problem, plan) else ["admissible() is False"]
+
     def violations(self, plan: Plan, problem: Problem, arr=None) -> list[str]:
         """What ``plan`` misses of the policy's constraints under ``problem`` (empty: none)."""
         return [v for check in self.constraints for v in check(plan, problem, arr)]
@@ -123,6 +148,8 @@ class Replanner:
         """The policy's plan; for ``SLO_POLICY`` the best plan that meets the target, or when
         none does the plan closest to it (max-min's, which gives the lowest worst time per
         token), with the verdict."""
+        if self.plugin is not None:
+            return plan_with(self.plugin, problem, arr)[0], None
         if self.policy != SLO_POLICY:
             return solve(problem, self.policy, arr), None
         plan, res = solve_slo_plan(problem, self.tpot_s, arr)

@@ -2,12 +2,13 @@
 
 An experiment file (YAML, schema ``testbed.experiment/1``) names an inventory, the profile to
 start from (or ``auto``: profile first with ``--quick``), the policies to run back to back with
-one seed, the budget per policy, channel overrides, the workload (prompt set and sampling) of
-every device (and, optionally, a channel trace its uplink follows: ``link: {trace: FILE}``,
-``testbed/traces.py``), the re-planning settings and scheduled events (SNR change, workload
-switch, a device leaving or rejoining). Paths inside are relative to the experiment file. The
-format is documented in docs/experiments.md; ``experiments/quickstart.yaml`` and
-``experiments/adaptation.yaml`` are worked examples.
+one seed (built-in names, or policies of one's own by spec: ``FILE.py:ATTR``, loaded here with
+``control.plugins``; docs/policies.md), the budget per policy, channel overrides, the workload
+(prompt set and sampling) of every device (and, optionally, a channel trace its uplink follows:
+``link: {trace: FILE}``, ``testbed/traces.py``), the re-planning settings and scheduled
+events (SNR change, workload switch, a device leaving or rejoining). Paths inside are relative
+to the experiment file. The format is documented in docs/experiments.md;
+``experiments/quickstart.yaml`` and ``experiments/adaptation.yaml`` are worked examples.
 
 Main types: ``Experiment``, ``Workload``, ``Replan``, ``Event``; entry point
 ``load_experiment(path)``. Every validation failure raises ``ExperimentError`` naming file, line
@@ -158,6 +159,8 @@ class Experiment:
     # device -> the channel trace its uplink SNR follows (devices.NAME.link.trace)
     traces: dict[str, Trace] = field(default_factory=dict, compare=False)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    # name -> plugins.LoadedPolicy of every policy in ``policies`` that is not built-in
+    plugins: dict = field(default_factory=dict, compare=False, repr=False)
 
     def schedule(self) -> list[tuple[int, str]]:
         """The (repeat, policy) pairs in the order they run.
@@ -189,6 +192,8 @@ class Experiment:
             "inventory": str(self.inventory_path), "inventory_digest": self.inventory.digest,
             "profile": "auto" if self.profile_auto else str(self.profile_path),
             "seed": self.seed, "policies": list(self.policies),
+            **({"policy_specs": {n: p.spec for n, p in self.plugins.items()}}
+               if self.plugins else {}),
             "per_policy": ({"duration_s": self.duration_s} if self.duration_s is not None
                            else {"rounds": self.rounds}),
             "repeats": self.repeats, "order": self.order, "population": self.population,
@@ -227,13 +232,19 @@ def _existing_file(sec: Section, key: str, base: Path) -> Path:
 SLO_POLICY = "slo-heterogeneous"    # control.policies.SLO_POLICY (no numpy import here)
 
 
-def _policies(root: Section, slo: bool = False) -> tuple[str, ...]:
+def _policies(root: Section, slo: bool = False,
+              base: Path | None = None) -> tuple[tuple[str, ...], dict]:
+    """The policies' names, and name -> ``plugins.LoadedPolicy`` for those that are not
+    built-in: ``FILE.py:ATTR`` (relative to the experiment file), ``package.module:ATTR`` or an
+    installed policy's name (docs/policies.md). A spec that does not load is an
+    ``ExperimentError`` at its ``policies[i]``."""
     raw = root.raw("policies")
     if not isinstance(raw, list):
         raise root.error("policies", "expected a list of policy names")
     if not raw:
         raise root.error("policies", "at least one policy is needed")
     out: list[str] = []
+    plugins: dict = {}
     for i, name in enumerate(raw):
         where = f"policies[{i}]"
         line = root.lines.get(where)
@@ -241,14 +252,32 @@ def _policies(root: Section, slo: bool = False) -> tuple[str, ...]:
             raise ExperimentError(f"{SLO_POLICY} needs a target: slo: {{tpot_s: SECONDS}}",
                                   source=root.source, line=line, field=where)
         if name not in POLICIES and name != SLO_POLICY:
-            got = f'"{name}"' if isinstance(name, str) else repr(name)
-            raise ExperimentError(f"expected one of {', '.join(POLICIES + (SLO_POLICY,))}, "
-                                  f"got {got}", source=root.source, line=line, field=where)
+            loaded = _plugin(name, base, root.source, line, where)
+            plugins[loaded.name] = loaded
+            name = loaded.name
         if name in out:
             raise ExperimentError(f'duplicate policy "{name}" (also policies[{out.index(name)}])',
                                   source=root.source, line=line, field=where)
         out.append(name)
-    return tuple(out)
+    return tuple(out), plugins
+
+
+def _plugin(spec, base: Path | None, source, line, where):
+    """A policy of one's own (``plugins.load_policy``), imported only when one is named."""
+    def bad(message: str) -> ExperimentError:
+        return ExperimentError(message, source=source, line=line, field=where)
+    if not isinstance(spec, str) or not spec:
+        raise bad(f"expected one of {', '.join(POLICIES + (SLO_POLICY,))} or a policy spec "
+                  f"(FILE.py:ATTR, package.module:ATTR), got {spec!r}")
+    from testbed.control import plugins
+    from testbed.errors import PolicyError
+    if ":" not in spec and spec not in plugins.installed_names():
+        raise bad(f"expected one of {', '.join(POLICIES + (SLO_POLICY,))}, an installed "
+                  f'policy or FILE.py:ATTR / package.module:ATTR, got "{spec}"')
+    try:
+        return plugins.load_policy(spec, base)
+    except PolicyError as exc:
+        raise bad(f"policy {spec}: {exc.message}") from None
 
 
 def _channel(root: Section, inv: Inventory) -> Channel:
@@ -461,7 +490,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if slo_sec is not None:
         tpot_s = slo_sec.number("tpot_s", min=0, min_exclusive=True, max=MAX_DURATION_S)
         slo_sec.done()
-    policies = _policies(root, slo=tpot_s is not None)
+    policies, plugins = _policies(root, slo=tpot_s is not None, base=base)
     budget = root.section("per_policy")
     if budget.has("duration_s") == budget.has("rounds"):
         raise budget.error(None, "give exactly one of duration_s or rounds")
@@ -488,5 +517,6 @@ def load_experiment(path: str | Path) -> Experiment:
                       channel=channel, workloads=workloads, device_workloads=device_workloads,
                       replan=replan, events=events, repeats=repeats, order=order,
                       population=population, traces=traces, tpot_s=tpot_s, prefill=prefill,
+                      plugins=plugins,
                       digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                       lines=dict(root.lines))

@@ -27,6 +27,16 @@ an ``ExperimentLoop``, for each policy in turn, on the same prompts with the sam
 A device whose agent fails (it died mid-round or while starting a prompt) is lost: a ``lost``
 event, a re-plan without it, and the run goes on; ``run`` then exits with ``EXIT_LOST_DEVICES``.
 
+A policy of one's own (``exp.plugins``, docs/policies.md) is loaded afresh for each of its
+segments (``plugins.reload``), planned and re-planned through the same ``Replanner`` (its
+``plan`` on the profile's problem first, then on the estimator's at every re-planning point,
+compared by its ``value``); with the online hooks, ``observe(round)`` gets a copy of every
+measured round's record (the ``round`` event) and ``replan(problem, current)`` is asked every
+round after it (a plan other than the one in force is applied at once: a ``replan`` event with
+reason ``online: replan()``). When it raises, overruns its time limit or plans an invalid output
+(``PolicyError``), its segment ends there with a ``policy_end`` carrying ``failed: true`` and the
+``error``; the other policies go on and ``run`` exits with ``EXIT_POLICY_FAILED``.
+
 Everything goes to the run folder through ``runs.EventWriter`` (flushed per line), which also
 feeds the live view. Ctrl-C and failures restore the links, stop the agents and finalise the
 records (``LiveSession.close`` in a ``finally``). The manifest is written at the start and written
@@ -47,16 +57,18 @@ policy's wall time all the same: records/runs.py, ``wall_time``).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from testbed.control import plugins
 from testbed.control.estimator import Estimator, RoundObservation
 from testbed.control.model import arrays, evaluate
 from testbed.control.problem import Plan, Problem, plan_to_dict, problem_from_profile
 from testbed.control.replan import Replanner
-from testbed.errors import ProblemError, RunError, TestbedError
+from testbed.errors import PolicyError, ProblemError, RunError, TestbedError
 from testbed.inputs.experiment import Experiment
 from testbed.inputs.inventory import Inventory
 from testbed.live import tracefollow
@@ -68,6 +80,9 @@ from testbed.records import runs
 Listener = Callable[[dict], None]
 
 EXIT_OK, EXIT_FAILED, EXIT_LOST_DEVICES, EXIT_INTERRUPTED = 0, 1, 3, 130
+# The run completed, but a policy of one's own failed in it (its segment ended early): the
+# same code as lost devices, "completed, not all of it".
+EXIT_POLICY_FAILED = EXIT_LOST_DEVICES
 
 
 @dataclass
@@ -183,6 +198,8 @@ class ExperimentLoop:
         self.clock = clock
         self.t_start = clock() - writer.now()   # one time axis with the writer
         self.lost: list[str] = []
+        self.failed: list[dict] = []           # {policy, repeat, error}: plugins that failed
+        self._pol: PolicyState | None = None   # the segment in progress
         self._rules: dict[str, Replanner] = {}
         self._pending_replan = False
         self._repeat: int | None = None        # the repeat in progress (stamped on its events)
@@ -269,8 +286,58 @@ class ExperimentLoop:
     # -- one policy --------------------------------------------------------------------------
 
     def run_policy(self, policy: str, repeat: int = 0) -> None:
+        """One segment: ``policy``'s repeat ``repeat``. A policy of one's own that fails
+        (``PolicyError``) ends its segment as failed; the run goes on."""
+        self._repeat, self._pol = repeat, None
+        loaded = self.exp.plugins.get(policy)
+        if loaded is None:
+            self._run_policy(policy, repeat, None)
+            return
+        try:
+            self._run_policy(policy, repeat, plugins.reload(loaded, self.exp.path.parent))
+        except PolicyError as exc:
+            self._policy_failed(policy, repeat, exc)
+
+    def _policy_failed(self, policy: str, repeat: int, exc: PolicyError) -> None:
+        pol = self._pol
+        if pol is not None:
+            self._finish_prefills(pol)      # the agents idle again before the next policy
+        self.stop_traces()
+        error = str(exc).splitlines()[0][:500]
+        self.failed.append({"policy": policy, "repeat": repeat, "error": error})
+        self.emit({"type": "policy_end", "policy": policy,
+                   "rounds": pol.rounds if pol is not None else 0, "failed": True,
+                   "error": error})
+        self._repeat = None
+
+    def _online(self, pol: PolicyState, est: Estimator, rule: Replanner,
+                loaded: plugins.LoadedPolicy, record: dict) -> None:
+        """The online hooks after a measured round: ``observe`` (a copy of the round record),
+        then ``replan``; a plan other than the one in force is applied now."""
+        observe, replan = plugins.is_online(loaded)
+        if observe:
+            plugins.observe_with(loaded, copy.deepcopy(record))
+        problem = self._problem_for(pol, est)
+        if not replan or not problem.devices:
+            return
+        t0 = self.clock()
+        plan = plugins.replan_with(loaded, problem, pol.plan)
+        pol.control_s += self.clock() - t0
+        old = pol.plan
+        if plan is None or [(d.name, d.draft_len, d.bandwidth_share) for d in plan.devices] \
+                == [(d.name, d.draft_len, d.bandwidth_share) for d in old.devices]:
+            return
+        _, old_tps = forecast(old, problem)
+        applied_s = self._apply_plan(pol, plan)
+        rule.since_round = pol.rounds       # the dwell counts from the plan in force
+        self.emit({"type": "replan", "policy": pol.policy, "reason": "online: replan()",
+                   "predicted_gain": plan.goodput_tps / old_tps - 1.0 if old_tps else None,
+                   "old_plan": plan_to_dict(old), "new_plan": plan_to_dict(plan),
+                   "applied_s": applied_s})
+
+    def _run_policy(self, policy: str, repeat: int,
+                    loaded: plugins.LoadedPolicy | None) -> None:
         exp = self.exp
-        self._repeat = repeat
         devs = {d.name: DeviceRun(d.name, i, exp.device_workloads[d.name])
                 for i, d in enumerate(exp.inventory.devices)}
         self.session.reset_channels()  # every policy starts on the inventory's channels
@@ -293,11 +360,12 @@ class ExperimentLoop:
         pol = PolicyState(policy, plan=None, repeat=repeat,     # type: ignore[arg-type]
                           devices=devs)
         est = Estimator(self.base_problem, ewma=exp.replan.ewma, rate_ewma=exp.replan.rate_ewma)
-        rule = Replanner(policy, hysteresis=exp.replan.hysteresis,
+        rule = Replanner(loaded or policy, hysteresis=exp.replan.hysteresis,
                          min_dwell_rounds=exp.replan.min_dwell_rounds, tpot_s=exp.tpot_s)
         self._rules[policy] = rule
         first = rule.decide(None, self._problem_for(pol, est), 0)
         plan = first.plan
+        self._pol = pol
         self._apply_plan(pol, plan, verify=True)
         for dev in devs.values():
             if dev.present:
@@ -328,6 +396,8 @@ class ExperimentLoop:
             if round_i >= 0:
                 observe_round(est, out)
                 pol.rounds += 1
+                if loaded is not None:
+                    self._online(pol, est, rule, loaded, out)
                 if (pol.rounds - pol.last_plan_round) >= exp.replan.interval_rounds:
                     self._maybe_replan(pol, est, rule, reason="interval")
                 elif surprising(out["round_s"], out.get("predicted_round_s"),
@@ -559,6 +629,8 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
         inventory=exp.inventory, inventory_digest=exp.inventory.digest, profile=profile,
         models=manifest_models(exp.inventory, {}), seeds=seeds_of(exp), argv=argv,
         schedule=[[r, p] for r, p in schedule])
+    if exp.plugins:         # policies of one's own: spec, name, file and its sha256
+        manifest["plugins"] = {n: plugins.manifest_entry(p) for n, p in exp.plugins.items()}
     manifest.update(runs.jsonable(manifest_extra or {}))
     runs.write_manifest(run_dir, manifest)
     status, message, code = "ok", "", EXIT_OK
@@ -595,6 +667,10 @@ def run(exp: Experiment, profile: dict, out_root: Path, *, listeners: list[Liste
                     loop.run_policy(policy, repeat)
                 if loop.lost:
                     status, code = "lost_devices", EXIT_LOST_DEVICES
+                if loop.failed:
+                    status, code = "policy_failed", EXIT_POLICY_FAILED
+                    message = "; ".join(f"{f['policy']} (repeat {f['repeat']}) failed: "
+                                        f"{f['error']}" for f in loop.failed)[:500]
             except KeyboardInterrupt:
                 status, message, code = "interrupted", "interrupted (Ctrl-C)", EXIT_INTERRUPTED
             except Exception as exc:

@@ -4,7 +4,8 @@
 budgets and schedule. Before anything is brought up it compares, item by item (``facts``):
 
 - digests: the experiment file, the inventory, every prompt set, the profile, every channel
-  trace (``devices.NAME.link.trace``);
+  trace (``devices.NAME.link.trace``), the file of every policy of one's own (the manifest's
+  ``plugins``: ``digest.policy.NAME``);
 - the run's settings: seed and derived seeds, budgets, warm-up, repeats, order and schedule;
 - this machine: Python, Ray, llama.cpp, numpy, testbed, kernel, tc, CPU model and flags, and
   testbed's git commit and whether the tree was dirty;
@@ -67,6 +68,9 @@ def recorded_facts(manifest: dict) -> dict[str, Any]:
         link = dev.get("link") if isinstance(dev, dict) else None
         if isinstance(link, dict) and link.get("trace_sha256"):
             out[f"digest.trace.{name}"] = link["trace_sha256"]
+    for name, p in (manifest.get("plugins") or {}).items():
+        if isinstance(p, dict) and p.get("sha256"):
+            out[f"digest.policy.{name}"] = p["sha256"]
     if exp:
         out.update({k: v for k, v in settings_of(exp).items() if v is not None})
     if manifest.get("seeds") is not None:
@@ -128,6 +132,7 @@ def current_facts(exp, profile: dict | None, schedule: list, seeds: dict) -> dic
         out[f"digest.prompts.{w.name}"] = w.prompt_set.digest if w.prompt_set else None
     for name, trace in exp.traces.items():
         out[f"digest.trace.{name}"] = trace.digest
+    out.update(policy_digests(exp))
     out.update(settings_of(exp.to_dict()))
     out["settings.seeds"] = seeds
     out["settings.schedule"] = schedule
@@ -147,6 +152,16 @@ def current_facts(exp, profile: dict | None, schedule: list, seeds: dict) -> dic
 def reported_facts(manifest: dict) -> dict[str, Any]:
     """A new run's manifest (after the agents reported): its models and nodes items."""
     return recorded_facts({"models": manifest.get("models"), "nodes": manifest.get("nodes")})
+
+
+def policy_digests(exp) -> dict[str, Any]:
+    """``digest.policy.NAME``: the sha256 of every policy of one's own's file now (as the
+    manifest's ``plugins`` records it)."""
+    if not exp.plugins:
+        return {}
+    from testbed.control.plugins import manifest_entry
+    return {f"digest.policy.{name}": manifest_entry(p)["sha256"]
+            for name, p in exp.plugins.items()}
 
 
 def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[dict]:

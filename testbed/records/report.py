@@ -192,7 +192,8 @@ def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) 
              "goodput_ci95": p.get("goodput_ci95"),
              "prediction_error_mean": p.get("prediction_error_mean",
                                             p.get("prediction_error")),
-             "prediction_error_sd": p.get("prediction_error_sd")}
+             "prediction_error_sd": p.get("prediction_error_sd"),
+             **({"failed": p["failed"]} if p.get("failed") else {})}
             for p in run.summary["policies"]], "ratios": run.summary.get("ratios") or {},
             "users": users_json(run)}
         if has_traces(run):
@@ -740,6 +741,10 @@ def print_report(console, runs: list[RunData], plots: dict[str, list[str]] | Non
             message = r.summary.get("message")
             console.print(f"run {r.run_id}: status {r.summary.get('status')}"
                           f"{f' ({message})' if message else ''}", style="yellow", markup=False)
+        for p in r.summary["policies"]:
+            for f in p.get("failed") or []:
+                console.print(f"policy {p['policy']} failed (repeat {f.get('repeat')}): "
+                              f"{f.get('error')}", style="yellow", markup=False)
         show(lambda short, r=r: device_table(r, short))
         show(lambda short, r=r: users_table(r, short))
         if event_responses(r.events or []):

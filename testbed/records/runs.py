@@ -55,7 +55,7 @@ MANIFEST = "manifest.json"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 BASELINES = ("agnostic-fixed", "server-only")   # the policies gains are measured against
-RUN_STATUSES = ("ok", "lost_devices", "interrupted", "failed")
+RUN_STATUSES = ("ok", "lost_devices", "policy_failed", "interrupted", "failed")
 # Percentiles of the per-user figures (TPOT, TTFT): numpy.percentile's "linear" method, i.e.
 # Hyndman & Fan's type 7 (linear interpolation between the closest ranks; numpy's default).
 PERCENTILE_METHOD = "linear"
@@ -275,7 +275,7 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
                 "start_t": _NUM, "repeat": _INT},
     "replan": {"policy": _STR, "applied_s": _NUM, "repeat": _INT},
     "event": {"policy": _STR, "kind": _STR, "applied_s": _NUM, "repeat": _INT},
-    "policy_end": {"policy": _STR, "repeat": _INT},
+    "policy_end": {"policy": _STR, "repeat": _INT, "error": _STR},
     "run_end": {"status": _STR},
 }
 # the fields of a round's device rows
@@ -441,6 +441,7 @@ class _Policy:
     def __init__(self, name: str):
         self.name = name
         self.started = self.complete = False
+        self.failures: list[dict] = []      # {repeat, error}: segments that ended as failed
         self.rounds: list[dict] = []
         self.by_repeat: dict[int, list[dict]] = {}
         self.replans = self.events = 0
@@ -522,7 +523,8 @@ class _Policy:
         over = mean_ci([r["goodput_tps"] for r in repeats])
         errors = mean_ci([r["prediction_error"] for r in repeats])
         return {
-            "policy": self.name, "rounds": n, "complete": self.complete,
+            "policy": self.name, "rounds": n, "complete": self.complete and not self.failures,
+            **({"failed": self.failures} if self.failures else {}),
             "n_repeats": len(repeats), "goodput_mean": over["mean"],
             "goodput_ci95": over["ci95"], "goodput_ci_method": over["method"],
             "prediction_error_mean": errors["mean"], "prediction_error_sd": errors["sd"],
@@ -806,7 +808,11 @@ def summarize(events: Iterable[dict]) -> dict:
                         and te <= t + _SLACK_S)
             pol.gap(_repeat_of(ev), "control", t, max(0.0, applied - inner))
         elif typ == "policy_end":
-            acc(ev.get("policy")).complete = True
+            pol = acc(ev.get("policy"))
+            if ev.get("failed"):          # a policy of one's own that raised or was invalid
+                pol.failures.append({"repeat": _repeat_of(ev), "error": ev.get("error")})
+            else:
+                pol.complete = True
         elif typ == "run_end":
             status, message = ev.get("status", "incomplete"), ev.get("message")
     order = [p for p in declared if p in policies] + [p for p in policies if p not in declared]
