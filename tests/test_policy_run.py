@@ -7,7 +7,8 @@ segment recorded failed with the reason, the other policy complete, exit 3; a ba
 line naming the experiment file and ``policies[i]``, exit 2; an online policy whose
 ``replan`` changes the lengths after three observed rounds: the records show its re-plan; and
 the ``Replanner`` given a loaded policy: its plans compared by its ``value``, its
-``admissible`` a constraint.
+``admissible`` a constraint; a sweep of two simulated points (Ray tasks) with a policy
+file relative to the sweep file, and a bad spec in a sweep: one line, exit 2.
 Each run is a few simulated seconds of the shipped profile ``profiles/local-full.json``.
 """
 
@@ -238,3 +239,53 @@ def test_the_published_results_of_the_examples_are_what_the_simulator_gives(tmp_
                  cwd=ROOT)
     first = report.stdout.split("\n\n*")[0]
     assert [ln for ln in first.splitlines() if ln.startswith("|")] == published
+
+
+HALF_SHARE = '''
+class Half:
+    name = "half-share-heuristic"
+
+    def plan(self, problem):
+        lens = [3 if d.acceptance >= 0.5 else 0 for d in problem.devices]
+        bits = [problem.header_bits + L * problem.bits_per_draft_token if L else 0.0
+                for L in lens]
+        total = sum(bits)
+        return lens, [b / total if total else 0.0 for b in bits]
+'''
+
+
+def sweep_file(tmp_path: Path, policies: list[str]) -> Path:
+    """A sweep of two simulated points (seeds 1, 2) of four drawn devices, 4 s each, one
+    repeat, on experiments/quickstart.yaml and the shipped full profile."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "schema": "testbed.sweep/1", "name": "own",
+        "experiment": str(ROOT / "experiments/quickstart.yaml"), "profile": str(PROFILE),
+        "mode": "simulated", "duration_s": 4, "repeats": 1, "policies": policies,
+        "grid": {"devices": [4], "seed": [1, 2]},
+        "figure": {"kind": "lines", "x": "seed"}}, sort_keys=False))
+    return path
+
+
+def test_a_policy_file_in_a_sweep_runs_in_its_ray_workers(tmp_path):
+    (tmp_path / "mine.py").write_text(HALF_SHARE)
+    # relative to the sweep file, run from another folder: the worker gets the absolute path
+    sweep = sweep_file(tmp_path, ["mine.py:Half", "multispin-heterogeneous"])
+    out = cli("sweep", str(sweep), "--out", str(tmp_path / "out"), "--workers", "1", "--json",
+              cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["points"]
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert {r["policy"] for r in rows} == {"half-share-heuristic", "multispin-heterogeneous"}
+    assert all(r["goodput_tps"] > 0 for r in rows)
+    table = (tmp_path / "out/table.md").read_text()
+    assert "hsh" in table and "half-share-heuristic" in table      # a generated short name
+    assert (tmp_path / "out/figure.png").is_file()
+
+    bad = sweep_file(tmp_path, ["multispin-heterogeneous", "mine.py:Nope"])
+    out = cli("sweep", str(bad), "--out", str(tmp_path / "bad"), cwd=ROOT)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"{bad}:" in lines[0] and ": policies[1]: policy mine.py:Nope: " in lines[0]
+    assert 'has no attribute "Nope"' in lines[0]

@@ -31,6 +31,15 @@ SHORT = {"multispin-heterogeneous": "het", "multispin-homogeneous": "homo",
          "proportional-fair": "PF", "max-min": "max-min"}
 
 
+def short(policy: str) -> str:
+    """The table's short name: ``SHORT``'s, else one generated (``records.report.short_name``:
+    the name itself up to 8 characters, else its initials), so that any policy fits."""
+    if policy in SHORT:
+        return SHORT[policy]
+    from testbed.records.report import short_name
+    return short_name(policy)
+
+
 def _label(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]"
@@ -67,7 +76,7 @@ def table_markdown(sweep, results: list[dict]) -> str:
     policies = list(dict.fromkeys(p["policy"] for r in results for p in r.get("policies") or []))
     if fig.get("kind") == "gain-map":
         gains = fig["gains"]
-        head = keys + [f"{SHORT.get(a, a)} / {SHORT.get(b, b)}" for a, b in gains]
+        head = keys + [f"{short(a)} / {short(b)}" for a, b in gains]
         rows = []
         for r in results:
             cells = [_label(r["params"].get(k)) for k in keys]
@@ -80,7 +89,7 @@ def table_markdown(sweep, results: list[dict]) -> str:
                 cells.append(f"{g['ratio']:.2f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""))
             rows.append(cells)
     else:
-        head = keys + [SHORT.get(p, p) for p in policies] + ["het ≥ homo ≥ fixed"]
+        head = keys + [short(p) for p in policies] + ["het ≥ homo ≥ fixed"]
         rows = []
         for r in results:
             by = {p["policy"]: p for p in r.get("policies") or []}
@@ -98,8 +107,11 @@ def table_markdown(sweep, results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i < len(keys) else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in rows]
-    legend = ", ".join(f"{v} = `{k}`" for k, v in SHORT.items() if k in policies
-                       or any(k in g for g in (fig.get("gains") or [])))
+    named = list(dict.fromkeys(list(policies) + [p for g in (fig.get("gains") or [])
+                                                 for p in g]))
+    legend = ", ".join(f"{short(k)} = `{k}`" for k in
+                       [k for k in SHORT if k in named] + [k for k in named if k not in SHORT]
+                       if short(k) != k)
     return "\n".join(lines) + (f"\n\n{legend}; goodput in tokens/s (tokens over simulated wall "
                                 "time), 95% intervals over repeats: Student t for a policy's "
                                 "mean, t on the per-block log ratios for a ratio.\n")

@@ -10,6 +10,8 @@ Grid parameters (each a list of values): ``devices`` (a drawn population of that
 ``snr_sd_db``, ``draft_speed_sd``, ``acceptance_logit_sd`` (the population's spreads),
 ``server_cost`` (``[base_s, per_token_s]`` or a name of ``sim.costs``: the line the point's
 lab and its controller both use, ``sim.run.prepare``), ``max_draft_len`` and ``seed``.
+``policies:`` takes built-in names and policies of one's own (docs/policies.md): a file
+spec is made absolute (relative to the sweep file) and loaded here and in each worker.
 
 Running: points are Ray tasks (``ray.remote``), on a local Ray started for the sweep (as many
 workers as CPUs) or on an existing cluster (``address``); a progress bar counts points and
@@ -68,6 +70,10 @@ class Sweep:
     policies: tuple[str, ...] | None
     grid: dict[str, list]
     figure: dict | None = None          # {"kind", "x", "y", "log_x", "gains", "title"}
+    # name -> resolved spec (FILE.py:ATTR with an absolute file) of each policy of one's own
+    policy_specs: dict = dataclasses.field(default_factory=dict)
+    # sys.path entries of this machine that the policies' modules were imported from
+    sys_path: tuple[str, ...] = ()
 
     def points(self) -> list[dict]:
         """Every combination of the grid's values, in file order."""
@@ -82,7 +88,6 @@ def point_key(params: dict) -> str:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Load and check a sweep file; SweepError (file:line: field: what) on any problem."""
-    from testbed.control.problem import POLICY_NAMES
     from testbed.inputs.experiment import _existing_file
     root = load_yaml(path, SweepError)
     base = Path(path).parent
@@ -95,12 +100,7 @@ def load_sweep(path: str | Path) -> Sweep:
     mode = root.str("mode", "simulated", choices=("simulated", "live"))
     duration = root.number("duration_s", None, min=0, min_exclusive=True, max=86_400)
     repeats = root.integer("repeats", None, min=1, max=1000)
-    policies = root.raw("policies", None)
-    if policies is not None:
-        if not isinstance(policies, list) or not policies or \
-                any(p not in POLICY_NAMES for p in policies):
-            raise root.error("policies", f"expected a list of {', '.join(POLICY_NAMES)}")
-        policies = tuple(policies)
+    policies, specs, sys_path = _policies(root, base)
     grid_sec = root.section("grid")
     grid: dict[str, list] = {}
     for key in list(grid_sec.data):
@@ -127,16 +127,95 @@ def load_sweep(path: str | Path) -> Sweep:
         n *= len(values)
     if n > MAX_POINTS:
         raise grid_sec.error(None, f"{n} points: at most {MAX_POINTS}")
-    figure = _figure(root, grid)
+    figure = _figure(root, grid, policies)
     root.done()
     return Sweep(path=Path(path), name=name, experiment_path=experiment, profile_path=profile,
                  mode=mode, duration_s=duration, repeats=repeats, policies=policies, grid=grid,
-                 figure=figure)
+                 figure=figure, policy_specs=specs,
+                 sys_path=tuple(dict.fromkeys(sys_path + _experiment_sys_path(experiment))))
 
 
-def _figure(root, grid: dict) -> dict | None:
+def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict[str, str], list[str]]:
+    """The optional ``policies:`` list: names, name -> resolved spec of each policy of one's
+    own (a file spec made absolute, so that a Ray worker in any folder and ``plugins.reload``
+    find it), and the ``sys.path`` entries its modules were found under on this machine. Each
+    spec is loaded here: one that does not load is a SweepError at ``policies[i]``."""
+    from testbed.control.problem import POLICY_NAMES
+    from testbed.errors import ExperimentError
+    from testbed.inputs.experiment import _plugin
+    raw = root.raw("policies", None)
+    if raw is None:
+        return None, {}, []
+    if not isinstance(raw, list) or not raw:
+        raise root.error("policies", f"expected a list of {', '.join(POLICY_NAMES)} or "
+                         "policy specs (FILE.py:ATTR, package.module:ATTR)")
+    names: list[str] = []
+    specs: dict[str, str] = {}
+    sys_path: list[str] = []
+    for i, spec in enumerate(raw):
+        where = f"policies[{i}]"
+        line = root.lines.get(where)
+        if spec in POLICY_NAMES:
+            name = spec
+        else:
+            resolved = _absolute_spec(spec, base)
+            try:
+                loaded = _plugin(resolved, base, root.source, line, where)
+            except ExperimentError as exc:
+                raise SweepError(exc.message.replace(f"policy {resolved}:", f"policy {spec}:", 1),
+                                 source=root.source, line=line, field=where) from None
+            name = loaded.name
+            specs[name] = resolved
+            sys_path += _module_root(loaded)
+        if name in names:
+            raise SweepError(f'duplicate policy "{name}" (also policies[{names.index(name)}])',
+                             source=root.source, line=line, field=where)
+        names.append(name)
+    return tuple(names), specs, sys_path
+
+
+def _absolute_spec(spec, base: Path):
+    """A ``FILE.py:ATTR`` spec with its file made absolute (relative to ``base``); any other
+    value as it is."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    where, attr = spec.rsplit(":", 1)
+    if where and (where.endswith(".py") or "/" in where or "\\" in where) \
+            and not Path(where).is_absolute():
+        return f"{(base / where).resolve()}:{attr}"
+    return spec
+
+
+def _module_root(loaded) -> list[str]:
+    """For a ``package.module:ATTR`` policy, the ``sys.path`` entry its top-level package was
+    imported from here (a worker may not have it: ``run_point`` adds it)."""
+    import sys
+    if loaded.kind != "module":
+        return []
+    top = sys.modules.get(loaded.spec.rsplit(":", 1)[0].split(".")[0])
+    file = getattr(top, "__file__", None)
+    if not file:
+        return []
+    file = Path(file).resolve()
+    return [str(file.parent.parent if file.name == "__init__.py" else file.parent)]
+
+
+def _experiment_sys_path(path: Path) -> list[str]:
+    """``_module_root`` of the base experiment's ``package.module:ATTR`` policies, when the
+    experiment loads (its own errors are reported where it is loaded)."""
+    from testbed.errors import InputError as _InputError
+    from testbed.inputs.experiment import load_experiment
+    try:
+        exp = load_experiment(path)
+    except _InputError:
+        return []
+    return [p for loaded in exp.plugins.values() for p in _module_root(loaded)]
+
+
+def _figure(root, grid: dict, policies: tuple | None = None) -> dict | None:
     """The optional ``figure:`` section (docs/sweeps.md, "Figures")."""
     from testbed.control.problem import POLICY_NAMES
+    known = set(POLICY_NAMES) | set(policies or ())
     sec = root.section("figure", None)
     if sec is None:
         return None
@@ -151,7 +230,7 @@ def _figure(root, grid: dict) -> dict | None:
     gains = sec.raw("gains", None)
     if kind == "gain-map":
         if not isinstance(gains, list) or not gains or any(
-                not isinstance(g, list) or len(g) != 2 or any(p not in POLICY_NAMES for p in g)
+                not isinstance(g, list) or len(g) != 2 or any(p not in known for p in g)
                 for g in gains):
             raise sec.error("gains", "expected a list of [policy, baseline] pairs")
         gains = [list(g) for g in gains]
@@ -198,9 +277,13 @@ def _check_value(key: str, v: Any) -> str | None:
 
 def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: float | None,
               repeats: int | None, policies: tuple | None,
-              server_cost: tuple[float, float] | None = None) -> dict:
+              server_cost: tuple[float, float] | None = None,
+              policy_specs: dict | None = None, sys_path: tuple | list = ()) -> dict:
     """One point: the experiment with ``params`` applied, simulated; per policy its goodput and
-    95% interval (pure: no files left behind). Runs in a Ray worker or in this process."""
+    95% interval (pure: no files left behind). Runs in a Ray worker or in this process:
+    ``policy_specs`` (name -> resolved spec) are loaded here, after ``sys_path`` (the driver's
+    folders of the policies' modules) is added to this process's path."""
+    import sys
     import tempfile
 
     from testbed.inputs.experiment import load_experiment
@@ -209,8 +292,11 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
     from testbed.sim.run import prepare
 
     t0 = time.monotonic()
+    for entry in sys_path:
+        if entry not in sys.path:
+            sys.path.append(entry)
     exp = apply_params(load_experiment(experiment_path), params, repeats=repeats,
-                       policies=policies)
+                       policies=policies, plugins=load_plugins(policy_specs))
     k = params.get("devices")
     spread = {f: params[f] for f in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd")
               if f in params}
@@ -229,14 +315,25 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
     return point_result(params, summary, time.monotonic() - t0)
 
 
+def load_plugins(specs: dict | None) -> dict:
+    """name -> ``plugins.LoadedPolicy`` of a sweep's ``policy_specs``; ``PolicyError`` when
+    one does not load here."""
+    from testbed.control import plugins
+    return {name: plugins.load_policy(spec) for name, spec in (specs or {}).items()}
+
+
 def apply_params(exp, params: dict, *, repeats: int | None = None,
-                 policies: tuple | None = None, duration_s: float | None = None):
-    """The experiment with a point's repeats, policies, seed and channel parameters."""
+                 policies: tuple | None = None, duration_s: float | None = None,
+                 plugins: dict | None = None):
+    """The experiment with a point's repeats, policies (and ``plugins``: name -> loaded policy
+    of those of one's own), seed and channel parameters."""
     changes: dict = {}
     if repeats is not None:
         changes.update(repeats=repeats, order="interleaved" if repeats > 1 else "blocked")
     if policies is not None:
         changes["policies"] = tuple(policies)
+        known = {**exp.plugins, **(plugins or {})}
+        changes["plugins"] = {n: known[n] for n in policies if n in known}
     if "seed" in params:
         changes["seed"] = int(params["seed"])
     channel = exp.channel
@@ -307,9 +404,10 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
         try:
             task = ray.remote(num_cpus=1, max_retries=0)(run_point)
             profile_ref = ray.put(profile)
-            pending = {task.remote(str(sweep.experiment_path), profile_ref, params,
+            pending = {task.remote(str(Path(sweep.experiment_path).resolve()), profile_ref, params,
                                    duration_s=sweep.duration_s, repeats=sweep.repeats,
                                    policies=sweep.policies,
+                                   policy_specs=sweep.policy_specs, sys_path=sweep.sys_path,
                                    server_cost=resolve_cost(params.get("server_cost"), profile,
                                                             source=str(sweep.path))):
                        params for params in todo}
@@ -344,12 +442,13 @@ def _run_live(sweep: Sweep, profile: dict, todo: list[dict], folder: Path, runs:
     from testbed.lab.lock import lab_lock
     from testbed.live.loop import run as run_loop
     base = load_experiment(sweep.experiment_path)
+    plugins = load_plugins(sweep.policy_specs)
     with lab_lock(base.inventory, f"testbed sweep {sweep.path}"), \
             bring_up(base.inventory, log):
         for params in todo:
             t0 = time.monotonic()
             exp = apply_params(base, params, repeats=sweep.repeats, policies=sweep.policies,
-                               duration_s=sweep.duration_s)
+                               duration_s=sweep.duration_s, plugins=plugins)
             log(f"live point {json.dumps(params)}")
             try:
                 run_dir, _ = run_loop(exp, profile, runs, progress=log)
