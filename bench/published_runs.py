@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from testbed.profiling.format import measured_whole_answers  # noqa: E402
 from testbed.records.runs import scan_events, summarize  # noqa: E402
 
 HET, FIXED = "multispin-heterogeneous", "agnostic-fixed"
@@ -30,8 +31,7 @@ def row(run: Path) -> dict:
     events, _ = scan_events(run / "events.jsonl")
     summary = summarize(events)
     manifest = json.loads((run / "manifest.json").read_text())
-    devices = (manifest.get("profile") or {}).get("devices") or []
-    whole = any("teacher_forced" in (d.get("acceptance") or {}) for d in devices)
+    whole = measured_whole_answers(manifest.get("profile") or {})
     experiment = manifest.get("experiment") or {}
     by = {p["policy"]: p for p in summary["policies"]}
     ratio = (summary["ratios"].get(HET) or {}).get(FIXED)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from testbed.inputs.experiment import load_experiment  # noqa: E402
 from testbed.live.loop import run as run_loop  # noqa: E402
+from testbed.profiling.format import measured_whole_answers  # noqa: E402
 from testbed.records.runs import scan_events  # noqa: E402
 from testbed.sim.run import prepare  # noqa: E402
 
@@ -77,8 +78,7 @@ def validate(run: Path) -> list[dict]:
         run_dir, _ = run_loop(exp, profile, Path(tmp), lab=lab)
         sim = json.loads((run_dir / "summary.json").read_text())
     simulated = {p["policy"]: p for p in sim["policies"]}
-    whole = any("teacher_forced" in (d.get("acceptance") or {})
-                for d in manifest["profile"].get("devices") or [])
+    whole = measured_whole_answers(manifest["profile"])
     rows = []
     for p in live["policies"]:
         mean = p.get("goodput_mean", p["goodput_tps"])

@@ -35,14 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BLOCK = re.compile(r"<!-- ((?:testbed|bench/)[^>]*?) -->\n(.*?)<!-- end -->", re.S)
-TITLE = re.compile(r"^\*[^\n]*\*\n\n\|", re.M)          # a report table's title, then its table
 RUN_BENCHES = ("bench/sim_validate.py", "bench/published_runs.py")
-
-
-def report_tables(markdown: str) -> list[str]:
-    """The tables of ``testbed report --markdown`` output, each with its title and caption."""
-    starts = [m.start() for m in TITLE.finditer(markdown)] + [len(markdown)]
-    return [markdown[a:b].strip() for a, b in zip(starts, starts[1:])]
 
 
 def _run(args: list[str]) -> str:
@@ -54,6 +47,7 @@ def _run(args: list[str]) -> str:
 
 
 def render(command: str, old: str) -> str:
+    from testbed.records.report import split_markdown as report_tables
     words = shlex.split(command)
     if words[:2] == ["testbed", "report"]:
         fresh = report_tables(_run(["-m", "testbed.cli", "report", *words[2:], "--no-plots"]))

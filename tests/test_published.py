@@ -17,7 +17,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"<!-- (testbed report [^>]*--markdown) -->\n(.*?)<!-- end -->", re.S)
-TITLE = re.compile(r"^\*[^\n]*\*\n\n\|", re.M)      # a table's title line, then its table
 
 
 # The files whose numbers must come from the published records: README.md and docs/.
@@ -30,8 +29,8 @@ def _blocks() -> list[tuple[str, str]]:
 
 def tables(markdown: str) -> list[str]:
     """The tables of ``testbed report --markdown`` output, each with its title and caption."""
-    starts = [m.start() for m in TITLE.finditer(markdown)] + [len(markdown)]
-    return [markdown[a:b].strip() for a, b in zip(starts, starts[1:])]
+    from testbed.records.report import split_markdown
+    return split_markdown(markdown)
 
 
 def test_tables_split_the_report_whole():

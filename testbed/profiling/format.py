@@ -50,6 +50,13 @@ def prefill_summary(samples: dict[str, list[float]]) -> dict:
     return {"mean_s": mean, "sd_s": sd, "n": len(pooled), "per_workload": per}
 
 
+def measured_whole_answers(profile: dict) -> bool:
+    """Whether a profile measured acceptance over whole answers (teacher forcing, its
+    ``answers`` stage), not only on the draft rounds (profiles made before that stage)."""
+    return any("teacher_forced" in ((d or {}).get("acceptance") or {})
+               for d in profile.get("devices") or [])
+
+
 class SummaryError(ValueError):
     """Too little was measured to summarise."""
 

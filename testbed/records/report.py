@@ -21,6 +21,7 @@ written before the per-user figures existed gets them from events.jsonl (``load_
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -361,7 +362,6 @@ def comparison_table(runs: list[RunData], short: int = 0) -> Table:
 def ratio_methods(runs: list[RunData]) -> str:
     """The interval methods of the runs' paired ratios, as their summaries name them (block
     counts dropped), e.g. "t on log ratios"; "none" when no ratio has an interval."""
-    import re
     methods = []
     for run in runs:
         for by_base in (run.summary.get("ratios") or {}).values():
@@ -771,6 +771,16 @@ def markdown(table: Table) -> str:
     if table.caption:
         lines += [""] + [f"{ln}  " for ln in str(table.caption).splitlines()]
     return "\n".join(lines) + "\n"
+
+
+_TABLE_TITLE = re.compile(r"^\*[^\n]*\*\n\n\|", re.M)   # a table's title line, then its table
+
+
+def split_markdown(markdown: str) -> list[str]:
+    """The tables of ``markdown_report`` output (or of a block pasted from it), each with its
+    title and caption, in order."""
+    starts = [m.start() for m in _TABLE_TITLE.finditer(markdown)] + [len(markdown)]
+    return [markdown[a:b].strip() for a, b in zip(starts, starts[1:])]
 
 
 def markdown_report(runs: list[RunData]) -> str:

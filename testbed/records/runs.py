@@ -494,7 +494,11 @@ class _Policy:
         n = len(self.rounds)
         parts = [round_parts(ev) for ev in self.rounds]
         rounds_s = sum(p["round_s"] for p in parts)
-        walls = {r: wall_time(evs, self.gaps.get(r, ())) for r, evs in self.by_repeat.items()}
+        by_repeat_parts: dict[int, list[dict]] = {}
+        for ev, p in zip(self.rounds, parts):
+            by_repeat_parts.setdefault(_repeat_of(ev), []).append(p)
+        walls = {r: wall_time(evs, by_repeat_parts[r], self.gaps.get(r, ()))
+                 for r, evs in self.by_repeat.items()}
         wall_s = sum(w["wall_s"] for w in walls.values())
         time_s = {k: sum(w["time_s"][k] for w in walls.values()) for k in TIME_PARTS}
         duration = wall_s
@@ -652,7 +656,8 @@ TIME_PARTS = ("draft_upload", "verify", "downlink", "prefill", "control", "other
 _SLACK_S = 1e-5         # event times are rounded to 1 us: a gap this close to the span is in it
 
 
-def wall_time(rounds: list[dict], gaps: Iterable[tuple[str, float, float]]) -> dict:
+def wall_time(rounds: list[dict], parts_of: list[dict],
+              gaps: Iterable[tuple[str, float, float]]) -> dict:
     """The wall time of one repeat of a policy and its split (docs/records.md, "Wall clock").
 
     The repeat holds the lab from its first measured round's start (that round's ``t`` minus
@@ -665,19 +670,20 @@ def wall_time(rounds: list[dict], gaps: Iterable[tuple[str, float, float]]) -> d
     and ``other``: the rest (the round's own overhead, the runner's bookkeeping and records).
     The parts sum to ``wall_s`` by construction; ``other`` is what nothing accounts for.
     A record whose times are inconsistent (a round span shorter than its rounds, which a live
-    run cannot produce) gets the sum of its rounds as its wall time.
+    run cannot produce) gets the sum of its rounds as its wall time. ``parts_of``: each
+    round's ``round_parts`` (computed once by the caller); ``rounds_s`` in the result is the
+    sum of the rounds' own times.
     """
-    rounds_s = sum(round_parts(ev)["round_s"] for ev in rounds)
+    rounds_s = sum(p["round_s"] for p in parts_of)
     parts = {k: 0.0 for k in TIME_PARTS}
     if not rounds:
-        return {"wall_s": 0.0, "time_s": parts}
+        return {"wall_s": 0.0, "rounds_s": 0.0, "time_s": parts}
     ends = [_num(ev.get("t")) for ev in rounds]
     first = min(range(len(rounds)), key=ends.__getitem__)
     start = ends[first] - _num(rounds[first].get("round_s"))
     end = max(ends)
     wall = max(end - start, rounds_s)
-    for ev in rounds:
-        p = round_parts(ev)
+    for p in parts_of:
         parts["draft_upload"] += p["draft_upload_s"]
         parts["verify"] += p["verify_s"]
         parts["downlink"] += p["downlink_s"]
@@ -689,7 +695,7 @@ def wall_time(rounds: list[dict], gaps: Iterable[tuple[str, float, float]]) -> d
         if t_end - seconds >= start - _SLACK_S and t_end <= end + _SLACK_S:
             parts[kind] += seconds
     parts["other"] = wall - sum(v for k, v in parts.items() if k != "other")
-    return {"wall_s": wall, "time_s": parts}
+    return {"wall_s": wall, "rounds_s": rounds_s, "time_s": parts}
 
 
 def _repeat_of(ev: dict) -> int:
@@ -700,8 +706,7 @@ def _repeat_of(ev: dict) -> int:
 def _repeat_result(repeat: int, rounds: list[dict], wall: dict) -> dict:
     """One repeat of a policy: its rounds, wall time (``wall_time``) and its split, tokens,
     goodput (tokens over the wall time) and forecast error."""
-    duration = wall["wall_s"]
-    rounds_s = sum(round_parts(ev)["round_s"] for ev in rounds)
+    duration, rounds_s = wall["wall_s"], wall["rounds_s"]
     tokens = sum(round_tokens(ev) for ev in rounds)
     goodput = tokens / duration if duration > 0 else None
     pred, _ = _predicted(rounds, "predicted_goodput_tps", "predicted_round_s")
