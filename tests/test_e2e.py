@@ -107,12 +107,26 @@ def _agent_pids(netns: str) -> list[int]:
 
 def _started(pid: int) -> str | None:
     """The process's start time (field 22 of /proc/PID/stat: a pid reused later differs), or
-    None when there is no such process."""
+    None when there is no such process or it is a zombie. A zombie runs nothing and holds no
+    port or memory; its exit waits only on its parent, and on these machines PID 1 (the VM's
+    init) never reaps the orphans it inherits, so a lab process whose parent ended first stays
+    a zombie for good (seen in CI on 2026-12-07: two such pids failed this test)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _describe(pid: int) -> str:
+    """pid, state and command line of a process, for a failure message."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} [{state}] {cmd}"
 
 
 def _lab_processes() -> dict[int, str]:
@@ -404,4 +418,5 @@ def test_run_with_events_and_a_killed_agent_then_nothing_left(tmp_path: Path):
 
     assert _leftovers(tmp_path / "state") == []
     # and no process that ran in a device namespace mid-run (sshd, Ray, agents) outlived it
-    assert [pid for pid, started in running.items() if _started(pid) == started] == []
+    left = [pid for pid, started in running.items() if _started(pid) == started]
+    assert left == [], [_describe(pid) for pid in left]
