@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import require_root, require_tools, wait_until
@@ -248,6 +250,30 @@ def test_control_traffic_is_not_shaped(inv, runners, sink):
         other.close()
         shaping.clear(r, node.interface)
     assert shaping.read_rate_bps(r, node.interface) is None
+
+
+def _gso_segs(r, interface: str) -> int:
+    shown = r.run(["ip", "-d", "link", "show", "dev", interface], check=True).stdout
+    return int(re.search(r"\bgso_max_segs (\d+)", shown).group(1))
+
+
+def test_clear_gives_the_interface_back_its_own_gso_limit(inv, runners):
+    """Shaping sets gso_max_segs 1; clearing restores the value the interface had before
+    (saved on the node by apply), not the kernel's limit: 4000 here, 65535 is tso_max_segs."""
+    node = inv.devices[1]
+    r = runners[node.name]
+    shaping.clear(r, node.interface)        # an earlier test may have left it shaped
+    r.run(shaping.gso_command(node.interface, 4000), check=True)
+    try:
+        shaping.apply(r, node.interface, 200_000, inv.server.host, inv.data_port)
+        assert _gso_segs(r, node.interface) == 1
+        shaping.apply(r, node.interface, 300_000, inv.server.host, inv.data_port)  # again
+        shaping.clear(r, node.interface)
+        assert _gso_segs(r, node.interface) == 4000
+        assert not Path(shaping.gso_state_file(r.node, node.interface)).exists()
+    finally:
+        shaping.clear(r, node.interface)
+        r.run(shaping.gso_command(node.interface, 65535), check=False)
 
 
 # -- down, crash, clean (their own labs) ---------------------------------------------------------

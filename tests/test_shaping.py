@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,49 @@ def test_tso_max_segs_from_ip_link_details():
             "tso_max_size 524280 tso_max_segs 65535 gro_max_size 65536\n")
     assert shaping.parse_tso_max_segs(text) == 65535
     assert shaping.parse_tso_max_segs("2: eth0: <UP> mtu 1500") is None
+
+
+# `ip -d link show` on kernel 5.15 (JetPack 6) with iproute2 5.15: no tso_max_segs.
+OLD_KERNEL = ("2: eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc htb state UP\n"
+              "    link/ether 48:b0:2d:00:00:01 brd ff:ff:ff:ff:ff:ff promiscuity 0 minmtu 48 "
+              "maxmtu 1500 addrgenmode eui64 numtxqueues 1 numrxqueues 1 gso_max_size 65536 "
+              "gso_max_segs {segs}\n")
+
+
+def test_gso_is_restored_to_the_saved_value_else_the_kernel_limit():
+    new = OLD_KERNEL.replace("gso_max_segs {segs}", "gso_max_segs 1 tso_max_size 524280 "
+                             "tso_max_segs 64")
+    assert shaping.restore_segs("4000\n", new) == 4000          # what the interface had
+    assert shaping.restore_segs("", new) == 64                   # kernel >= 6.0: its limit
+    # Kernel 5.15 shows no tso_max_segs: shaping's 1 is undone to the old default, and an
+    # interface nobody limited is left alone. (It used to keep the 1 after every run.)
+    assert shaping.restore_segs("", OLD_KERNEL.format(segs=1)) == shaping.GSO_MAX_SEGS
+    assert shaping.restore_segs("", OLD_KERNEL.format(segs=300)) is None
+    assert shaping.restore_segs("garbage", OLD_KERNEL.format(segs=1)) == 65535
+
+
+def test_apply_saves_the_interfaces_gso_value_first_and_only_once(tmp_path):
+    state = tmp_path / "gso"
+    script = shaping.apply_script("eth0", 200_000, "10.0.0.1", 47100, state_file=str(state))
+    save = script.split("; tc qdisc del")[0]
+    assert save == shaping.save_gso_script("eth0", str(state))
+    # the saving part as the shell runs it, against a fake `ip` printing a 5.15 line
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ip").write_text("#!/bin/sh\ncat " + str(tmp_path / "shown") + "\n")
+    (fake / "ip").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin"}
+    (tmp_path / "shown").write_text(OLD_KERNEL.format(segs=300))
+    subprocess.run(["sh", "-c", save], env=env, check=True)
+    assert state.read_text() == "300\n"
+    # already saved: a second apply (the interface now has shaping's 1) keeps the first value
+    (tmp_path / "shown").write_text(OLD_KERNEL.format(segs=1))
+    subprocess.run(["sh", "-c", save], env=env, check=True)
+    assert state.read_text() == "300\n"
+    # nothing saved and the interface has 1 (left by an older testbed): nothing is saved
+    state.unlink()
+    subprocess.run(["sh", "-c", save], env=env, check=True)
+    assert not state.exists()
 
 
 def test_apply_script_is_one_round_trip_that_tolerates_a_clean_interface():

@@ -32,8 +32,12 @@ it, is missing from this kernel).
 
 GSO. htb charges a GSO super-packet (TCP segmentation offload on veth or a NIC) as one packet
 and lets TCP through well above the configured rate (docs/emulated-lab.md). ``apply`` therefore
-sets ``gso_max_segs 1`` on the interface (one frame per skb); ``clear`` restores the device's
-``tso_max_segs`` (the kernel's default). With it, measured rates are within a few % of the
+sets ``gso_max_segs 1`` on the interface (one frame per skb), after saving the value the
+interface had in a file on the node (``gso_state_file``: written once, by the login user, so a
+second ``apply`` cannot save our own 1); ``clear`` restores that saved value, or without one the
+device's ``tso_max_segs`` (the kernel's limit, shown by kernel and iproute2 6.0 or later), or on
+an older system (JetPack 6: kernel 5.15) where the interface still has our 1, 65535 (the
+kernel's ``GSO_MAX_SEGS``, every driver's default before 6.0). With it, measured rates are within a few % of the
 configured one (docs/emulated-lab.md has the numbers). On a real device this needs
 ``sudo -n ip link set dev IFACE gso_max_segs N`` besides ``tc``: the sudoers entry in
 docs/real-lab.md allows exactly these, ``testbed check`` tests both, and ``apply`` fails with
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass
 
 from testbed.errors import ShapingError
@@ -203,6 +208,28 @@ def parse_tso_max_segs(ip_link_detail: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+GSO_MAX_SEGS = 65535          # the kernel's limit and every driver's default before 6.0
+
+
+def gso_state_file(node: str, interface: str) -> str:
+    """Where ``apply`` saves the interface's own ``gso_max_segs`` on the node (module doc)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{node}-{interface}")
+    return f"/tmp/testbed-gso-{safe}"
+
+
+def restore_segs(saved: str, ip_link_detail: str) -> int | None:
+    """The ``gso_max_segs`` to give back to an interface, or None to leave it as it is: the
+    value saved before shaping, else the device's ``tso_max_segs``, else (a kernel older than
+    6.0, which shows no ``tso_max_segs``) 65535 when the interface still has shaping's 1."""
+    if saved.strip().isdigit() and int(saved) > 0:
+        return int(saved)
+    tso = parse_tso_max_segs(ip_link_detail)
+    if tso:
+        return tso
+    m = re.search(r"\bgso_max_segs (\d+)", ip_link_detail)
+    return GSO_MAX_SEGS if m and int(m.group(1)) == 1 else None
+
+
 # -- through a runner ----------------------------------------------------------------------------
 
 def _run_all(runner: Runner, commands: list[list[str]], what: str) -> None:
@@ -217,12 +244,16 @@ def clear(runner: Runner, interface: str) -> bool:
     """Remove shaping from ``interface``; True if there was a root qdisc. Safe to repeat."""
     res = runner.run(clear_commands(interface)[0], sudo=True, check=False, timeout_s=20)
     detail = runner.run(["ip", "-d", "link", "show", "dev", interface], check=False, timeout_s=20)
-    segs = parse_tso_max_segs(detail.stdout)
+    state = gso_state_file(runner.node, interface)
+    saved = runner.run(["cat", state], check=False, timeout_s=20)
+    segs = restore_segs(saved.stdout if saved.rc == 0 else "", detail.stdout)
     if segs:
         gso = runner.run(gso_command(interface, segs), sudo=True, check=False, timeout_s=20)
         if gso.rc != 0:
             raise ShapingError(f"{runner.node}: restoring GSO on {interface}: `{gso.argv}` "
                                f"exited {gso.rc}: {gso.stderr.strip()[-300:]}; {SUDO_FIX}")
+    if saved.rc == 0:
+        runner.run(["rm", "-f", state], check=False, timeout_s=20)
     if res.rc == 0:
         return True
     err = res.stderr.lower()
@@ -232,10 +263,21 @@ def clear(runner: Runner, interface: str) -> bool:
                        f"{res.rc}: {res.stderr.strip()[-300:]}")
 
 
+def save_gso_script(interface: str, state_file: str) -> str:
+    """Shell text that saves the interface's ``gso_max_segs`` to ``state_file`` unless a value
+    is saved already (or the interface has shaping's 1); never fails."""
+    f, dev = shlex.quote(state_file), shlex.quote(interface)
+    return (f"[ -s {f} ] || {{ v=$(ip -d link show dev {dev} 2>/dev/null | "
+            f"sed -n 's/.* gso_max_segs \\([0-9]*\\).*/\\1/p'); "
+            f"[ -n \"$v\" ] && [ \"$v\" != 1 ] && echo \"$v\" > {f}; }}; true")
+
+
 def apply_script(interface: str, rate_bps: float, server: str, data_port: int,
-                 burst_bytes: int | None = None, *, sudo: bool = False) -> str:
-    """Shell text for ``apply``: clear (ignoring "nothing to delete"), limit GSO, then shape;
-    each command with ``sudo -n`` when ``sudo``. Stops at the first command that fails.
+                 burst_bytes: int | None = None, *, sudo: bool = False,
+                 state_file: str | None = None) -> str:
+    """Shell text for ``apply``: save the interface's GSO limit (when ``state_file``), clear
+    (ignoring "nothing to delete"), limit GSO, then shape; each privileged command with
+    ``sudo -n`` when ``sudo``. Stops at the first command that fails.
 
     One script, so that applying costs one round trip over SSH, not eight; the script itself
     runs unprivileged, so a real device's sudoers needs to allow nothing but ``tc`` and the
@@ -244,7 +286,8 @@ def apply_script(interface: str, rate_bps: float, server: str, data_port: int,
     pre = ["sudo", "-n"] if sudo else []
     steps = [gso_command(interface, 1)] + shape_commands(interface, rate_bps, server,
                                                          data_port, burst_bytes)
-    return (join(pre + clear_commands(interface)[0]) + " 2>/dev/null; "
+    save = save_gso_script(interface, state_file) + "; " if state_file else ""
+    return (save + join(pre + clear_commands(interface)[0]) + " 2>/dev/null; "
             + " && ".join(join(pre + c) for c in steps))
 
 
@@ -272,7 +315,8 @@ def apply(runner: Runner, interface: str, rate_bps: float, server: str, data_por
           burst_bytes: int | None = None) -> None:
     """Shape ``interface`` from scratch (clears what was there first)."""
     script = apply_script(interface, rate_bps, server, data_port, burst_bytes,
-                          sudo=not getattr(runner, "is_root", False))
+                          sudo=not getattr(runner, "is_root", False),
+                          state_file=gso_state_file(runner.node, interface))
     res = runner.run_script(script, check=False, timeout_s=30)
     if res.rc != 0:
         fix = f"; {SUDO_FIX}" if "sudo" in res.stderr else ""
