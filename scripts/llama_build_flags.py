@@ -14,14 +14,22 @@ The wheel depends on these flags, but pip's wheel cache is keyed only by the sdi
 with other flags (or natively on another CPU) would be taken from it. ``install.sh`` therefore
 builds the wheel itself, with pip's cache off, into a folder named by ``key`` below.
 
+Your own flags: ``CMAKE_ARGS`` in the environment (a CUDA build: ``-DGGML_CUDA=on
+-DCMAKE_CUDA_ARCHITECTURES=89``) is appended to the printed arguments (later ones win in CMake)
+and goes into the key, so ``CMAKE_ARGS=... bash scripts/install.sh`` builds and keeps its own
+wheel instead of reusing (or replacing a CUDA build with) the CPU one.
+
 Usage: ``llama_build_flags.py cmake`` prints the CMake arguments, ``llama_build_flags.py key``
-a short hash of them (and, for a native build, of the CPU's flags). Standard library only: it
-runs before the virtual environment exists.
+a short hash of them (and, for a native build, of the CPU's flags: the ``flags`` line of
+``/proc/cpuinfo`` on x86-64, ``Features`` on ARM). Standard library only: it runs before the
+virtual environment exists.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,28 +52,35 @@ NEVER = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 
 
 def cpu_flags(cpuinfo: str) -> set[str]:
-    """The first ``flags`` line of a /proc/cpuinfo text, as a set."""
+    """The CPU's extensions from a /proc/cpuinfo text, as a set: the first ``flags`` line
+    (x86-64) or ``Features`` line (ARM: asimd, sve, i8mm, ...)."""
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
+        if key.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
 
 
-def cmake_args(machine: str, flags: set[str]) -> list[str]:
-    """CMake arguments for ``machine`` (platform.machine()) with CPU ``flags``."""
+def cmake_args(machine: str, flags: set[str], extra: list[str] = ()) -> list[str]:
+    """CMake arguments for ``machine`` (platform.machine()) with CPU ``flags``, then the
+    user's ``extra`` ones (``CMAKE_ARGS``)."""
     if machine not in ("x86_64", "AMD64"):
-        return []                               # the native build (ggml's default)
+        return list(extra)                      # the native build (ggml's default)
     args = ["-DGGML_NATIVE=OFF"]
     for option, needs in X86_OPTIONS:
         args.append(f"-D{option}={'ON' if all(f in flags for f in needs) else 'OFF'}")
     args += [f"-D{option}=OFF" for option in NEVER]
-    return args
+    return args + list(extra)
+
+
+def native(args: list[str]) -> bool:
+    """Whether the build detects the CPU itself (``-march=native``): no GGML_NATIVE=OFF."""
+    return not any(a.replace(" ", "").upper() == "-DGGML_NATIVE=OFF" for a in args)
 
 
 def key(machine: str, flags: set[str], args: list[str]) -> str:
     parts = [machine, *args]
-    if not args:                                # native: the wheel depends on the CPU itself
+    if native(args):                            # the wheel depends on the CPU itself
         parts += sorted(flags)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -79,7 +94,7 @@ def main(argv: list[str]) -> int:
     except OSError:
         text = ""
     machine, flags = platform.machine(), cpu_flags(text)
-    args = cmake_args(machine, flags)
+    args = cmake_args(machine, flags, shlex.split(os.environ.get("CMAKE_ARGS", "")))
     print(" ".join(args) if argv[1] == "cmake" else key(machine, flags, args))
     return 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import subprocess
 import sys
@@ -64,6 +65,69 @@ def test_cpu_flags_reads_the_first_flags_line():
     text = "processor\t: 0\nflags\t\t: fpu avx2\n\nprocessor\t: 1\nflags\t\t: fpu\n"
     assert flags_mod.cpu_flags(text) == {"fpu", "avx2"}
     assert flags_mod.cpu_flags("nothing here") == set()
+
+
+# /proc/cpuinfo of a Raspberry Pi 5 (Cortex-A76): no `flags` line, its extensions are `Features`.
+PI5 = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 "
+       "crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\n"
+       "CPU part\t: 0xd0b\n\n")
+
+
+def test_arm_features_key_the_native_wheel():
+    feats = flags_mod.cpu_flags(PI5)
+    assert {"asimd", "asimddp", "fphp"} <= feats
+    # a CPU without some of them (a Pi 4's Cortex-A72 lacks asimddp) gets another native
+    # wheel; before, the key read only x86's `flags` line and every ARM CPU shared one wheel
+    pi4 = feats - {"asimddp", "asimdhp", "fphp", "asimdrdm", "lrcpc", "dcpop"}
+    assert flags_mod.key("aarch64", feats, []) != flags_mod.key("aarch64", pi4, [])
+
+
+def test_users_cmake_args_come_last_and_change_the_key():
+    cuda = ["-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=89"]
+    base = flags_mod.cmake_args("x86_64", set(HASWELL.split()))
+    with_cuda = flags_mod.cmake_args("x86_64", set(HASWELL.split()), cuda)
+    assert with_cuda == base + cuda
+    assert flags_mod.key("x86_64", set(), with_cuda) != flags_mod.key("x86_64", set(), base)
+    # on ARM the native build stays native: the key still follows the CPU
+    arm = flags_mod.cmake_args("aarch64", {"asimd"}, cuda)
+    assert arm == cuda and flags_mod.native(arm)
+    assert flags_mod.key("aarch64", {"asimd"}, arm) != flags_mod.key("aarch64", {"sve"}, arm)
+    env = {**os.environ, "CMAKE_ARGS": " ".join(cuda)}
+    out = subprocess.run([sys.executable, str(SCRIPT), "cmake"], capture_output=True, text=True,
+                         env=env).stdout.split()
+    assert out[-2:] == cuda
+
+
+def _pick(tmp_path: Path, versions: dict[str, str], python: str | None = None):
+    """scripts/pick_python.sh with a PATH of fake interpreters printing ``versions``."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, version in versions.items():
+        (fake / name).write_text(f"#!/bin/sh\necho {version}\n")
+        (fake / name).chmod(0o755)
+    env = {"PATH": str(fake), **({"PYTHON": python} if python else {})}
+    return subprocess.run(["/bin/bash", str(PICK)], capture_output=True, text=True, env=env)
+
+
+PICK = SCRIPT.with_name("pick_python.sh")
+
+
+def test_install_takes_python_3_11_or_says_what_to_install(tmp_path):
+    # Ubuntu 22.04 / JetPack 6: python3 is 3.10 and nothing else -> one line, exit 2
+    res = _pick(tmp_path, {"python3": "3.10"})
+    assert res.returncode == 2 and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "needs Python 3.11 (found:" in res.stderr and "python3.11-venv" in res.stderr
+    # ... with python3.11 installed beside it (apt or deadsnakes), that one is taken
+    res = _pick(tmp_path, {"python3": "3.10", "python3.11": "3.11"})
+    assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "bin/python3.11")
+    # Debian 12: python3 is 3.11
+    (tmp_path / "bin/python3.11").unlink()
+    res = _pick(tmp_path, {"python3": "3.11"})
+    assert res.stdout.strip() == str(tmp_path / "bin/python3")
+    # PYTHON names it; a wrong one is refused rather than passed over
+    res = _pick(tmp_path, {"python3": "3.11", "py310": "3.10"}, python="py310")
+    assert res.returncode == 2 and "PYTHON=py310 is 3.10" in res.stderr
 
 
 def test_command_line():
