@@ -34,6 +34,11 @@ def test_shipped_inventories_load():
     real = load_inventory(ROOT / "inventory/lab.yaml")
     assert real.kind == "real" and real.lab is None
     assert all(d.cpu_quota is None for d in real.devices)
+    # the server (testbed's own machine) runs testbed from the venv it was started from;
+    # `defaults.venv` is where the devices get theirs
+    from testbed.inputs.inventory import default_venv
+    assert real.server.connection == "local" and real.server.venv == default_venv()
+    assert {d.venv for d in real.devices} == {"/opt/testbed/venv"}
 
 
 def test_corpus_is_big_enough():

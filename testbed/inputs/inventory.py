@@ -257,6 +257,11 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         want = "local" if role == "server" else "ssh"
         if connection != want:
             raise sec.error("connection", f'must be "{want}" for the {role} of an emulated lab')
+    elif role == "server" and connection != "local":
+        # The run is the Ray driver and announces the server's address as its own; the
+        # verification, the data port and the lab's lock live there too (docs/real-lab.md).
+        raise sec.error("connection", 'must be "local": testbed runs on the server itself '
+                        "(clone it there and drive the lab from it; devices are reached by ssh)")
     ssh = None
     if connection == "ssh":
         raw = sec.data.get("ssh", defaults.get("ssh"))
@@ -280,10 +285,13 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         raise sec.error("ssh", "not used with connection local: remove it")
     python = sec.str("python", defaults.get("python", f"{sys.version_info[0]}.{sys.version_info[1]}"),
                      check=_check_python)
-    # The machine testbed runs on (the emulated lab, or a server driving itself) defaults to the
-    # virtual environment testbed runs from.
-    here = kind == "emulated" or connection == "local"
-    venv_default = defaults.get("venv", default_venv() if here else None)
+    # The machine testbed runs on (the server, connection local) defaults to the virtual
+    # environment testbed runs from, whatever `defaults.venv` says (that is for the devices);
+    # the emulated lab's devices share this machine's file system and default to it too.
+    if connection == "local":
+        venv_default = default_venv()
+    else:
+        venv_default = defaults.get("venv", default_venv() if kind == "emulated" else None)
     # "~" means this machine's home: only for a node that is this machine.
     check_venv = _check_abs if connection == "local" else _check_remote_abs
     if venv_default is None:
