@@ -64,11 +64,37 @@ def test_all_checks_pass_on_a_good_lab(sshd_server, tmp_path, model):  # noqa: F
     report = check_inventory(inv)
     assert report.passed, [c for c in report.checks if c.status != OK]
     names = [c.name for c in report.checks if c.node == "dev-1"]
-    assert names == ["ssh", "host key", "sudo tc", "sudo ip gso", "python", "ray", "llama-cpp",
-                     "testbed", "memory", "disk", "model", "ray ports"]
+    assert names == ["ssh", "host key", "sudo tc", "sudo ip gso", "server ports", "python",
+                     "ray", "llama-cpp", "testbed", "memory", "disk", "model", "ray ports"]
     assert "matches" in by(report, "dev-1", "model").detail
     assert by(report, "dev-1", "ray").detail == metadata.version("ray")
     assert by(report, "srv", "ssh").detail == "local node (no SSH)"
+    # the device reached the server's Ray and data ports and a random one, listened on by the
+    # check itself (nothing of the lab runs); the server shapes nothing: no tc check there
+    assert by(report, "dev-1", "server ports").detail.startswith(
+        "reaches 127.0.0.2: ray 6379, data 47100, a random port ")
+    assert not [c for c in report.checks if c.node == "srv" and "tc" in c.name]
+
+
+def test_a_device_that_cannot_reach_the_servers_ports_fails_with_the_fix(
+        sshd_server, tmp_path, model):  # noqa: F811
+    from testbed.lab.precheck import Listeners, _check_reach
+    from testbed.lab.remote import runner_for
+    path, sha = model
+    ref = ModelRef(path=path, sha256=sha)
+    node = device("dev-1", sshd_server, model=ref)
+    inv = inventory(tmp_path, [node], ref)
+    reach = Listeners("127.0.0.2", {"ray": free_port(), "data": free_port()})
+    runner = runner_for(node, inv)
+    try:
+        assert _check_reach(node, runner, inv, reach).status == OK
+        reach.close()                  # nothing listens now: every connection is refused
+        c = _check_reach(node, runner, inv, reach)
+    finally:
+        runner.close()
+    assert c.status == FAIL and c.detail.startswith("cannot reach 127.0.0.2: ray ")
+    assert c.detail.count("ConnectionRefusedError") == 3, c.detail
+    assert "allow TCP between the lab's machines" in c.fix and "Network" in c.fix
 
 
 def test_failures_come_with_their_fix(sshd_server, tmp_path, model):  # noqa: F811

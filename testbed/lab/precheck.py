@@ -133,8 +133,9 @@ def model_target(node: Node) -> ModelTarget:
 
 
 def gather(node: Node, runner: Runner, target: ModelTarget, inventory: Inventory, *,
-           probe_timeout_s: float = 600.0) -> NodeFacts:
-    """Connect, check tc, run the probe. Never raises for a node problem: it becomes a Check."""
+           probe_timeout_s: float = 600.0, reach: "Listeners | None" = None) -> NodeFacts:
+    """Connect, check tc (devices), the server's ports from the device (``reach``: the
+    server's listeners), run the probe. Never raises for a node problem: it becomes a Check."""
     facts = NodeFacts(node, [])
     add = facts.checks.append
     if isinstance(runner, SSHRunner):       # SSH: reachability and host key are checks
@@ -157,9 +158,11 @@ def gather(node: Node, runner: Runner, target: ModelTarget, inventory: Inventory
                   trusted[0] if trusted else f"known in {runner.known_hosts_path}"))
     else:
         add(Check(node.name, "ssh", OK, "local node (no SSH)"))
-    add(_check_tc(node, runner, inventory))
-    if node.role == "device":
+    if node.role == "device":           # only devices shape their uplink; the server does not
+        add(_check_tc(node, runner, inventory))
         add(_check_gso(node, runner))
+        if reach is not None:
+            add(_check_reach(node, runner, inventory, reach))
     argv = [node.python_bin, "-"] + (["--model", target.path] if target.path else [])
     try:
         res = runner.run(argv, stdin=probe_source(), timeout_s=probe_timeout_s, check=False)
@@ -231,6 +234,101 @@ def _check_gso(node: Node, runner: Runner) -> Check:
     user = node.ssh.user if node.ssh else "the local user"
     return Check(node.name, "sudo ip gso", FAIL, f"{res.argv}: exit {res.rc}: "
                  f"{stderr_tail(res.stderr)}", f"node {node.name}, user {user}: {SUDO_FIX}")
+
+
+# ---------------------------------------------------------------- the server's ports, from devices
+
+REACH_TIMEOUT_S = 5.0
+# Run on a device with its python3 (before provision there is no venv): connect to each port of
+# the server and print one JSON object, port -> "ok" | "timeout" | the error's name.
+REACH_SCRIPT = """
+import json, socket, sys
+host, timeout = sys.argv[1], float(sys.argv[2])
+out = {}
+for port in sys.argv[3:]:
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        out[port] = "ok"
+    except socket.timeout:
+        out[port] = "timeout"
+    except OSError as exc:
+        out[port] = type(exc).__name__ + (": " + exc.strerror if exc.strerror else "")
+print(json.dumps(out))
+"""
+
+
+class Listeners:
+    """TCP listeners on the server's address for the duration of a check: the lab's Ray port,
+    its data port, and one port the kernel picks (Ray's raylet, object manager and workers
+    listen on such random ports). A port already in use (the cluster is up) needs no listener:
+    whatever holds it answers. Accepted connections are closed at once."""
+
+    def __init__(self, host: str, ports: dict[str, int]):
+        import socket
+        import threading
+        self.host = host
+        self.ports: dict[str, int] = {}
+        self._socks = []
+        self._stop = threading.Event()
+        for what, port in [*ports.items(), ("a random port", 0)]:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()               # in use: the cluster (or another program) answers
+                self.ports[what] = port
+                continue
+            s.listen(16)
+            s.settimeout(0.2)
+            self.ports[what] = s.getsockname()[1]
+            self._socks.append(s)
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="check-listeners")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import select
+        while not self._stop.is_set() and self._socks:
+            ready, _, _ = select.select(self._socks, [], [], 0.2)
+            for s in ready:
+                try:
+                    conn, _ = s.accept()
+                    conn.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for s in self._socks:
+            s.close()
+
+
+def _check_reach(node: Node, runner: Runner, inventory: Inventory, reach: Listeners) -> Check:
+    """Can the device open TCP connections to the server's Ray, data and random ports? A
+    firewall used to show up only as `testbed up` waiting 120 s for the node to join."""
+    ports = [str(p) for p in reach.ports.values()]
+    argv = [f"python{node.python}", "-c", REACH_SCRIPT, reach.host, str(REACH_TIMEOUT_S), *ports]
+    try:
+        res = runner.run(argv, check=False, timeout_s=30 + REACH_TIMEOUT_S * len(ports))
+        got = json.loads(res.stdout.strip().splitlines()[-1]) if res.rc == 0 else None
+    except (RemoteError, ValueError, IndexError) as exc:
+        return Check(node.name, "server ports", FAIL, f"could not test: {exc}", "")
+    if got is None:
+        return Check(node.name, "server ports", FAIL,
+                     f"python{node.python} failed (exit {res.rc}): {stderr_tail(res.stderr)}",
+                     f"install python{node.python} on node {node.name}")
+    names = {str(p): what for what, p in reach.ports.items()}
+    bad = {p: r for p, r in got.items() if r != "ok"}
+    listed = ", ".join(f"{names[p]} {p}" for p in ports)
+    if not bad:
+        return Check(node.name, "server ports", OK, f"reaches {reach.host}: {listed}")
+    why = "; ".join(f"{names[p]} {p}: {'no answer in %g s' % REACH_TIMEOUT_S if r == 'timeout' else r}"
+                    for p, r in bad.items())
+    return Check(node.name, "server ports", FAIL, f"cannot reach {reach.host}: {why}",
+                 f"allow TCP between the lab's machines, every port (Ray uses random ones), "
+                 f"on {inventory.server.name} and {node.name}; a firewall on the server must let "
+                 "the devices' subnet in (docs/real-lab.md, \"Network\")")
 
 
 def _host_key_fix(runner: SSHRunner, inventory: Inventory, *, changed: bool) -> str:
@@ -489,18 +587,25 @@ def check_inventory(inventory: Inventory, *, trust_new: bool = False,
             by_model[key] = model_target(node)
         targets[node.name] = by_model[key]
 
+    # The server is this machine (inventory rule): listen on its ports while devices connect.
+    reach = Listeners(inventory.server.host, {"ray": inventory.ray_port,
+                                              "data": inventory.data_port})
+
     def one(node: Node) -> NodeFacts:
         runner = runner_factory(node)
         try:
             return gather(node, runner, targets[node.name], inventory,
-                          probe_timeout_s=probe_timeout_s)
+                          probe_timeout_s=probe_timeout_s, reach=reach)
         finally:
             runner.close()
             if on_node:
                 on_node(node.name)
 
-    with ThreadPoolExecutor(max_workers=min(8, len(inventory.nodes))) as pool:
-        facts = list(pool.map(one, inventory.nodes))
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(inventory.nodes))) as pool:
+            facts = list(pool.map(one, inventory.nodes))
+    finally:
+        reach.close()
     local = local_versions()
     server_ref = reference_versions(facts[0], local)
     checks: list[Check] = []
