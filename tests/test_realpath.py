@@ -155,6 +155,24 @@ def test_the_real_lab_sequence_runs_as_a_non_root_user(tmp_path):
         sudoers = Path(f"/etc/sudoers.d/testbed-{emu_inv.name}")
         assert sudoers.read_text().strip().endswith(shaping.sudoers_line(USER))
 
+        # A venv where the login user may not write (the shipped lab.yaml's /opt/testbed):
+        # the node fails with the folder and the commands that make it, not "install venv".
+        noperm = tmp_path / "noperm.yaml"
+        noperm.write_text(real.read_text().replace(f"venv: /home/{USER}/dev-a/venv",
+                                                   "venv: /opt/tbrealtest-venvs/dev-a"))
+        proc = subprocess.run([sys.executable, "-m", "testbed.cli", "provision", str(noperm),
+                               "--dry-run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr           # a dry run changes nothing
+        proc = subprocess.run([sys.executable, "-m", "testbed.cli", "provision", str(noperm)],
+                              capture_output=True, text=True, timeout=900, cwd=ROOT)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1, said
+        assert "cannot create /opt/tbrealtest-venvs" in said and "Permission denied" in said, said
+        assert (f"sudo mkdir -p /opt/tbrealtest-venvs && sudo chown {USER} "
+                "/opt/tbrealtest-venvs") in said, said
+        assert "venv module" not in said
+        assert not Path("/opt/tbrealtest-venvs").exists()
+
         first = _testbed("provision", str(real))
         assert "provisioned" in first.stdout and "copied" in first.stdout
         second = _testbed("provision", str(real))

@@ -12,7 +12,8 @@ For each node, through its runner (``remote.runner_for``), in this order:
    ``~/.cache/testbed/wheelhouse/<tag>``) and testbed's own wheel is built from this checkout.
    llama-cpp-python: the wheel ``scripts/install.sh`` built is copied when the node has the same
    machine type and the same build key (CPU extensions, ``scripts/llama_build_flags.py``, run on
-   the node); otherwise its source is copied and the wheel is built on the node, once, and kept
+   the node); otherwise its source is copied, with its build tools as wheels (scikit-build-core,
+   CMake, Ninja: ``Wheelhouse.build_tools``), and the wheel is built on the node, once, and kept
    in the node's wheelhouse. The node installs with ``pip --no-index``: nodes need no Internet.
    A marker in the venv (``.testbed-provision.json``) records what was installed; when it
    matches, nothing is copied or installed.
@@ -29,7 +30,7 @@ gets steps 1, 4 and 5 only. A node that fails is reported with its fix and the o
 
 Limits: Linux nodes with glibc; wheels must exist on PyPI for the node's platform (they do for
 x86-64 and aarch64 for every dependency but llama-cpp-python, which is built on the node:
-about 15 minutes on a Raspberry Pi 5, and it needs a C++ compiler and cmake there).
+about 15 minutes on a Raspberry Pi 5 (not measured here), and it needs a C/C++ compiler there).
 """
 
 from __future__ import annotations
@@ -255,6 +256,32 @@ class Wheelhouse:
             return wheels
 
 
+    def build_tools(self, py: str, machine: str, libc: str | None) -> list[Path]:
+        """Wheels for building llama-cpp-python on a node without the Internet: its build
+        backend (scikit-build-core and what it imports) and CMake and Ninja as wheels (a node
+        then needs only a C/C++ compiler). Latest releases, fetched once per node type."""
+        tag = f"cp{py.replace('.', '')}-{machine}-{libc or 'glibc'}"
+        folder = Path.home() / ".cache" / "testbed" / "wheelhouse" / tag / "build"
+        with self._lock:
+            found = sorted(folder.glob("*.whl"))
+            if not all(any(_norm(w.name.split("-")[0]) == _norm(t) for w in found)
+                       for t in BUILD_TOOLS):
+                folder.mkdir(parents=True, exist_ok=True)
+                argv = ["download", "-q", "--only-binary=:all:", "-d", str(folder),
+                        "--python-version", py, "--implementation", "cp",
+                        "--abi", f"cp{py.replace('.', '')}", "--abi", "abi3", "--abi", "none"]
+                for plat in _platforms(machine, libc):
+                    argv += ["--platform", plat]
+                self.progress(f"gathering llama-cpp-python's build tools for {tag}")
+                _pip(argv + list(BUILD_TOOLS), f"downloading build tools for {tag}")
+                found = sorted(folder.glob("*.whl"))
+            return found
+
+
+# What building llama-cpp-python needs besides a compiler (its pyproject: scikit-build-core).
+BUILD_TOOLS = ("scikit-build-core", "pathspec", "packaging", "cmake", "ninja")
+
+
 def _wheel_is(path: Path, name: str, version: str) -> bool:
     parts = path.name.split("-")
     return len(parts) >= 2 and _norm(parts[0]) == name and parts[1] == version
@@ -340,9 +367,19 @@ class _Node:
             return
         self.act(f"create the venv {self.node.venv}")
         if not self.dry_run:
-            res = self.r.run(["mkdir", "-p", os.path.dirname(self.node.venv)], check=False)
+            parent = os.path.dirname(self.node.venv)
+            user = self.node.ssh.user if self.node.ssh else "$USER"
+            no_room = (f"make the folder for the login user once: sudo mkdir -p {parent} && "
+                       f"sudo chown {user} {parent} (on {self.node.name}), or set venv: to a "
+                       "folder under its home")
+            res = self.r.run(["mkdir", "-p", parent], check=False)
+            if res.rc != 0:
+                raise NodeFailed(f"cannot create {parent}: {res.stderr.strip()[-200:]}", no_room)
             res = self.r.run([f"python{self.node.python}", "-m", "venv", self.node.venv],
                              check=False, timeout_s=300)
+            if res.rc != 0 and "Permission denied" in res.stderr:
+                raise NodeFailed(f"cannot write {self.node.venv}: "
+                                 f"{res.stderr.strip()[-200:]}", no_room)
             if res.rc != 0:
                 raise NodeFailed(f"python{self.node.python} -m venv {self.node.venv}: "
                                  f"{res.stderr.strip()[-300:]}",
@@ -377,6 +414,8 @@ class _Node:
             llama_wheel, llama_sdist = self.llama_source(facts)
         wheels += [w for w in (llama_wheel, llama_sdist) if w is not None]
         house = f"{venv}/{WHEELHOUSE}"
+        if llama_sdist is not None:
+            wheels += self.house.build_tools(py, facts["machine"], libc)
         self.copy_files(wheels, house, "wheels")
         if llama_sdist is not None:
             self.build_llama(house, llama_sdist.name)
@@ -438,17 +477,21 @@ class _Node:
         if res.rc == 0:
             return                       # built on the node before: kept in its wheelhouse
         self.act("build llama-cpp-python on the node (kept in its wheelhouse; ~15 min on a Pi)")
-        # Not --no-index: pip's isolated build fetches llama-cpp-python's build backend
-        # (scikit-build-core) from PyPI, so this one step needs the node on the Internet.
-        script = (f"CMAKE_ARGS=\"$({q(node.python_bin)} - cmake)\" {q(node.python_bin)} -m pip "
-                  f"wheel -q --no-deps -w {q(house)} {q(house + '/' + sdist)}")
+        # Offline: the build backend, CMake and Ninja come from the wheelhouse
+        # (Wheelhouse.build_tools) and are installed in the venv first, and the build runs
+        # without pip's isolated environment (which would fetch them from PyPI).
+        pip = f"{q(node.python_bin)} -m pip --disable-pip-version-check"
+        script = (f"export PATH={q(node.venv + '/bin')}:\"$PATH\" && "
+                  f"{pip} install -q --no-index --find-links {q(house)} "
+                  f"{' '.join(BUILD_TOOLS)} && "
+                  f"CMAKE_ARGS=\"$({q(node.python_bin)} - cmake)\" {pip} wheel -q --no-deps "
+                  f"--no-index --no-build-isolation -w {q(house)} {q(house + '/' + sdist)}")
         res = self.r.run(["sh", "-c", script], stdin=BUILD_FLAGS.read_bytes(), check=False,
                          timeout_s=3600)
         if res.rc != 0:
             raise NodeFailed(f"building llama-cpp-python: {res.stderr.strip()[-400:]}",
-                             f"node {node.name} needs a C++ compiler, cmake and access to PyPI "
-                             "for the build backend (apt-get install build-essential cmake), "
-                             "or build the wheel there by hand into "
+                             f"node {node.name} needs a C/C++ compiler (apt-get install "
+                             "build-essential), or build the wheel there by hand into "
                              f"{house}; then provision again")
 
     def copy_files(self, files: list[Path], folder: str, what: str) -> None:
