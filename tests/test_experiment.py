@@ -56,6 +56,14 @@ def test_quickstart_resolves():
     assert len(d["workloads"]["code"]["prompts_sha256"]) == 64
 
 
+def test_real_lab_template_resolves_against_the_shipped_real_inventory():
+    exp = load_experiment(ROOT / "experiments/real-lab.yaml")
+    assert exp.inventory.kind == "real" and exp.inventory_path == ROOT / "inventory/lab.yaml"
+    assert set(exp.device_workloads) == {d.name for d in exp.inventory.devices}
+    assert exp.workload_of("rpi-1").prompt_set.task == "code"
+    assert exp.repeats == 3 and exp.duration_s == 120
+
+
 def test_adaptation_events():
     exp = load_experiment(ROOT / "experiments/adaptation.yaml")
     assert exp.policies == ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed")
