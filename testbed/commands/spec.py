@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target", default="smollm2-135m-q4_1", help="registry name or .gguf path")
     p.add_argument("--draft", default="smollm2-135m-q8_0", help="registry name or .gguf path")
     p.add_argument("--prompt", required=True, help="the user prompt")
-    p.add_argument("--template", choices=("chatml", "none"), default="chatml",
-                   help="wrap the prompt in the ChatML chat template (default) or use it raw")
+    p.add_argument("--template", choices=("chatml", "model", "none"), default="chatml",
+                   help="wrap the prompt in the ChatML chat template (default), in the target "
+                   "model's own chat template (from its GGUF), or use it raw")
     p.add_argument("--max-tokens", type=int_in(1, 32768), default=64,
                    help="tokens to generate, 1..32768 (default 64)")
     p.add_argument("--draft-len", type=int_in(0, MAX_DRAFT_LEN), default=4,
@@ -71,7 +72,8 @@ def run(args) -> int:
     from testbed.engine.spec import speculate
     from testbed.engine.verify import Verifier
     from testbed.inputs import models
-    from testbed.inputs.prompts import render_prompt
+    from testbed.errors import PromptsError
+    from testbed.inputs.prompts import ChatTemplate, render_prompt
 
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
@@ -85,7 +87,12 @@ def run(args) -> int:
     verifier = Verifier(target_path, n_seq_max=1, threads=args.threads, seed=args.seed,
                         sampling=sampling, max_draft_len=max(1, args.draft_len),
                         n_ctx=_n_ctx(args))
-    prompt = verifier.model.tokenize(render_prompt(args.prompt, args.template))
+    try:
+        chat = ChatTemplate.of(verifier.model) if args.template == "model" else None
+        prompt = verifier.model.tokenize(render_prompt(args.prompt, args.template, chat=chat))
+    except PromptsError as exc:
+        verifier.close()
+        raise InputError(exc.message, source="testbed spec", field="--template") from None
     if len(prompt) + args.max_tokens + args.draft_len + 1 > verifier.n_ctx_seq:
         verifier.close()
         raise InputError(f"the prompt has {len(prompt)} tokens; with --max-tokens it exceeds the "

@@ -18,6 +18,11 @@ so the next ``draft`` always has logits to start from. ``catch_up()`` decodes wh
 but the last, for a device that is not drafting (see agents.DeviceAgent). Drafting stops early at an end-of-generation
 token. The clock is injectable for tests.
 
+Vocabulary: the draft's may be up to 128 tokens smaller than the target's (llama.cpp's rule);
+a prompt or server token outside it (a padding id the target should never produce) raises a clear
+``EngineError`` in ``start`` / ``accept``. Draft tokens the target lacks are the verifier's
+concern (rejected there).
+
 Limits: one sequence per worker; the context holds ``n_ctx`` tokens (prompt + output + L).
 """
 
@@ -83,6 +88,7 @@ class DraftWorker:
         prefill time in seconds."""
         if not prompt_tokens:
             raise InputError("the prompt has no tokens", field="prompt")
+        self._check_ids(prompt_tokens, "the prompt")
         if seed is not None:
             self.rng = draft_rng(seed)
         t0 = self.clock()
@@ -118,6 +124,16 @@ class DraftWorker:
                 self._kv.append(tok)
             self.ctx.decode(self.batch)
         return out
+
+    def _check_ids(self, tokens, what: str) -> None:
+        """The target's tokens must exist in this (draft) vocabulary, which may be up to 128
+        tokens smaller (padding rows the target never produces): a clear error, rather than a
+        llama_decode failure later with the sequence state half updated."""
+        n = self.model.n_vocab
+        bad = next((int(t) for t in tokens if not 0 <= int(t) < n), None)
+        if bad is not None:
+            raise EngineError(f"{what} has token {bad}, outside the draft model's vocabulary of "
+                              f"{n} tokens ({self.model.path})")
 
     # -- one round --------------------------------------------------------------------------
 
@@ -214,6 +230,7 @@ class DraftWorker:
         cache back to what is still valid."""
         if not 0 <= n_accepted <= len(self._drafted):
             raise EngineError(f"accepted {n_accepted} of a {len(self._drafted)}-token draft")
+        self._check_ids([next_token], "the server's token")
         self.tokens.extend(self._drafted[:n_accepted])
         self.tokens.append(int(next_token))
         self._drafted = []

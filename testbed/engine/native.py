@@ -3,7 +3,10 @@
 Everything that touches a raw llama.cpp pointer lives here, so that the lifetimes are visible:
 
 - ``Model``: a loaded GGUF (weights mmapped) and its vocabulary: tokenize, detokenize, token texts,
-  end-of-generation test. ``Model.open(path, vocab_only=True)`` reads only the vocabulary.
+  end-of-generation test, vocabulary type (``vocab_type_name``), BOS/EOS ids and whether the
+  tokenizer adds them (``bos``, ``eos``, ``add_bos``, ``add_eos``), the chat template stored in the
+  GGUF (``chat_template()``) and other metadata (``meta``). ``Model.open(path, vocab_only=True)``
+  reads only the vocabulary (and the metadata).
 - ``Context``: one llama.cpp context over a model, with ``n_seq_max`` sequences sharing one unified
   KV cache; ``decode(batch)`` (counted in ``n_decodes``), ``logits(i)``, ``seq_rm`` (KV rollback).
 - ``Batch``: a reusable ``llama_batch`` with ``add(token, pos, seq, logits)``.
@@ -108,8 +111,23 @@ def gpu_offload_supported() -> bool:
     return bool(C.llama_supports_gpu_offload())
 
 
+# enum llama_vocab_type
+VOCAB_TYPE_NAMES = {C.LLAMA_VOCAB_TYPE_NONE: "none", C.LLAMA_VOCAB_TYPE_SPM: "SPM",
+                    C.LLAMA_VOCAB_TYPE_BPE: "BPE", C.LLAMA_VOCAB_TYPE_WPM: "WPM",
+                    C.LLAMA_VOCAB_TYPE_UGM: "UGM", C.LLAMA_VOCAB_TYPE_RWKV: "RWKV",
+                    C.LLAMA_VOCAB_TYPE_PLAMO2: "PLAMO2"}
+
+
+def vocab_type_name(vocab_type: int) -> str:
+    """``BPE``, ``SPM``... for a llama_vocab_type value (``type N`` for one unknown here)."""
+    return VOCAB_TYPE_NAMES.get(int(vocab_type), f"type {int(vocab_type)}")
+
+
 class Model(_Owned):
-    """A loaded GGUF model (or only its vocabulary). Free with ``close()``."""
+    """A loaded GGUF model (or only its vocabulary). Free with ``close()``.
+
+    ``bos`` / ``eos``: the BOS / EOS token ids (-1: none); ``add_bos`` / ``add_eos``: whether
+    ``tokenize(add_special=True)`` adds them."""
 
     def __init__(self, path: Path, ptr, vocab_only: bool):
         self.path = path
@@ -118,6 +136,10 @@ class Model(_Owned):
         self._vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self._vocab))
         self.vocab_type = int(C.llama_vocab_type(self._vocab))
+        self.bos = int(C.llama_vocab_bos(self._vocab))
+        self.eos = int(C.llama_vocab_eos(self._vocab))
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
+        self.add_eos = bool(C.llama_vocab_get_add_eos(self._vocab))
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, vocab_only: bool = False,
@@ -150,8 +172,30 @@ class Model(_Owned):
     def ftype(self) -> int:
         return int(C.llama_model_ftype(self.ptr))
 
+    @property
+    def vocab_type_name(self) -> str:
+        return vocab_type_name(self.vocab_type)
+
     def token_text(self, token: int) -> bytes:
         return C.llama_vocab_get_text(self._vocab, token) or b""
+
+    def chat_template(self) -> str | None:
+        """The default chat template stored in the GGUF (``tokenizer.chat_template``, a Jinja
+        template as Hugging Face tokenizers have it); None when the file has none."""
+        raw = C.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (``general.name``...); None when the key is absent."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
 
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self._vocab, token))

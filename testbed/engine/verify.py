@@ -16,6 +16,13 @@ example). ``verify({seq: payload})`` runs one round for all the devices given:
 4. Roll back each sequence's rejected positions with ``llama_memory_seq_rm``; the new pending
    token is the one the target produced.
 
+Vocabulary sizes: a draft model may have up to 128 tokens more or fewer than the target (as
+llama.cpp's speculative decoding allows: padding rows, e.g. Qwen2.5-7B's 152064 against 0.5B's
+151936). A draft token id the target does not have can never be the target's token: it is
+rejected like any wrong draft (greedy: it is not the argmax; sampling: p = 0 there, and the
+residual norm(max(0, p - q)) only has the target's ids), the drafts after it are dropped, and
+none of them is decoded. ``n_drafted`` still counts them all.
+
 Timing: ``compute_s`` is the real duration of the step. With an emulation profile
 (``inventory.Emulation``, emulated lab only) the step is made to last
 ``max(compute_s, verify_base_s + verify_per_token_s * n_tokens)`` by sleeping the remainder, where
@@ -172,29 +179,33 @@ class Verifier:
         for seq, data in drafts.items():
             st = self._seq(seq)
             d = pl.decode(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-            if any(not 0 <= t < self.model.n_vocab for t in d.tokens):
-                raise EngineError(f"sequence {seq}: a draft token is outside the vocabulary")
+            # A draft model may have up to 128 tokens more than the target (padding rows, as
+            # llama.cpp allows): a draft token the target does not have is one it can never
+            # produce, so it is rejected (p = 0), never decoded. Only the drafts before it
+            # go into the batch; acceptance stops at it (see the module docstring).
+            n_in = next((j for j, t in enumerate(d.tokens) if not 0 <= t < self.model.n_vocab),
+                        len(d.tokens))
             if len(st.tokens) + len(d.tokens) > self.n_ctx_seq:
                 raise EngineError(f"sequence {seq} would exceed n_ctx={self.n_ctx_seq}")
-            if self.batch.n + len(d.tokens) + 1 > self.batch.capacity:
-                raise EngineError(f"round of {self.batch.n + len(d.tokens) + 1}+ tokens exceeds "
+            if self.batch.n + n_in + 1 > self.batch.capacity:
+                raise EngineError(f"round of {self.batch.n + n_in + 1}+ tokens exceeds "
                                   f"the batch capacity {self.batch.capacity}")
             pos = len(st.tokens) - 1           # position of the pending token
             first = self.batch.add(st.tokens[-1], pos, seq, True)
-            for j, tok in enumerate(d.tokens):
+            for j, tok in enumerate(d.tokens[:n_in]):
                 self.batch.add(tok, pos + 1 + j, seq, True)
-            plan.append((seq, st, d, first))
+            plan.append((seq, st, d, first, n_in))
         n_tokens = self.batch.n
         decodes_before = self.ctx.n_decodes
         t_dec = self.clock()
         self.ctx.decode(self.batch)            # ONE llama_decode for every device of the round
         decode_s = self.clock() - t_dec
         results = {}
-        for seq, st, d, first in plan:
-            n, nxt = self._accept(st, d, first)
-            # KV now holds tokens[:-1] + [last] + drafts: keep the accepted drafts only.
+        for seq, st, d, first, n_in in plan:
+            n, nxt = self._accept(st, d, first, n_in)
+            # KV now holds tokens[:-1] + [last] + the drafts decoded: keep the accepted ones.
             st.kv.append(st.tokens[-1])
-            st.kv.extend(d.tokens)
+            st.kv.extend(d.tokens[:n_in])
             st.tokens.extend(d.tokens[:n])
             st.tokens.append(nxt)
             self._trim(seq, st)
@@ -249,11 +260,16 @@ class Verifier:
                 live = still
         return out
 
-    def _accept(self, st: _Seq, d: pl.DraftPayload, first: int) -> tuple[int, int]:
+    def _accept(self, st: _Seq, d: pl.DraftPayload, first: int, n_in: int) -> tuple[int, int]:
+        """Acceptance over the drafts up to the first one outside the target's vocabulary
+        (``n_in``: the drafts before it, decoded). That one is rejected by either rule (the
+        target's argmax, or p, never has it), with the target's logits at its position, which
+        the batch has; the drafts after it are never looked at."""
+        tokens = list(d.tokens[:n_in + 1])
         if st.sampling.greedy:
-            return accept_greedy(d.tokens, lambda i: greedy(self.ctx.logits(first + i)))
+            return accept_greedy(tokens, lambda i: greedy(self.ctx.logits(first + i)))
         q = d.dists if d.dists is not None else [Dist.one_hot(t) for t in d.tokens]
-        return accept_sampling(d.tokens, q,
+        return accept_sampling(tokens, q[:len(tokens)],
                                lambda i: dist_from_logits(self.ctx.logits(first + i), st.sampling),
                                st.rng)
 

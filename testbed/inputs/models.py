@@ -422,24 +422,33 @@ def _check_hash(path: Path, expected: str) -> None:
 # ----------------------------------------------------------------------------- vocabulary check
 
 def check_pair(target_path: str | os.PathLike, draft_path: str | os.PathLike) -> int:
-    """Raise ModelFileError unless target and draft share the vocabulary; returns its size.
+    """Raise ModelFileError unless the draft can speculate for the target; returns the size of
+    the vocabulary they share.
 
-    Same tokenizer type, same number of tokens and the same text for every token id.
+    llama.cpp's rule (``common_speculative_are_compatible``; the run's own check is
+    ``live.agents.vocab_compatible``): the same tokenizer type and special tokens, sizes within
+    128 entries, and the same text for every shared token from id 5 on.
     """
     from testbed.engine.native import Model
+    from testbed.live.agents import VOCAB_CHECK_START, VOCAB_MAX_SIZE_DIFFERENCE
 
     with Model.open(target_path, vocab_only=True) as t, Model.open(draft_path, vocab_only=True) as d:
         where = f"target {t.path} and draft {d.path}"
         if t.vocab_type != d.vocab_type:
             raise ModelFileError(f"vocabulary mismatch between {where}: tokenizer type "
                                  f"{t.vocab_type} vs {d.vocab_type}")
-        if t.n_vocab != d.n_vocab:
+        if abs(t.n_vocab - d.n_vocab) > VOCAB_MAX_SIZE_DIFFERENCE:
             raise ModelFileError(f"vocabulary mismatch between {where}: {t.n_vocab} tokens vs "
-                                 f"{d.n_vocab}")
-        for tok in range(t.n_vocab):
+                                 f"{d.n_vocab} (more than {VOCAB_MAX_SIZE_DIFFERENCE} apart)")
+        for what in ("bos", "eos", "add_bos", "add_eos"):
+            if getattr(t, what) != getattr(d, what):
+                raise ModelFileError(f"vocabulary mismatch between {where}: {what} "
+                                     f"{getattr(t, what)} vs {getattr(d, what)}")
+        shared = min(t.n_vocab, d.n_vocab)
+        for tok in range(VOCAB_CHECK_START, shared):
             a, b = t.token_text(tok), d.token_text(tok)
             if a != b:
                 raise ModelFileError(f"vocabulary mismatch between {where}: token {tok} is "
                                      f"{a.decode('utf-8', 'replace')!r} in the target, "
                                      f"{b.decode('utf-8', 'replace')!r} in the draft")
-        return t.n_vocab
+        return shared

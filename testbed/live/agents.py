@@ -25,6 +25,10 @@ draft tokens) and both agents have ``probe()`` (the node's facts, ``testbed.lab.
 file it loaded (``model``: path, size_bytes, sha256, hashed on the node when the agent starts),
 so the run manifest records what really ran on every node, in a real lab as in the emulated one.
 
+Both agents give their model's vocabulary signature (``vocab_signature``: type, size, BOS/EOS,
+hashes of the token texts); ``vocab_compatible(draft, target)`` applies llama.cpp's rule for a
+draft model (the session checks every device's draft against the target with it).
+
 Both classes are plain Python (unit-testable in process); ``remote_classes()`` wraps them for Ray.
 Control (which round, which L, the verdicts) travels over Ray; draft payloads travel only over
 the data path, so only they cross the shaped class.
@@ -85,13 +89,109 @@ def load_model_ref(model: str | Mapping) -> str:
                                 sha256=model.get("sha256"))))
 
 
-def vocab_digest(model: Model) -> dict:
-    """Vocabulary size and a digest of every token text (to compare models across nodes)."""
+# llama.cpp's rule for a draft model's vocabulary (common/speculative.cpp,
+# common_speculative_are_compatible): sizes may differ by this many tokens (padding rows, e.g.
+# Qwen2.5-7B's 152064 against 0.5B's 151936), and token texts are compared from this id on.
+VOCAB_MAX_SIZE_DIFFERENCE = 128
+VOCAB_CHECK_START = 5
+VOCAB_BLOCK = 1024                                       # token ids per block hash
+VOCAB_TAIL = VOCAB_BLOCK + VOCAB_MAX_SIZE_DIFFERENCE      # last ids hashed one by one
+
+
+def _text_hash(texts) -> str:
     h = hashlib.sha256()
-    for t in range(model.n_vocab):
-        h.update(model.token_text(t))
-        h.update(b"\0")
-    return {"n_vocab": model.n_vocab, "sha256": h.hexdigest()}
+    for t in texts:
+        h.update(len(t).to_bytes(4, "little"))   # length-prefixed: no two lists hash alike
+        h.update(t)
+    return h.hexdigest()
+
+
+def vocab_signature(model: Model) -> dict:
+    """A compact, comparable signature of a model's vocabulary (plain data, sent over Ray):
+    compare two with ``vocab_compatible``.
+
+    - ``type`` (llama_vocab_type, ``type_name`` BPE/SPM/...), ``n_vocab``, ``bos``, ``eos``,
+      ``add_bos``, ``add_eos``: as the tokenizer has them;
+    - ``head``: sha256 of the texts of ids 0..4 (informational: llama.cpp does not compare
+      them, they are often special tokens that differ between otherwise equal vocabularies);
+    - ``blocks``: one sha256 per block of ``block`` (1024) ids from id 5: block k covers ids
+      5 + 1024k .. 5 + 1024(k+1) - 1, the last block what is left;
+    - ``tail``: a 64-bit hash (16 hex digits, BLAKE2b) of each text of the last 1152 ids
+      (from ``tail_from``): 1024 + 128, so that when the two sizes differ by at most 128 the
+      shared range's last, partial block is covered by both tails, id by id.
+
+    So the token texts of the shared range 5..min(n_a, n_b)-1 (what llama.cpp compares) are
+    compared without sending the ~150k texts of a large vocabulary: equal full blocks compare
+    by hash, the rest id by id. A text is hashed as its bytes with a 4-byte length prefix.
+    About 30 KB for a 150k-token vocabulary."""
+    n = model.n_vocab
+    texts = [model.token_text(t) for t in range(n)]
+    start = min(VOCAB_CHECK_START, n)
+    tail_from = max(start, n - VOCAB_TAIL)
+    return {"type": model.vocab_type, "type_name": model.vocab_type_name, "n_vocab": n,
+            "bos": model.bos, "eos": model.eos, "add_bos": model.add_bos,
+            "add_eos": model.add_eos, "head": _text_hash(texts[:start]), "block": VOCAB_BLOCK,
+            "blocks": [_text_hash(texts[lo:lo + VOCAB_BLOCK])
+                       for lo in range(start, n, VOCAB_BLOCK)],
+            "tail_from": tail_from,
+            "tail": "".join(hashlib.blake2b(t, digest_size=8).hexdigest()
+                            for t in texts[tail_from:])}
+
+
+def _special_reason(name: str, draft: dict, target: dict) -> str | None:
+    add, tok = f"add_{name.lower()}", name.lower()
+    if draft[add] != target[add]:
+        who, other = ("draft", "target") if draft[add] else ("target", "draft")
+        return f"the {who} adds a {name} token and the {other} does not"
+    if draft[tok] != target[tok]:
+        return f"{name} differs (token {draft[tok]} in the draft, {target[tok]} in the target)"
+    return None
+
+
+def vocab_compatible(draft: dict, target: dict) -> str | None:
+    """None when a draft model with vocabulary signature ``draft`` (``vocab_signature``) can
+    speculate for a target with ``target``, else one short reason naming what differs.
+
+    llama.cpp's rule (common_speculative_are_compatible): the same vocabulary type; the same
+    BOS and EOS ids and the same add-BOS/add-EOS behaviour; sizes that differ by at most 128
+    tokens; and, for ids from 5 up to the smaller size, the same token texts. (The newest
+    llama.cpp compares the BOS/EOS ids only where the tokenizer adds them; this keeps the
+    stricter rule.) Pure: no model needed."""
+    if draft["type"] != target["type"]:
+        return (f"vocabulary types differ ({draft['type_name']} in the draft, "
+                f"{target['type_name']} in the target)")
+    for name in ("BOS", "EOS"):
+        why = _special_reason(name, draft, target)
+        if why:
+            return why
+    n_d, n_t = draft["n_vocab"], target["n_vocab"]
+    if abs(n_d - n_t) > VOCAB_MAX_SIZE_DIFFERENCE:
+        return (f"sizes differ by {abs(n_d - n_t)} tokens (more than "
+                f"{VOCAB_MAX_SIZE_DIFFERENCE}: {n_d} in the draft, {n_t} in the target)")
+    if draft.get("block") != target.get("block"):
+        return "the vocabulary signatures were made differently (another testbed version?)"
+    shared = min(n_d, n_t)
+    block = draft["block"]
+    lo = min(VOCAB_CHECK_START, shared)
+    k = 0
+    while lo + block <= shared:         # blocks complete in both vocabularies
+        if draft["blocks"][k] != target["blocks"][k]:
+            return f"token texts differ in ids {lo}-{lo + block - 1}"
+        lo += block
+        k += 1
+    if lo >= shared:
+        return None
+    if n_d == n_t:                      # the same last, partial block in both
+        same = draft["blocks"][k] == target["blocks"][k]
+        return None if same else f"token texts differ in ids {lo}-{shared - 1}"
+    for tok in range(lo, shared):       # the rest, id by id (in both tails, see above)
+        if tok < draft["tail_from"] or tok < target["tail_from"]:
+            return f"token texts cannot be compared in ids {lo}-{shared - 1}"
+        a = draft["tail"][16 * (tok - draft["tail_from"]):][:16]
+        b = target["tail"][16 * (tok - target["tail_from"]):][:16]
+        if a != b:
+            return f"token {tok} differs"
+    return None
 
 
 def probe_node(models: Sequence[str] = ()) -> dict:
@@ -132,8 +232,8 @@ class DeviceAgent:
     def tokenize(self, text: str) -> list[int]:
         return self.worker.model.tokenize(text)
 
-    def vocab_digest(self) -> dict:
-        return vocab_digest(self.worker.model)
+    def vocab_signature(self) -> dict:
+        return vocab_signature(self.worker.model)
 
     def start(self, prompt_tokens: Sequence[int], *, seed: int | None = None,
               sampling: Mapping | None = None) -> float:
@@ -220,8 +320,8 @@ class ServerAgent:
     def tokenize(self, text: str) -> list[int]:
         return self.verifier.model.tokenize(text)
 
-    def vocab_digest(self) -> dict:
-        return vocab_digest(self.verifier.model)
+    def vocab_signature(self) -> dict:
+        return vocab_signature(self.verifier.model)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.verifier.model.detokenize(list(tokens))

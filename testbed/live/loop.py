@@ -70,6 +70,7 @@ from testbed.control.problem import Plan, Problem, plan_to_dict, problem_from_pr
 from testbed.control.replan import Replanner
 from testbed.errors import PolicyError, ProblemError, RunError, TestbedError
 from testbed.inputs.experiment import Experiment
+from testbed.inputs.prompts import target_chat_template
 from testbed.inputs.inventory import Inventory
 from testbed.live import tracefollow
 from testbed.live.datapath import metered_bits
@@ -205,6 +206,9 @@ class ExperimentLoop:
         self._repeat: int | None = None        # the repeat in progress (stamped on its events)
         self._follower = None                  # the channel traces' follower of this policy
         self.base_problem = profile_problem(exp, profile)
+        # The target's chat template, for prompt sets with ``template: model`` (else None).
+        self.chat = target_chat_template((w.prompt_set for w in exp.workloads.values()),
+                                         exp.inventory.server.model)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -246,7 +250,7 @@ class ExperimentLoop:
         # Repeat r starts every device r prompts further on (r = 0: as without repeats), so
         # that repeats sample the workload too; within a repeat every policy gets the same.
         index = dev.prompt_index + pol.repeat
-        text = w.prompt_set.render(dev.index + index)
+        text = w.prompt_set.render(dev.index + index, self.chat)
         seed = self.exp.seed * 100_003 + dev.index * 1009 + index
         sampling = {"temperature": w.temperature, "top_k": w.top_k, "top_p": w.top_p}
         if overlap:

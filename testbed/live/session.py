@@ -2,9 +2,10 @@
 
 ``LiveSession`` is what the profiler and the runner share. It joins the lab's Ray cluster (started
 by ``testbed up``), places one ``ServerAgent`` on the server and one ``DeviceAgent`` per device
-(pinned with the ``server`` / ``device:NAME`` resources), checks that every draft model shares
-the target's vocabulary, and shapes each device's uplink with ``tc`` through that device's runner
-(SSH; sudo on a real lab). Then:
+(pinned with the ``server`` / ``device:NAME`` resources), checks that every draft model's
+vocabulary is compatible with the target's (llama.cpp's rule, ``agents.vocab_compatible``), and
+shapes each device's uplink with ``tc`` through that device's runner (SSH; sudo on a real lab).
+Then:
 
 - ``start_sequence(name, prompt, sampling)``: a new prompt on both sides (prefill, not a round);
   raises ``DeviceFailed`` when the device's agent fails meanwhile (it died: the device is lost);
@@ -262,18 +263,21 @@ class LiveSession:
         self._started(dev)
 
     def _check_vocab(self, dev: DeviceState) -> None:
-        """A draft model must tokenize exactly like the target (size and token texts)."""
+        """A draft model's vocabulary must be compatible with the target's, as llama.cpp's
+        speculative decoding defines it (``agents.vocab_compatible``: same type and BOS/EOS,
+        sizes within 128 tokens, the same token texts in the shared range)."""
+        from testbed.live.agents import vocab_compatible
         ray = self._ray
         if self._target_vocab is None:
-            self._target_vocab = ray.get(self.server.vocab_digest.remote())
+            self._target_vocab = ray.get(self.server.vocab_signature.remote())
         want = self._target_vocab
-        got = ray.get(dev.actor.vocab_digest.remote())
-        if got != want:
+        got = ray.get(dev.actor.vocab_signature.remote())
+        why = vocab_compatible(got, want)
+        if why is not None:
             raise ModelFileError(
                 f"draft {_model_label(dev.info, dev.node)} ({got['n_vocab']} tokens) and target "
                 f"{_model_label(self.server_info, self.inv.server)} ({want['n_vocab']} tokens) "
-                "do not share "
-                "a vocabulary", field=f"{dev.node.name}.model")
+                f"do not share a vocabulary: {why}", field=f"{dev.node.name}.model")
 
     def _shape_all(self, keep_going: bool = False) -> None:
         """Shape every active device's uplink at an equal share of the band (until a plan)."""

@@ -56,7 +56,7 @@ from typing import Callable, Mapping, Sequence
 from testbed.errors import ProfileError, RunError, TestbedError
 from testbed.channel import Channel
 from testbed.inputs.inventory import Inventory
-from testbed.inputs.prompts import PromptSet, load_prompts, prompt_key
+from testbed.inputs.prompts import PromptSet, load_prompts, prompt_key, target_chat_template
 from testbed.live.datapath import FRAME_OVERHEAD_BYTES
 from testbed.live.session import DeviceFailed, LiveSession, resolve_model
 from testbed.profiling.format import (SCHEMA, SummaryError, device_summary, prefill_summary,
@@ -176,6 +176,9 @@ class Profiler:
         self.inv = inv
         self.channel = channel or inv.channel
         self.workloads = dict(workloads)
+        # The target's chat template, for prompt sets with ``template: model`` (else None).
+        self.chat = target_chat_template((w.prompts for w in self.workloads.values()),
+                                         inv.server.model)
         self.budget = budget
         self.quick = quick
         self.seed = seed
@@ -311,7 +314,7 @@ class Profiler:
         self.rep.started("server", "verify")
         session, server = self.session, self.inv.server.name
         first = next(iter(self.workloads.values()))
-        tokens = session.call(server, "tokenize", first.prompts.render(0))
+        tokens = session.call(server, "tokenize", first.prompts.render(0, self.chat))
         if len(tokens) <= self.channel.max_draft_len:
             tokens = tokens * (self.channel.max_draft_len // len(tokens) + 2)
         samples: list[dict] = []
@@ -401,7 +404,7 @@ class Profiler:
             self._prompt_no[name] = k + 1
             index = list(self.session.devices).index(name)
             prefill_s = self.session.start_sequence(
-                name, w.prompts.render(index + k), sampling=w.sampling,
+                name, w.prompts.render(index + k, self.chat), sampling=w.sampling,
                 seed=self.seed * 7919 + index * 101 + k)
             self.prefills.setdefault(name, {}).setdefault(workload_of[name], []).append(
                 float(prefill_s))
@@ -501,7 +504,7 @@ class Profiler:
             return {}
         session, server = self.session, self.inv.server.name
         self.rep.started("server", "answers")
-        texts = [self.workloads[w].prompts.render(i) for w, i in todo]
+        texts = [self.workloads[w].prompts.render(i, self.chat) for w, i in todo]
         tokens = [session.call(server, "tokenize", t, timeout=60) for t in texts]
         answers: list[list[int] | None] = [None] * len(todo)
         for mt in sorted({self.workloads[w].max_tokens for w, _ in todo}):

@@ -33,12 +33,17 @@ from testbed.sim.population import (
 
 
 def prompt_tasks(exp: Experiment) -> dict[str, str]:
-    """Every prompt text the loop can start (any index wraps around) -> its prompt set's task."""
+    """Every prompt text the loop can start (any index wraps around) -> its prompt set's task.
+    Rendered as the loop renders them (``template: model``: with the target's chat template,
+    which needs the target's model file here)."""
+    from testbed.inputs.prompts import target_chat_template
+    chat = target_chat_template((w.prompt_set for w in exp.workloads.values()),
+                                exp.inventory.server.model)
     out: dict[str, str] = {}
     for w in exp.workloads.values():
         ps = w.prompt_set
         for i in range(len(ps.prompts)):
-            out[ps.render(i)] = ps.task
+            out[ps.render(i, chat)] = ps.task
     return out
 
 
