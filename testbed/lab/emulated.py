@@ -9,6 +9,10 @@
   route) and whose host end is a port of the bridge. Nothing routes or NATs the lab's block
   anywhere: traffic can only go between the devices and this machine's bridge address;
 * per device, a cgroup ``<lab.cgroup>/<netns>`` with the node's ``cpu_quota`` (cgroups.py);
+* per device with ``arch: aarch64``, its sessions in a Debian arm64 root run by qemu-user:
+  the device's sshd (this machine's) has ``ChrootDirectory`` set to the root (``roots.py``,
+  built once and cached), and its start script mounts /proc, /dev, /sys, /tmp, /home and the
+  user files inside the root, in the sshd's own mount namespace (gone with its last process);
 * per device, a real sshd (Debian's openssh-server) listening on the device's address inside
   its namespace, with a generated host key, the lab's client key in authorized_keys, and a
   known_hosts the lab writes. Every command later run over SSH inherits its namespace and its
@@ -44,7 +48,7 @@ from typing import Callable
 from testbed.errors import InventoryError, LabError, RemoteError, StateError
 from testbed.files import atomic_write_json, read_json
 from testbed.inputs.inventory import Inventory, Node
-from testbed.lab import cgroups, login, procs, sshd
+from testbed.lab import cgroups, login, procs, roots, sshd
 from testbed.lab.remote import LocalRunner, default_ssh_files, join
 
 SCHEMA = "testbed.lab/1"
@@ -121,13 +125,19 @@ def _lab(inv: Inventory):
 
 
 def sshd_start_script(procs_file: str, netns: str, remount: list[list[str]],
-                      sshd_argv: list[str]) -> str:
-    """Shell text: join the cgroup, enter the namespace, remount the cpu hierarchy, exec sshd.
+                      sshd_argv: list[str], mounts: list[list[str]] = ()) -> str:
+    """Shell text: join the cgroup, enter the namespace, remount the cpu hierarchy, make
+    ``mounts`` (an aarch64 device's root: ``roots.session_mounts``), exec sshd.
 
     The pid stays the same through every exec, so the pid ``start_detached`` reports is sshd's.
-    A failed remount only loses the in-namespace view of the quota (the quota still applies).
+    A failed remount only loses the in-namespace view of the quota (the quota still applies);
+    a failed mount stops the start (sessions could not run), with the reason in sshd's log.
+    All of it happens in the mount namespace ``ip netns exec`` makes: nothing on the host.
     """
     inner = "exec " + join(sshd_argv)
+    if mounts:
+        inner = ("{ " + " && ".join(join(c) for c in mounts) + "; } || { echo "
+                 "'testbed: could not mount the device root' >&2; exit 1; }; " + inner)
     if remount:
         inner = ("{ " + " && ".join(join(c) for c in remount) + "; } || echo "
                  "'testbed: could not mount the cpu cgroup in the namespace' >&2; " + inner)
@@ -257,9 +267,12 @@ def up(inv: Inventory, progress: Progress = _quiet, login_user: str | None = Non
         save_state(inv, state)
         cgroups.create(parent)
     remount = cgroups.netns_remount_commands(Path("/proc/self/mounts").read_text())
+    device_roots = {n.name: roots.ensure_root(n.arch, progress) for n in inv.devices if n.arch}
     for node in inv.devices:
-        progress(f"{node.name}: namespace, link, cgroup, sshd")
-        _device_up(inv, r, state, node, parent, files, remount)
+        progress(f"{node.name}: namespace, link, cgroup, sshd"
+                 + (f" (sessions in {device_roots[node.name]}, {node.arch} under qemu)"
+                    if node.name in device_roots else ""))
+        _device_up(inv, r, state, node, parent, files, remount, device_roots.get(node.name))
     sshd.merge_known_hosts(files.known_hosts, {
         sshd.known_hosts_name(n.host, n.ssh.port if n.ssh else 22):
             sshd.read_public_key(files.host_key(n.name)) for n in inv.devices})
@@ -303,7 +316,8 @@ def _bridge_up(inv: Inventory, r: LocalRunner, state: LabState) -> None:
 
 
 def _device_up(inv: Inventory, r: LocalRunner, state: LabState, node: Node,
-               parent: cgroups.CpuGroup, files: LabFiles, remount: list[list[str]]) -> None:
+               parent: cgroups.CpuGroup, files: LabFiles, remount: list[list[str]],
+               root: Path | None = None) -> None:
     lab = _lab(inv)
     ns, veth = netns_name(inv, node), veth_host_name(inv, node)
     g = parent.child(netns_name(inv, node))
@@ -346,7 +360,7 @@ def _device_up(inv: Inventory, r: LocalRunner, state: LabState, node: Node,
         authorized_keys=f"{files.authorized_keys}/%u", pid_file=files.sshd_pid(node.name),
         allow_users=users, use_pam=any(sshd.account_locked(u) for u in users),
         user_authorized_keys={state.login["user"]: login.AUTHORIZED_KEYS}
-        if state.login else None)
+        if state.login else None, chroot_directory=root)
     old = d.get("sshd_pid")
     if is_our_sshd(old, conf):
         if in_netns(old, ns) and conf.exists() and conf.read_text() == text:
@@ -360,7 +374,8 @@ def _device_up(inv: Inventory, r: LocalRunner, state: LabState, node: Node,
         sshd.check_config(conf)
     except sshd.SSHDSetupError as exc:
         raise LabError(str(exc)) from None
-    script = sshd_start_script(g.procs_file, ns, remount, sshd.sshd_argv(conf))
+    script = sshd_start_script(g.procs_file, ns, remount, sshd.sshd_argv(conf),
+                               roots.session_mounts(root) if root else [])
     try:
         pid = r.start_detached(["sh", "-c", script], str(files.sshd_log(node.name)))
     except RemoteError as exc:

@@ -72,7 +72,8 @@ def sshd_config_text(*, listen_address: str, port: int, host_key: str | Path,
                      authorized_keys: str | Path, pid_file: str | Path,
                      strict_modes: bool = False, allow_users: Sequence[str] = (),
                      use_pam: bool = False, log_level: str = "INFO",
-                     user_authorized_keys: Mapping[str, str] | None = None) -> str:
+                     user_authorized_keys: Mapping[str, str] | None = None,
+                     chroot_directory: str | Path | None = None) -> str:
     """The text of an sshd_config for a key-only private sshd.
 
     ``use_pam``: without PAM, OpenSSH refuses even key logins to an account whose password is
@@ -105,6 +106,8 @@ def sshd_config_text(*, listen_address: str, port: int, host_key: str | Path,
         f"StrictModes {'yes' if strict_modes else 'no'}",
         "# SFTP for Runner.put, served in-process (no dependency on the sftp-server path).",
         "Subsystem sftp internal-sftp",
+        *(["# Every session runs inside this root (an emulated aarch64 device: roots.py).",
+           f"ChrootDirectory {chroot_directory}"] if chroot_directory else []),
         "# No reverse DNS look-ups: fast logins and no traffic off the machine.",
         "UseDNS no",
         "# Nothing but commands and SFTP: no forwarding of any kind.",
