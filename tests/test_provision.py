@@ -109,3 +109,64 @@ def test_a_real_lab_driven_by_another_user_keeps_its_state_in_their_home(monkeyp
     assert inv.state_dir == tmp_path / ".local/state/testbed/lab"
     local = load_inventory(ROOT / "inventory/local.yaml")     # the emulated lab: root's anyway
     assert local.state_dir == Path("/var/lib/testbed/local")
+
+
+_BACKEND_PROJECT = {
+    "pyproject.toml": '[build-system]\nrequires = ["scikit-build-core>=0.9.2"]\n'
+                      'build-backend = "scikit_build_core.build"\n\n[project]\n'
+                      'name = "llama_cpp_python"\nversion = "{version}"\n\n'
+                      '[tool.scikit-build]\nwheel.packages = ["llama_cpp"]\n',
+    "CMakeLists.txt": "cmake_minimum_required(VERSION 3.21)\nproject(tiny C)\n"
+                      "add_library(tiny SHARED tiny.c)\ninstall(TARGETS tiny DESTINATION "
+                      "llama_cpp/lib)\n",
+    "tiny.c": "int tiny(void) { return 42; }\n",
+    "llama_cpp/__init__.py": "",
+}
+
+
+def test_building_llama_cpp_python_on_a_node_needs_no_internet(tmp_path, monkeypatch):
+    """The node-side build (a node whose machine type has no wheel here) runs with pip's index
+    off and without build isolation: scikit-build-core, CMake and Ninja come as wheels from the
+    node's wheelhouse. A source package with llama-cpp-python's build backend and a one-file C
+    library stands for the real one (whose compile takes minutes)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from testbed.inputs.inventory import ModelRef, Node
+    from testbed.lab.remote import LocalRunner
+
+    version = metadata.version("llama_cpp_python")
+    src = tmp_path / f"llama_cpp_python-{version}"
+    for name, text in _BACKEND_PROJECT.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text.replace("{version}", version))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    house = venv / provision.WHEELHOUSE
+    house.mkdir()
+    with tarfile.open(house / f"{src.name}.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    wheelhouse = provision.Wheelhouse(lambda _m: None)
+    try:
+        py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        import platform
+        tools = wheelhouse.build_tools(py, platform.machine(), platform.libc_ver()[1])
+    finally:
+        wheelhouse.close()
+    assert {provision._norm(w.name.split("-")[0]) for w in tools} >= {
+        "scikit-build-core", "cmake", "ninja", "pathspec", "packaging"}
+    for w in tools:
+        (house / w.name).write_bytes(w.read_bytes())
+    # Any index pip could reach would be a dead end: the build must not need one.
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    node = Node(name="dev-z", role="device", host="127.0.0.1", connection="local", ssh=None,
+                python=py, venv=str(venv), interface="lo", model=ModelRef(name="x"))
+    said = []
+    step = provision._Node(None, node, LocalRunner("dev-z"), None, False, said.append)
+    step.build_llama(str(house), f"{src.name}.tar.gz")
+    (built,) = house.glob(f"llama_cpp_python-{version}-*.whl")
+    assert "build llama-cpp-python on the node" in said[0]
+    import zipfile
+    assert any(n.endswith("libtiny.so") for n in zipfile.ZipFile(built).namelist())

@@ -12,9 +12,11 @@ For each node, through its runner (``remote.runner_for``), in this order:
    ``~/.cache/testbed/wheelhouse/<tag>``) and testbed's own wheel is built from this checkout.
    llama-cpp-python: the wheel ``scripts/install.sh`` built is copied when the node has the same
    machine type and the same build key (CPU extensions, ``scripts/llama_build_flags.py``, run on
-   the node); otherwise its source is copied, with its build tools as wheels (scikit-build-core,
-   CMake, Ninja: ``Wheelhouse.build_tools``), and the wheel is built on the node, once, and kept
-   in the node's wheelhouse. The node installs with ``pip --no-index``: nodes need no Internet.
+   the node); for another machine type (aarch64) with a cross compiler here, a wheel cross-built
+   here (``crossbuild.py``, once per version and CPU level); otherwise its source is copied,
+   with its build tools as wheels (scikit-build-core, CMake, Ninja:
+   ``Wheelhouse.build_tools``), and the wheel is built on the node, once, and kept in the
+   node's wheelhouse. The node installs with ``pip --no-index``: nodes need no Internet.
    A marker in the venv (``.testbed-provision.json``) records what was installed; when it
    matches, nothing is copied or installed.
 4. **models**: a model given by ``name`` and ``path`` is copied from this machine's model store
@@ -52,7 +54,7 @@ from typing import Callable
 
 from testbed.errors import LabError, ModelFileError, TestbedError
 from testbed.inputs.inventory import Inventory, Node
-from testbed.lab import versions
+from testbed.lab import crossbuild, versions
 from testbed.inputs.models import sha256_file
 from testbed.lab.remote import Runner, runner_for
 
@@ -143,6 +145,8 @@ print(json.dumps({
     "python": "%d.%d.%d" % sys.version_info[:3], "machine": platform.machine(),
     "libc": list(platform.libc_ver()), "home": os.path.expanduser("~"),
     "venv_python": os.path.exists(os.path.join(venv, "bin", "python")),
+    "features": next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                      if line.split(":", 1)[0].strip() == "Features"), []),
 }))
 """
 
@@ -466,6 +470,13 @@ class _Node:
             _pip(["download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(folder),
                   f"{LLAMA}=={version}"], "downloading llama-cpp-python's source")
             found = sorted(folder.glob(f"llama_cpp_python-{version}.tar.gz"))
+        machine = facts["machine"]
+        if machine != platform.machine() and crossbuild.available(machine):
+            # Another machine type (a Pi or a Jetson from x86-64): cross-built here, once.
+            cpu_arch = crossbuild.cpu_arch_for(set(facts.get("features") or ()))
+            with self.house._lock:          # one build at a time; the others then reuse it
+                return crossbuild.wheel(found[0], version, machine, cpu_arch,
+                                        lambda m: self.say(m)), None
         return None, found[0]
 
     def build_llama(self, house: str, sdist: str) -> None:

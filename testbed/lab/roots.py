@@ -9,7 +9,9 @@ each aarch64 binary to ``qemu-aarch64`` through binfmt_misc. This module makes t
   not contain it). Needs the packages ``qemu-user-static`` and ``binfmt-support``
   (``scripts/install.sh`` installs them).
 * ``ensure_root(arch)``: the root, built once with ``debootstrap`` (first stage here, second
-  stage inside the root under qemu: about 4 minutes on the 2-core development machine) and kept
+  stage inside the root under qemu; then this machine's own iproute2 through multiarch, since
+  qemu-user cannot pass tc's netlink messages: about 4 minutes on the 2-core development
+  machine) and kept
   in ``$TESTBED_ROOTS`` (default ``/var/cache/testbed/roots``) as ``bookworm-arm64``. It is
   built in a ``.partial`` folder and renamed when complete, under a lock, so an interrupted or
   concurrent build never leaves a half-made root in use. A marker file records the recipe; a
@@ -33,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -45,7 +48,14 @@ BINFMT = Path("/proc/sys/fs/binfmt_misc")
 QEMU = {"aarch64": "qemu-aarch64"}               # binfmt entry per emulated machine
 DEBIAN_ARCH = {"aarch64": "arm64"}
 SUITE = "bookworm"
-PACKAGES = ("python3", "python3-venv", "iproute2")
+PACKAGES = ("python3", "python3-venv")
+# qemu-user (7.2) translates the netlink messages of links, addresses and routes but not tc's
+# (RTM_*QDISC, *TCLASS, *TFILTER: "Cannot send request: Operation not supported", seen
+# 2026-12-07), so the root's iproute2 (tc, ip) is Debian's build for this machine, installed
+# through multiarch and run natively. tc only asks the kernel to shape, and the kernel is this
+# machine's whatever the device's architecture.
+NATIVE_PACKAGES = ("iproute2",)
+HOST_DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 MARKER = ".testbed-root.json"
 INSTALL_FIX = "apt-get install qemu-user-static binfmt-support debootstrap (scripts/install.sh)"
 
@@ -65,8 +75,9 @@ def mirror() -> str:
 
 
 def recipe(arch: str) -> dict:
+    host = HOST_DEBIAN_ARCH.get(platform.machine(), platform.machine())
     return {"suite": SUITE, "arch": DEBIAN_ARCH[arch], "variant": "minbase",
-            "packages": list(PACKAGES)}
+            "packages": list(PACKAGES), "native": [f"{p}:{host}" for p in NATIVE_PACKAGES]}
 
 
 def _run(argv: list[str], what: str, progress: Progress | None = None,
@@ -161,6 +172,15 @@ def ensure_root(arch: str, progress: Progress | None = None) -> Path:
         say("root: second stage, inside the root under qemu")
         _run(["chroot", str(partial), "/debootstrap/debootstrap", "--second-stage"],
              "debootstrap (second stage)", lambda m: say(f"root: {m}"))
+        native = recipe(arch)["native"]
+        host = native[0].split(":")[1]
+        say(f"root: {', '.join(native)} (tc through qemu-user fails; module doc)")
+        _run(["chroot", str(partial), "dpkg", "--add-architecture", host], "dpkg (multiarch)")
+        _run(["chroot", str(partial), "apt-get", "update", "-qq"], "apt-get update in the root",
+             lambda m: say(f"root: {m}"))
+        _run(["chroot", str(partial), "env", "DEBIAN_FRONTEND=noninteractive", "apt-get",
+              "install", "-y", "-qq", "--no-install-recommends", *native],
+             "apt-get install in the root", lambda m: say(f"root: {m}"))
         (partial / MARKER).write_text(json.dumps(recipe(arch)))
         os.chmod(partial, 0o755)
         partial.rename(root)
