@@ -212,6 +212,7 @@ def probe(models: list[str] = ()) -> dict:
         "load_avg": load,
         **cpu_quota(),
         "kernel": platform.release(),
+        "machine": platform.machine(),     # what this Python runs as (aarch64 under qemu too)
         "tc": tc, "tc_error": tc_err,
         "models": [model_info(p) for p in models],
         "ray_listeners": ray_listeners(),

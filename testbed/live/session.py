@@ -115,8 +115,8 @@ def _model_label(info: dict, node: Node) -> str:
 
 
 # What the manifest keeps of each node's probe (``node_facts``).
-NODE_FACTS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "tc",
-              "cpu_model", "cpu_flags", "hostname", "user", "python_executable")
+NODE_FACTS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "machine",
+              "tc", "cpu_model", "cpu_flags", "hostname", "user", "python_executable")
 
 
 class LiveSession:

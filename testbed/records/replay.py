@@ -33,8 +33,8 @@ from testbed.files import jsonable
 # The driver facts compared (manifest "versions" and "host" keys).
 VERSION_KEYS = ("python", "ray", "llama_cpp", "numpy", "testbed", "kernel", "tc")
 HOST_KEYS = ("cpu_model", "cpu_flags")
-NODE_KEYS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "tc",
-             "cpu_model", "cpu_flags")
+NODE_KEYS = ("python", "ray", "llama_cpp", "testbed", "numpy", "psutil", "kernel", "machine",
+             "tc", "cpu_model", "cpu_flags")
 MISSING = object()
 
 
