@@ -36,6 +36,11 @@ import numpy as np
 
 from testbed.errors import EngineError, ModelFileError
 
+# llama.cpp's rule for a draft model's vocabulary (common/speculative.cpp,
+# common_speculative_are_compatible): sizes may differ by this many tokens (padding rows, e.g.
+# Qwen2.5-7B's 152064 against 0.5B's 151936), and token texts are compared from this id on.
+VOCAB_MAX_SIZE_DIFFERENCE = 128
+VOCAB_CHECK_START = 5
 _LOG_KEEP = 20
 _log_lines: collections.deque[str] = collections.deque(maxlen=_LOG_KEEP)
 _init_lock = threading.Lock()

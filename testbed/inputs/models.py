@@ -430,7 +430,7 @@ def check_pair(target_path: str | os.PathLike, draft_path: str | os.PathLike) ->
     128 entries, and the same text for every shared token from id 5 on.
     """
     from testbed.engine.native import Model
-    from testbed.live.agents import VOCAB_CHECK_START, VOCAB_MAX_SIZE_DIFFERENCE
+    from testbed.engine.native import VOCAB_CHECK_START, VOCAB_MAX_SIZE_DIFFERENCE
 
     with Model.open(target_path, vocab_only=True) as t, Model.open(draft_path, vocab_only=True) as d:
         where = f"target {t.path} and draft {d.path}"

@@ -49,7 +49,7 @@ from typing import Mapping, Sequence
 
 from testbed.engine import payload as pl
 from testbed.engine.draft import DraftWorker
-from testbed.engine.native import Model
+from testbed.engine.native import VOCAB_CHECK_START, VOCAB_MAX_SIZE_DIFFERENCE, Model
 from testbed.engine.sampling import SamplingParams
 from testbed.engine.verify import Verifier
 from testbed.live.rounds import DeviceStep, ServerStep, Verdict
@@ -89,11 +89,6 @@ def load_model_ref(model: str | Mapping) -> str:
                                 sha256=model.get("sha256"))))
 
 
-# llama.cpp's rule for a draft model's vocabulary (common/speculative.cpp,
-# common_speculative_are_compatible): sizes may differ by this many tokens (padding rows, e.g.
-# Qwen2.5-7B's 152064 against 0.5B's 151936), and token texts are compared from this id on.
-VOCAB_MAX_SIZE_DIFFERENCE = 128
-VOCAB_CHECK_START = 5
 VOCAB_BLOCK = 1024                                       # token ids per block hash
 VOCAB_TAIL = VOCAB_BLOCK + VOCAB_MAX_SIZE_DIFFERENCE      # last ids hashed one by one
 
