@@ -80,7 +80,10 @@ def test_a_provisioned_model_is_registered_in_the_nodes_store(tmp_path):
 def test_real_inventory_fields(tmp_path):
     inv = load_inventory(ROOT / "inventory/netns-real.yaml")
     assert inv.python_match == "minor"
-    assert load_inventory(ROOT / "inventory/lab.yaml").python_match == "patch"
+    # The shipped real lab mixes Pi OS's 3.11.2 with other 3.11.x; an inventory that says nothing
+    # keeps Ray's own rule.
+    assert load_inventory(ROOT / "inventory/lab.yaml").python_match == "minor"
+    assert load_inventory(ROOT / "inventory/local.yaml").python_match == "patch"
     dev = inv.devices[0]
     assert dev.model.name == "smollm2-135m-q8_0" and dev.model.path.endswith(".gguf")
     # A device may draft on a GPU: its Ray node declares one, its agent asks for it.
