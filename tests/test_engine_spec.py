@@ -249,13 +249,44 @@ def test_catch_up_keeps_an_idle_device_current(paths, references):
             out = agent.step(i, 0, None if i == 0 else (0, 100 + i))
             assert out.n_drafted == 0 and out.upload_s == 0.0
         agent.step(6, 0, (0, 106))
+        agent.settle()
+        agent._join_catch_up()
+        assert d.tokens[-6:] == [101, 102, 103, 104, 105, 106]
+        agent.step(7, 0, None)                                     # catch up on them
         agent._join_catch_up()
         assert d.ctx.seq_pos_max(0) == len(d.tokens) - 2          # all but the pending last
-        assert d.tokens[-6:] == [101, 102, 103, 104, 105, 106]
         before = d.ctx.n_tokens_decoded
         d.draft(2)
         assert d.ctx.n_tokens_decoded - before == 2               # the last token + 1 draft
     finally:
+        agent.close()
+
+
+def test_an_idle_device_slower_than_the_rounds_does_not_hold_them(paths, references):
+    """While the catch-up of a slow device still runs, its idle steps return at once and keep
+    their verdicts; the next drafting step applies them all, in order, before it drafts."""
+    import threading
+    from testbed.live.agents import DeviceAgent
+    prompt, _ = references[PROMPTS[1]]
+    agent = DeviceAgent("dev-x", str(paths["smollm2-135m-q4_0"]), "127.0.0.1", 9, n_ctx=512)
+    d = agent.worker
+    release = threading.Event()
+    try:
+        agent.start(prompt)
+        agent.step(0, 0, None)
+        agent._join_catch_up()
+        # a catch-up that cannot finish until released: the device is "slow"
+        agent._catch_up = agent._background.submit(lambda: release.wait(60) and 0.5)
+        n_before = len(d.tokens)
+        for i in range(1, 4):
+            out = agent.step(i, 0, (0, 200 + i))
+            assert out.n_drafted == 0 and out.catch_up_s == 0.0
+        assert len(d.tokens) == n_before and not agent._catch_up.done()   # nothing applied
+        release.set()
+        agent.settle()
+        assert d.tokens[-3:] == [201, 202, 203]
+    finally:
+        release.set()
         agent.close()
 
 

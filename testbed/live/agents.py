@@ -214,12 +214,24 @@ class DeviceAgent:
         self._background = ThreadPoolExecutor(max_workers=1,
                                               thread_name_prefix=f"catch-up-{name}")
         self._catch_up: Future | None = None
+        self._waiting: list[tuple[int, int]] = []   # verdicts of idle rounds not applied yet
 
     def _join_catch_up(self) -> float:
         """Wait for the background catch-up started by the last idle step; its seconds (its
         error, if it failed, is raised here)."""
         fut, self._catch_up = self._catch_up, None
         return fut.result() if fut is not None else 0.0
+
+    def _apply_waiting(self) -> None:
+        for n_accepted, token in self._waiting:
+            self.worker.accept(n_accepted, token)
+        self._waiting = []
+
+    def settle(self) -> float:
+        """Wait for the catch-up and apply the verdicts that waited for it; its seconds."""
+        catch_up_s = self._join_catch_up()
+        self._apply_waiting()
+        return catch_up_s
 
     def where(self) -> dict:
         return where(self.model)
@@ -234,6 +246,7 @@ class DeviceAgent:
               sampling: Mapping | None = None) -> float:
         """Begin a new sequence (a new prompt); returns the prefill time (s)."""
         self._join_catch_up()
+        self._waiting = []                          # the old sequence's
         if sampling is not None:
             self.worker.sampling = SamplingParams(**sampling)
         return self.worker.start(list(prompt_tokens), seed=seed)
@@ -244,11 +257,18 @@ class DeviceAgent:
         draft and no upload (the server decodes this device's next token itself); the device
         then decodes the server's tokens in the background (``catch_up``), after this call has
         returned, so that it does not hold up the round and is up to date when it drafts again.
-        ``catch_up_s``: how long the previous round's catch-up took (0 after a draft)."""
+        An idle step while that catch-up still runs returns at once and keeps its verdict for
+        later: a device slower than the rounds (an aarch64 device under qemu decodes a token in
+        0.66 s, server-only rounds took 0.02 s) must not set the length of rounds it does not
+        draft in. A drafting step waits for the catch-up and applies every kept verdict first.
+        ``catch_up_s``: how long the catch-up it waited for took (0 after a draft)."""
+        if verdict is not None:
+            self._waiting.append((int(verdict[0]), int(verdict[1])))
+        if draft_len <= 0 and self._catch_up is not None and not self._catch_up.done():
+            return DeviceStep(self.name, 0.0, 0.0, 0.0, 0, 0, 0, 0.0)
         catch_up_s = self._join_catch_up()
         t0 = time.perf_counter()
-        if verdict is not None:
-            self.worker.accept(int(verdict[0]), int(verdict[1]))
+        self._apply_waiting()
         accept_s = time.perf_counter() - t0
         if draft_len <= 0:
             self.worker.draft(0)
@@ -264,6 +284,7 @@ class DeviceAgent:
         ``DraftWorker.greedy_matches``), as a string of "1" (the draft's greedy token agrees)
         and "0"; the next ``start`` begins a new sequence."""
         self._join_catch_up()
+        self._waiting = []
         return "".join("1" if m else "0"
                        for m in self.worker.greedy_matches(list(prompt_tokens), list(answer)))
 
