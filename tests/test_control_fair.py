@@ -190,10 +190,12 @@ def test_slo_rejects_a_target_that_is_not_a_time():
             solve_slo(arr, bad)
 
 
-def test_policies_include_the_fair_ones_after_the_first_five():
-    assert POLICIES[:5] == ("multispin-heterogeneous", "multispin-homogeneous",
-                            "agnostic-fixed", "agnostic-tuned", "server-only")
-    assert POLICIES[5:] == ("proportional-fair", "max-min")
+def test_policies_include_the_fair_ones_with_their_objectives():
+    from testbed.control import catalog
+    assert {"proportional-fair", "max-min"} <= set(POLICIES)
+    assert catalog.objective("proportional-fair") == "geometric"
+    assert catalog.objective("max-min") == "minimum"
+    assert {catalog.objective(p) for p in POLICIES} - {"geometric", "minimum"} == {"sum"}
 
 
 def test_large_problem_fair_plans_are_consistent():

@@ -287,3 +287,43 @@ def test_the_check_shown_in_the_docs_is_what_the_command_prints():
     def gaps(text):
         return [ln for ln in text.strip().splitlines() if "time per plan" not in ln]
     assert gaps(proc.stdout) == gaps(block)
+
+
+def test_names_colours_baselines_and_objectives_come_from_one_registry():
+    """The report, the sweep figures, the baselines of every ratio and the re-planner's
+    objective read the built-ins' rows (control/catalog.py); a policy without a row gets a
+    generated short name and a colour no built-in uses, the same in every plot of a run."""
+    from testbed.control import catalog
+    from testbed.control.plugins import registry
+    from testbed.control.replan import policy_value
+    from testbed.records import report, runs
+    from testbed.sim import figures
+
+    assert [r.name for r in registry() if r.kind == "built-in"] == list(POLICY_NAMES)
+    assert POLICY_NAMES == tuple(b.name for b in catalog.BUILTINS)
+    assert len({b.short for b in catalog.BUILTINS}) == len({b.colour for b in catalog.BUILTINS}) \
+        == len(catalog.BUILTINS)
+    assert runs.BASELINES == catalog.BASELINES == ("agnostic-fixed", "server-only")
+    for name in POLICY_NAMES + ("half-share-heuristic", "mine"):
+        assert report.short_name(name) == figures.short(name) == catalog.short_name(name)
+    assert catalog.short_name("half-share-heuristic") == "hsh"
+    colours = report._colors(["mine", "server-only", "multispin-heterogeneous", "other", "mine"])
+    assert colours["server-only"] == catalog.BY_NAME["server-only"].colour
+    assert colours["multispin-heterogeneous"] == catalog.BY_NAME["multispin-heterogeneous"].colour
+    builtin = {b.colour for b in catalog.BUILTINS}
+    assert colours["mine"] not in builtin and colours["other"] not in builtin
+    assert colours["mine"] != colours["other"]
+    # a built-in keeps its colour whatever else a plot shows
+    assert report._colors(["multispin-heterogeneous"]) == \
+        {"multispin-heterogeneous": colours["multispin-heterogeneous"]}
+
+    # objectives: the fair rows value plans by their own objective, every other name by the sum
+    problem = problem_from_dict(PROBLEM, "problem.json")
+    arr = arrays(problem)
+    lengths, shares = [1, 3, 0], [0.3, 0.5, 0.0]
+    _, total = evaluate(arr, lengths, shares)
+    e = arr.tokens[np.arange(arr.K), lengths]
+    assert policy_value("mine", arr, lengths, shares) == pytest.approx(total)
+    assert policy_value("max-min", arr, lengths, shares) == pytest.approx(total * 3 * e.min() / e.sum())
+    assert policy_value("proportional-fair", arr, lengths, shares) == \
+        pytest.approx(total * 3 * np.exp(np.log(e).mean()) / e.sum())

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -289,3 +292,40 @@ def test_a_policy_file_in_a_sweep_runs_in_its_ray_workers(tmp_path):
     assert len(lines) == 1, out.stderr
     assert f"{bad}:" in lines[0] and ": policies[1]: policy mine.py:Nope: " in lines[0]
     assert 'has no attribute "Nope"' in lines[0]
+
+
+
+SHIPPED = """
+import json, shutil, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])                   # where tbpkg is, for the driver only
+from testbed.sim.sweep import load_sweep, run_sweep
+sweep = load_sweep(sys.argv[1])
+Path(sys.argv[3]).unlink()                        # mine.py
+shutil.rmtree(Path(sys.argv[2]) / "tbpkg")        # the package
+results = run_sweep(sweep, Path(sys.argv[4]), workers=1)
+print(json.dumps([[r["status"], r.get("error"), [p["policy"] for p in r["policies"]]]
+                  for r in results]))
+"""
+
+
+def test_sweep_workers_get_the_policies_code_not_their_files(tmp_path):
+    """The sweep's Ray workers get the loaded experiment and each policy's code by value: the
+    policy file and the package of a module spec are deleted after the sweep is loaded, and
+    every point still runs them (on a cluster their machines need neither)."""
+    (tmp_path / "mine.py").write_text(HALF_SHARE)
+    pkg = tmp_path / "site" / "tbpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pol.py").write_text(HALF_SHARE.replace("half-share-heuristic", "pkg-half"))
+    sweep = sweep_file(tmp_path, ["mine.py:Half", "tbpkg.pol:Half", "multispin-heterogeneous"])
+    (tmp_path / "driver.py").write_text(SHIPPED)
+    out = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(sweep),
+                          str(tmp_path / "site"), str(tmp_path / "mine.py"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not (tmp_path / "mine.py").exists() and not pkg.exists()
+    assert rows == [["ok", None, ["half-share-heuristic", "pkg-half",
+                                  "multispin-heterogeneous"]]] * 2, rows

@@ -3,7 +3,10 @@ follows its seeded schedule, stamps every record with its repeat, and its summar
 an interval and paired ratios per policy; ``testbed run --replay`` of it compares every item
 with the recording (none differs), follows the recorded schedule, seeds and budgets, records
 ``replay_of``, and ``testbed report RUN REPLAY`` says for each policy whether the replay fell
-inside the first run's interval.
+inside the first run's interval. The third policy is one of one's own (issue #26): the online
+example ``examples/policies/online.py``, which learns from the lab's rounds alone, run live,
+named in the records and the report, its file's sha256 in the manifest and compared by the
+replay.
 
 Root only; mandatory in CI. Its own subnet (10.77.16.0/24), bridge, prefix, ports and state
 folder, so it never touches another lab on the machine; two devices, a few rounds per policy.
@@ -23,7 +26,9 @@ from lab_helper import leftovers, write_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles/local.json"
-POLICIES = ("multispin-heterogeneous", "agnostic-fixed", "server-only")
+ONLINE = ROOT / "examples/policies/online.py"
+SPECS = ("multispin-heterogeneous", "agnostic-fixed", f"{ONLINE}:Online")
+POLICIES = ("multispin-heterogeneous", "agnostic-fixed", "online-learner")    # their names
 
 
 def _inventory(tmp: Path) -> Path:
@@ -41,7 +46,7 @@ name: repeats
 inventory: {inv}
 profile: {PROFILE}
 seed: 5
-policies: [{", ".join(POLICIES)}]
+policies: [{", ".join(SPECS)}]
 per_policy: {{rounds: 3}}
 repeats: 2
 warmup_rounds: 1
@@ -79,6 +84,9 @@ def test_repeats_then_exact_replay(tmp_path: Path):
         from testbed.inputs.experiment import load_experiment
         schedule = [list(x) for x in load_experiment(exp).schedule()]
         assert manifest["schedule"] == schedule and len(schedule) == 6
+        import hashlib
+        assert manifest["plugins"]["online-learner"]["sha256"] == \
+            hashlib.sha256(ONLINE.read_bytes()).hexdigest()
         events = _events(first)
         starts = [[e["repeat"], e["policy"]] for e in events if e["type"] == "policy_start"]
         assert starts == schedule                      # ran in the schedule's order
@@ -86,6 +94,9 @@ def test_repeats_then_exact_replay(tmp_path: Path):
         assert all("repeat" in e for e in rounds) and len(rounds) == 6 * 3
         summary = json.loads((first / "summary.json").read_text())
         assert summary["repeats"] == 2 and summary["order"] == "interleaved"
+        assert {p["policy"] for p in summary["policies"]} == set(POLICIES)
+        online = [e for e in events if e.get("policy") == "online-learner"]
+        assert not [e for e in online if e["type"] == "policy_end" and e.get("failed")]
         # Every figure worked out here from the round records alone: each repeat's goodput is
         # its tokens over its wall time (first measured round's start to last round's end),
         # the mean and its Student t interval over the two repeats, the paired ratio's t
@@ -140,6 +151,7 @@ def test_repeats_then_exact_replay(tmp_path: Path):
         proc = _testbed("report", str(first), str(second), "--no-plots")
         assert proc.returncode == 0 and "…" not in proc.stdout
         assert f"replay {second.name} of {first.name}" in proc.stdout
+        assert "online-learner" in proc.stdout
     finally:
         _testbed("down", str(inv))
         _testbed("lab", "down", str(inv))

@@ -170,7 +170,8 @@ def test_population_run(tmp_path: Path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["simulated"]["devices"] == 40 and manifest["simulated"]["drawn"]
     assert len(manifest["profile"]["devices"]) == 40
-    het = json.loads((run / "summary.json").read_text())["policies"][0]
+    het = next(p for p in json.loads((run / "summary.json").read_text())["policies"]
+               if p["policy"] == "multispin-heterogeneous")
     assert len(het["devices"]) == 40 and het["goodput_tps"] > 0
 
 

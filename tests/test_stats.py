@@ -102,7 +102,8 @@ def test_summary_of_a_run_with_repeats():
 
 def test_summary_without_repeats_is_unchanged():
     s = summarize(make_events())
-    het = s["policies"][0]
+    het = next(p for p in s["policies"]
+               if p["policy"] == "multispin-heterogeneous")
     assert het["n_repeats"] == 1 and het["goodput_ci95"] is None
     assert het["goodput_mean"] == pytest.approx(het["goodput_tps"])
     assert s["ratios"]["multispin-heterogeneous"]["agnostic-fixed"]["ci95"] is None

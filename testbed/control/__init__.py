@@ -8,7 +8,8 @@ the order data flows through them:
 - ``model``: round time, goodput and equal-arrival shares of the contract's model, vectorised;
 - ``hetero``: the exact, scalable solver of per-device draft lengths;
 - ``fair``: proportional fairness, max-min goodput, and sum goodput under a TPOT target;
-- ``policies``: the seven policies by their CLI names, ``solve(problem, policy)``, and the
+- ``catalog``: the built-in policies' rows (names, short names, colours, baselines, objectives);
+- ``policies``: the built-in policies by their CLI names, ``solve(problem, policy)``, and the
   TPOT-target plan ``solve_slo_plan(problem, tpot_s)``;
 - ``estimator``: online EWMA estimates of acceptance, drafting time and link rate from rounds;
 - ``replan``: when to replace the plan in force (hysteresis and a minimum dwell);

@@ -52,6 +52,8 @@ Pure: imports the controller, the error tree and the standard library only.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
@@ -71,6 +73,7 @@ from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 import numpy as np
 
+from testbed.control import catalog
 from testbed.control.exhaustive import MAX_VECTORS, exhaustive_heterogeneous, random_problem
 from testbed.control.model import Arrays, arrays, evaluate, make_plan
 from testbed.control.policies import SLO_POLICY, solve
@@ -88,16 +91,7 @@ ValueFunction = Callable[[Problem, list[int], list[float]], float]      # option
 AdmissibleFunction = Callable[[Problem, list[int], list[float]], bool]  # optional .admissible
 
 # What `testbed policy list` says of each built-in (the solvers: policies.py).
-BUILTIN_SUMMARIES = {
-    "multispin-heterogeneous": "per-device lengths, optimal (max sum goodput), equal arrival",
-    "multispin-homogeneous": "the best common length, equal arrival",
-    "agnostic-fixed": "baseline_draft_len for all, shares 1/K",
-    "agnostic-tuned": "the best common length for the average device, shares 1/K",
-    "server-only": "nobody drafts: the server decodes",
-    "proportional-fair": "per-device lengths maximising sum log g_k, equal arrival",
-    "max-min": "per-device lengths maximising min g_k, equal arrival",
-}
-assert tuple(BUILTIN_SUMMARIES) == POLICY_NAMES
+BUILTIN_SUMMARIES = {b.name: b.summary for b in catalog.BUILTINS}
 
 
 @runtime_checkable
@@ -134,6 +128,8 @@ class LoadedPolicy:
     kind: str
     target: Any
     file: Path | None = None
+    shipped: bool = False      # its code came by value from another process (``shipped``): a
+                               # fresh copy is taken from it, not from its file (``reload``)
 
     @property
     def builtin(self) -> bool:
@@ -597,11 +593,19 @@ def reload(policy: LoadedPolicy, base: str | Path | None = None) -> LoadedPolicy
     are. ``PolicyError`` when it no longer loads or its name changed."""
     if policy.builtin:
         return policy
+    if policy.shipped:             # its code travelled with it: the file may not be here
+        return dataclasses.replace(policy, target=copy.deepcopy(policy.target))
     fresh = load_policy(policy.spec, base)
     if fresh.name != policy.name:
         raise policy.error(f'its name changed from "{policy.name}" to "{fresh.name}" since '
                            "the experiment was loaded")
     return fresh
+
+
+def shipped(policy: LoadedPolicy) -> LoadedPolicy:
+    """``policy`` marked as having come to this process by value, its code with it
+    (``sim.sweep.ship``): ``reload`` then copies it instead of importing its spec again."""
+    return policy if policy.builtin else dataclasses.replace(policy, shipped=True)
 
 
 def file_sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""The seven policies of the contract (docs: goodput-model.md, "Policies"), by their CLI names.
+"""The built-in policies of the contract (docs: goodput-model.md, "Policies"), by their CLI names.
 
 - ``multispin-heterogeneous``: per-device lengths in 0..Lmax and optimal shares (``hetero``).
 - ``multispin-homogeneous``: one common L in 1..Lmax, the best one, with optimal shares.
@@ -19,7 +19,7 @@ Constraints: besides its objective a policy may declare what every plan of it mu
 (``constraints(policy, tpot_s)``: functions ``(plan, problem, arr=None) -> [violation, ...]``,
 each violation a short text such as "tpot_s (0.187 > 0.15)"). The re-planner checks the plan
 in force against them at every decision, under the current estimates. Only ``SLO_POLICY``
-declares one today (``TpotTarget``); the seven policies declare none.
+declares one today (``TpotTarget``); the other built-ins declare none.
 
 Ordering that holds by construction (tests check it): heterogeneous >= homogeneous >=
 agnostic-tuned and agnostic-fixed, and heterogeneous >= server-only (sum goodput);
@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from testbed.control import catalog
 from testbed.control.fair import SloResult, solve_max_min, solve_proportional_fair, solve_slo
 from testbed.control.hetero import solve_heterogeneous
 from testbed.control.model import (Arrays, arrays, arrival_time, evaluate, expected_tokens,
@@ -112,7 +113,7 @@ _SOLVERS: dict[str, Callable[[Problem, Arrays], tuple[np.ndarray, np.ndarray]]] 
 }
 POLICIES: tuple[str, ...] = POLICY_NAMES
 assert tuple(_SOLVERS) == POLICIES
-BASELINE = "agnostic-fixed"     # what gains are reported against
+BASELINE = catalog.BASELINES[0]     # what gains are reported against first
 SLO_POLICY = "slo-heterogeneous"   # the plan name of ``solve_slo_plan``
 
 

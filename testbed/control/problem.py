@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from testbed.channel import MAX_DRAFT_LEN
+from testbed.control import catalog
 from testbed.errors import ProblemError
 from testbed.files import read_json
 from testbed.yamlio import Section
 
 SCHEMA = "testbed.problem/1"
-# The policy names of the CLI contract (goodput-model.md, "Policies"); solvers: policies.py.
-POLICY_NAMES = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed",
-                "agnostic-tuned", "server-only", "proportional-fair", "max-min")
+# The policy names of the CLI contract (goodput-model.md, "Policies"): catalog.py's rows;
+# solvers: policies.py.
+POLICY_NAMES = catalog.POLICY_NAMES
 PROFILE_SCHEMA_PREFIX = "testbed.profile/"
 PROFILE_SCHEMA = PROFILE_SCHEMA_PREFIX + "1"      # profiling/format.py writes this version
 # Upper bounds of a problem's numbers: far above any real lab, low enough that every round time

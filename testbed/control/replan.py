@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from testbed.control import catalog
 from testbed.control.model import Arrays, arrays, evaluate, make_plan, optimal_shares
 from testbed.control.policies import (SLO_POLICY, constraints, solve, solve_slo_plan,
                                       worst_tpot_s)
@@ -52,12 +53,14 @@ from testbed.control.problem import Plan, Problem
 
 
 def policy_value(policy: str, arr: Arrays, lengths, shares) -> float:
-    """The plan's value under ``policy``'s objective, in tokens/s (see the module docstring)."""
+    """The plan's value under ``policy``'s objective (``catalog.objective``: the sum goodput
+    but for the fair built-ins), in tokens/s (see the module docstring)."""
     round_s, goodput = evaluate(arr, lengths, shares)
-    if policy not in ("proportional-fair", "max-min"):
+    kind = catalog.objective(policy)
+    if kind == "sum":
         return goodput
     e = arr.tokens[np.arange(arr.K), np.asarray(lengths, dtype=np.intp)]
-    if policy == "max-min":
+    if kind == "minimum":
         return arr.K * float(e.min()) / round_s
     return arr.K * float(np.exp(np.mean(np.log(e)))) / round_s
 

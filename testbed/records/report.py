@@ -29,6 +29,7 @@ from typing import Callable
 from rich import box
 from rich.table import Table
 
+from testbed.control import catalog
 from testbed.errors import RecordsError
 from testbed.files import atomic_write_bytes
 from testbed.records.runs import (BASELINES, EVENTS, MANIFEST, MANIFEST_SCHEMA, SUMMARY,
@@ -212,26 +213,9 @@ def report_json(runs: list[RunData], plots: dict[str, list[str]] | None = None) 
     return result
 
 
-# Short policy names for tables that would not fit the terminal with the full ones.
-SHORT_NAMES = {"multispin-heterogeneous": "hetero", "multispin-homogeneous": "homo",
-               "agnostic-fixed": "fixed", "server-only": "server",
-               "proportional-fair": "pfair", "max-min": "maxmin"}
-
-
-SHORT_MAX = 8      # a policy name not in SHORT_NAMES and longer than this is abbreviated
-
-
-def short_name(policy: str) -> str:
-    """``SHORT_NAMES``'s short name; a policy it does not know keeps its name when that is at
-    most ``SHORT_MAX`` characters, else gets the initials of its words (``weighted-fair-share``
-    -> ``wfs``; a one-word name is cut to ``SHORT_MAX``), so any new policy fits the narrow
-    tables (the legend spells it out)."""
-    if policy in SHORT_NAMES:
-        return SHORT_NAMES[policy]
-    if len(policy) <= SHORT_MAX:
-        return policy
-    words = [w for w in policy.replace("_", "-").split("-") if w]
-    return "".join(w[0] for w in words) if len(words) > 1 else policy[:SHORT_MAX]
+# Short policy names, for tables that would not fit the terminal with the full ones, come from
+# the registry (``control.catalog``): a built-in's own, one generated for any other policy.
+short_name = catalog.short_name
 
 
 def legend(names) -> str:
@@ -875,13 +859,7 @@ def _save(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _colors(names: list[str]) -> dict[str, str]:
-    """A colour per policy name, in order of first appearance (any name; matplotlib's ten
-    "tab10" colours, then again from the first)."""
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-               "#7f7f7f", "#bcbd22", "#17becf"]
-    unique = list(dict.fromkeys(names))
-    return {n: palette[i % len(palette)] for i, n in enumerate(unique)}
+_colors = catalog.colours     # a built-in's own colour in every plot, spare ones for the rest
 
 
 def plot_goodput(run: RunData, path: Path, window_rounds: int = 5) -> Path:

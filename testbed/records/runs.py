@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from testbed import files
+from testbed.control import catalog
 from testbed.errors import RecordsError
 from testbed.files import atomic_write_json, dumps, jsonable
 from testbed.lab.probe import cpu_info
@@ -54,7 +55,7 @@ SUMMARY_SCHEMA = "testbed.summary/1"
 MANIFEST = "manifest.json"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
-BASELINES = ("agnostic-fixed", "server-only")   # the policies gains are measured against
+BASELINES = catalog.BASELINES   # the policies gains are measured against (the registry's)
 RUN_STATUSES = ("ok", "lost_devices", "policy_failed", "interrupted", "failed")
 # Percentiles of the per-user figures (TPOT, TTFT): numpy.percentile's "linear" method, i.e.
 # Hyndman & Fan's type 7 (linear interpolation between the closest ranks; numpy's default).

@@ -25,18 +25,14 @@ import json
 import math
 from pathlib import Path
 
+from testbed.control.catalog import POLICY_NAMES, short_name
+
 ORDER = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed")
-SHORT = {"multispin-heterogeneous": "het", "multispin-homogeneous": "homo",
-         "agnostic-fixed": "fixed", "agnostic-tuned": "tuned", "server-only": "server",
-         "proportional-fair": "PF", "max-min": "max-min"}
 
 
 def short(policy: str) -> str:
-    """The table's short name: ``SHORT``'s, else one generated (``records.report.short_name``:
-    the name itself up to 8 characters, else its initials), so that any policy fits."""
-    if policy in SHORT:
-        return SHORT[policy]
-    from testbed.records.report import short_name
+    """The table's short name: the registry's (``control.catalog.short_name``: a built-in's own,
+    else the name itself up to 8 characters, else its initials), so that any policy fits."""
     return short_name(policy)
 
 
@@ -110,7 +106,8 @@ def table_markdown(sweep, results: list[dict]) -> str:
     named = list(dict.fromkeys(list(policies) + [p for g in (fig.get("gains") or [])
                                                  for p in g]))
     legend = ", ".join(f"{short(k)} = `{k}`" for k in
-                       [k for k in SHORT if k in named] + [k for k in named if k not in SHORT]
+                       [k for k in POLICY_NAMES if k in named]
+                       + [k for k in named if k not in POLICY_NAMES]
                        if short(k) != k)
     return "\n".join(lines) + (f"\n\n{legend}; goodput in tokens/s (tokens over simulated wall "
                                 "time), 95% intervals over repeats: Student t for a policy's "
@@ -124,8 +121,8 @@ def plot_lines(sweep, results: list[dict], path: Path) -> Path:
     others = [k for k in _varying(sweep) if k != x]
     combos = list(itertools.product(*(sweep.grid[k] for k in others)))[:6] or [()]
     policies = list(dict.fromkeys(p["policy"] for r in results for p in r.get("policies") or []))
-    from testbed.records.report import _colors
-    colors = _colors(policies)
+    from testbed.control.catalog import colours
+    colors = colours(policies)
     fig = Figure(figsize=(5.5 * min(3, len(combos)), 4.2 * math.ceil(len(combos) / 3)))
     numeric = all(isinstance(v, (int, float)) for v in sweep.grid[x])
     for i, combo in enumerate(combos):

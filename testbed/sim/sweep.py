@@ -11,7 +11,9 @@ Grid parameters (each a list of values): ``devices`` (a drawn population of that
 ``server_cost`` (``[base_s, per_token_s]`` or a name of ``sim.costs``: the line the point's
 lab and its controller both use, ``sim.run.prepare``), ``max_draft_len`` and ``seed``.
 ``policies:`` takes built-in names and policies of one's own (docs/policies.md): a file
-spec is made absolute (relative to the sweep file) and loaded here and in each worker.
+spec is made absolute (relative to the sweep file) and loaded here. The workers get the loaded
+experiment (with its prompts and traces) and the policies' code by value (``ship``),
+so a cluster's machines (``--address``) need testbed installed and nothing of the sweep's.
 
 Running: points are Ray tasks (``ray.remote``), on a local Ray started for the sweep (as many
 workers as CPUs) or on an existing cluster (``address``); a progress bar counts points and
@@ -72,8 +74,8 @@ class Sweep:
     figure: dict | None = None          # {"kind", "x", "y", "log_x", "gains", "title"}
     # name -> resolved spec (FILE.py:ATTR with an absolute file) of each policy of one's own
     policy_specs: dict = dataclasses.field(default_factory=dict)
-    # sys.path entries of this machine that the policies' modules were imported from
-    sys_path: tuple[str, ...] = ()
+    # name -> that policy as loaded when the sweep was (``plugins.LoadedPolicy``)
+    plugins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def points(self) -> list[dict]:
         """Every combination of the grid's values, in file order."""
@@ -100,7 +102,7 @@ def load_sweep(path: str | Path) -> Sweep:
     mode = root.str("mode", "simulated", choices=("simulated", "live"))
     duration = root.number("duration_s", None, min=0, min_exclusive=True, max=86_400)
     repeats = root.integer("repeats", None, min=1, max=1000)
-    policies, specs, sys_path = _policies(root, base)
+    policies, specs, loaded = _policies(root, base)
     grid_sec = root.section("grid")
     grid: dict[str, list] = {}
     for key in list(grid_sec.data):
@@ -131,27 +133,26 @@ def load_sweep(path: str | Path) -> Sweep:
     root.done()
     return Sweep(path=Path(path), name=name, experiment_path=experiment, profile_path=profile,
                  mode=mode, duration_s=duration, repeats=repeats, policies=policies, grid=grid,
-                 figure=figure, policy_specs=specs,
-                 sys_path=tuple(dict.fromkeys(sys_path + _experiment_sys_path(experiment))))
+                 figure=figure, policy_specs=specs, plugins=loaded)
 
 
-def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict[str, str], list[str]]:
+def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict[str, str], dict]:
     """The optional ``policies:`` list: names, name -> resolved spec of each policy of one's
-    own (a file spec made absolute, so that a Ray worker in any folder and ``plugins.reload``
-    find it), and the ``sys.path`` entries its modules were found under on this machine. Each
-    spec is loaded here: one that does not load is a SweepError at ``policies[i]``."""
+    own (a file spec made absolute, so that it loads from any folder), and name -> the policy
+    loaded. Each spec is loaded here: one that does not load is a SweepError at
+    ``policies[i]``."""
     from testbed.control.problem import POLICY_NAMES
     from testbed.errors import ExperimentError
     from testbed.inputs.experiment import _plugin
     raw = root.raw("policies", None)
     if raw is None:
-        return None, {}, []
+        return None, {}, {}
     if not isinstance(raw, list) or not raw:
         raise root.error("policies", f"expected a list of {', '.join(POLICY_NAMES)} or "
                          "policy specs (FILE.py:ATTR, package.module:ATTR)")
     names: list[str] = []
     specs: dict[str, str] = {}
-    sys_path: list[str] = []
+    loaded_all: dict = {}
     for i, spec in enumerate(raw):
         where = f"policies[{i}]"
         line = root.lines.get(where)
@@ -166,12 +167,12 @@ def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict[str, str],
                                  source=root.source, line=line, field=where) from None
             name = loaded.name
             specs[name] = resolved
-            sys_path += _module_root(loaded)
+            loaded_all[name] = loaded
         if name in names:
             raise SweepError(f'duplicate policy "{name}" (also policies[{names.index(name)}])',
                              source=root.source, line=line, field=where)
         names.append(name)
-    return tuple(names), specs, sys_path
+    return tuple(names), specs, loaded_all
 
 
 def _absolute_spec(spec, base: Path):
@@ -184,32 +185,6 @@ def _absolute_spec(spec, base: Path):
             and not Path(where).is_absolute():
         return f"{(base / where).resolve()}:{attr}"
     return spec
-
-
-def _module_root(loaded) -> list[str]:
-    """For a ``package.module:ATTR`` policy, the ``sys.path`` entry its top-level package was
-    imported from here (a worker may not have it: ``run_point`` adds it)."""
-    import sys
-    if loaded.kind != "module":
-        return []
-    top = sys.modules.get(loaded.spec.rsplit(":", 1)[0].split(".")[0])
-    file = getattr(top, "__file__", None)
-    if not file:
-        return []
-    file = Path(file).resolve()
-    return [str(file.parent.parent if file.name == "__init__.py" else file.parent)]
-
-
-def _experiment_sys_path(path: Path) -> list[str]:
-    """``_module_root`` of the base experiment's ``package.module:ATTR`` policies, when the
-    experiment loads (its own errors are reported where it is loaded)."""
-    from testbed.errors import InputError as _InputError
-    from testbed.inputs.experiment import load_experiment
-    try:
-        exp = load_experiment(path)
-    except _InputError:
-        return []
-    return [p for loaded in exp.plugins.values() for p in _module_root(loaded)]
 
 
 def _figure(root, grid: dict, policies: tuple | None = None) -> dict | None:
@@ -275,16 +250,19 @@ def _check_value(key: str, v: Any) -> str | None:
     return None
 
 
-def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: float | None,
+def run_point(experiment, profile: dict, params: dict, *, duration_s: float | None,
               repeats: int | None, policies: tuple | None,
               server_cost: tuple[float, float] | None = None,
-              policy_specs: dict | None = None, sys_path: tuple | list = ()) -> dict:
+              plugins: dict | None = None) -> dict:
     """One point: the experiment with ``params`` applied, simulated; per policy its goodput and
-    95% interval (pure: no files left behind). Runs in a Ray worker or in this process:
-    ``policy_specs`` (name -> resolved spec) are loaded here, after ``sys_path`` (the driver's
-    folders of the policies' modules) is added to this process's path."""
-    import sys
+    95% interval (pure: no files left behind). Runs in a Ray worker or in this process.
+    ``experiment``: a loaded experiment (a Ray worker gets it whole, with its prompts and
+    traces, so it needs none of the sweep's files) or an experiment file's path; ``plugins``:
+    name -> loaded policy of one's own (``load_plugins``; in a Ray worker they came by value,
+    ``ship``)."""
     import tempfile
+
+    from testbed.control import plugins as plugin_api
 
     from testbed.inputs.experiment import load_experiment
     from testbed.live.loop import run as run_loop
@@ -292,11 +270,14 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
     from testbed.sim.run import prepare
 
     t0 = time.monotonic()
-    for entry in sys_path:
-        if entry not in sys.path:
-            sys.path.append(entry)
-    exp = apply_params(load_experiment(experiment_path), params, repeats=repeats,
-                       policies=policies, plugins=load_plugins(policy_specs))
+    if isinstance(experiment, (str, Path)):
+        experiment = load_experiment(experiment)
+    elif experiment.plugins:
+        experiment = dataclasses.replace(experiment, plugins={
+            n: plugin_api.shipped(p) for n, p in experiment.plugins.items()})
+    plugins = {n: plugin_api.shipped(p) for n, p in (plugins or {}).items()}
+    exp = apply_params(experiment, params, repeats=repeats, policies=policies,
+                       plugins=plugins)
     k = params.get("devices")
     spread = {f: params[f] for f in ("snr_sd_db", "draft_speed_sd", "acceptance_logit_sd")
               if f in params}
@@ -313,6 +294,27 @@ def run_point(experiment_path: str, profile: dict, params: dict, *, duration_s: 
         run_dir, _ = run_loop(exp, prof, Path(tmp), lab=lab)
         summary = json.loads((run_dir / "summary.json").read_text())
     return point_result(params, summary, time.monotonic() - t0)
+
+
+def ship(policies) -> None:
+    """Make Ray's pickling carry the code of these loaded policies by value: a file spec's
+    module, or the top-level package of a ``package.module:ATTR`` or installed policy,
+    registered with ``ray.cloudpickle.register_pickle_by_value``; a Ray worker on any machine
+    then gets the policy without its file or package being there (``run_point`` marks what it
+    receives ``plugins.shipped``). What those modules import from installed packages (numpy,
+    testbed) stays by reference."""
+    import sys
+
+    from ray import cloudpickle
+    for policy in policies:
+        if policy.builtin:
+            continue
+        target = policy.target
+        name = getattr(target, "__module__", None) or type(target).__module__
+        top = name if policy.kind == "file" else name.split(".")[0]
+        module = sys.modules.get(top)
+        if module is not None and top not in ("testbed", "builtins", "__main__"):
+            cloudpickle.register_pickle_by_value(module)
 
 
 def load_plugins(specs: dict | None) -> dict:
@@ -393,6 +395,12 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
         _run_live(sweep, profile, todo, folder, out / "runs", results, done, len(points),
                   progress, log)
     elif todo:
+        from testbed.inputs.experiment import load_experiment
+        base = load_experiment(sweep.experiment_path)
+        own = dict(sweep.plugins)
+        # the workers get the experiment whole and the policies' code by value: a cluster's
+        # machines need testbed installed, not the sweep's files or the policies' modules
+        ship(list(own.values()) + list(base.plugins.values()))
         started = not ray.is_initialized()
         if started:
             if address:
@@ -403,11 +411,10 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
                          include_dashboard=False, log_to_driver=False)
         try:
             task = ray.remote(num_cpus=1, max_retries=0)(run_point)
-            profile_ref = ray.put(profile)
-            pending = {task.remote(str(Path(sweep.experiment_path).resolve()), profile_ref, params,
+            profile_ref, exp_ref, own_ref = ray.put(profile), ray.put(base), ray.put(own)
+            pending = {task.remote(exp_ref, profile_ref, params,
                                    duration_s=sweep.duration_s, repeats=sweep.repeats,
-                                   policies=sweep.policies,
-                                   policy_specs=sweep.policy_specs, sys_path=sweep.sys_path,
+                                   policies=sweep.policies, plugins=own_ref,
                                    server_cost=resolve_cost(params.get("server_cost"), profile,
                                                             source=str(sweep.path))):
                        params for params in todo}
