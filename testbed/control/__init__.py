@@ -1,7 +1,7 @@
 """The controller: the Multi-SPIN goodput model, its policies, online estimation and re-planning.
 
-Pure code (numpy only: no I/O beyond reading a problem file, no Ray, no llama.cpp). Modules, in
-the order data flows through them:
+Pure code (numpy, and scipy for the tail's integral: no I/O beyond reading a problem file, no
+Ray, no llama.cpp). Modules, in the order data flows through them:
 
 - ``problem``: ``Problem``/``Device``/``Server`` and ``Plan`` data, the located loader of problem
   files (schema ``testbed.problem/1``) and the plan's JSON form;
@@ -11,6 +11,7 @@ the order data flows through them:
 - ``catalog``: the built-in policies' rows (names, short names, colours, baselines, objectives);
 - ``policies``: the built-in policies by their CLI names, ``solve(problem, policy)``, and the
   TPOT-target plan ``solve_slo_plan(problem, tpot_s)``;
+- ``tail``: the expected slowest of K arrivals (not yet planned with);
 - ``estimator``: online EWMA estimates of acceptance, drafting time and link rate from rounds;
 - ``replan``: when to replace the plan in force (hysteresis and a minimum dwell);
 - ``exhaustive``: brute-force references for tests.
