@@ -425,13 +425,17 @@ class _Node:
             self.build_llama(house, llama_sdist.name)
         self.act(f"install testbed and {len(want['pins']) - 1} pinned packages in {venv}")
         reqs = [f"{k}=={v}" for k, v in sorted(want["pins"].items())]
+        # --no-compile: Python compiles a module when a node first imports it, instead of pip
+        # compiling every file of every package (most of ray's are never imported on a node);
+        # under qemu-user that took ray's install from 38 s to 11 s (docs/real-lab.md)
         pip = [node.python_bin, "-m", "pip", "--disable-pip-version-check"]
-        res = self.r.run(pip + ["install", "-q", "--no-index", "--find-links", house,
-                                "--force-reinstall", "--no-deps",
+        res = self.r.run(pip + ["install", "-q", "--no-compile", "--no-index", "--find-links",
+                                house, "--force-reinstall", "--no-deps",
                                 f"{house}/{self.house.testbed_wheel().name}"],
                          check=False, timeout_s=1800)
         if res.rc == 0:
-            res = self.r.run(pip + ["install", "-q", "--no-index", "--find-links", house, *reqs],
+            res = self.r.run(pip + ["install", "-q", "--no-compile", "--no-index",
+                                    "--find-links", house, *reqs],
                              check=False, timeout_s=1800)
         if res.rc != 0:
             raise NodeFailed(f"pip install in {venv}: {res.stderr.strip()[-400:]}",
@@ -487,7 +491,8 @@ class _Node:
                          check=False)
         if res.rc == 0:
             return                       # built on the node before: kept in its wheelhouse
-        self.act("build llama-cpp-python on the node (kept in its wheelhouse; ~15 min on a Pi)")
+        self.act("build llama-cpp-python on the node (kept in its wheelhouse; minutes: it "
+                 "compiles llama.cpp)")
         # Offline: the build backend, CMake and Ninja come from the wheelhouse
         # (Wheelhouse.build_tools) and are installed in the venv first, and the build runs
         # without pip's isolated environment (which would fetch them from PyPI).
