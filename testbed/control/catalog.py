@@ -50,7 +50,6 @@ BY_NAME = {b.name: b for b in BUILTINS}
 POLICY_NAMES: tuple[str, ...] = tuple(b.name for b in BUILTINS)
 BASELINES: tuple[str, ...] = tuple(b.name for b in sorted((b for b in BUILTINS if b.baseline),
                                                          key=lambda b: b.baseline))
-OBJECTIVES = ("sum", "geometric", "minimum")
 
 # Colours for policies without a row, in order of first appearance (matplotlib's "tab10" and
 # "Dark2" colours that no built-in takes).

@@ -16,7 +16,8 @@ For each node, through its runner (``remote.runner_for``), in this order:
    here (``crossbuild.py``, once per version and CPU level); otherwise its source is copied,
    with its build tools as wheels (scikit-build-core, CMake, Ninja:
    ``Wheelhouse.build_tools``), and the wheel is built on the node, once, and kept in the
-   node's wheelhouse. The node installs with ``pip --no-index``: nodes need no Internet.
+   node's wheelhouse. The node installs with ``pip --no-index --no-compile``: nodes need no
+   Internet.
    A marker in the venv (``.testbed-provision.json``) records what was installed; when it
    matches, nothing is copied or installed.
 4. **models**: a model given by ``name`` and ``path`` is copied from this machine's model store
@@ -428,15 +429,13 @@ class _Node:
         # --no-compile: Python compiles a module when a node first imports it, instead of pip
         # compiling every file of every package (most of ray's are never imported on a node);
         # under qemu-user that took ray's install from 38 s to 11 s (docs/real-lab.md)
-        pip = [node.python_bin, "-m", "pip", "--disable-pip-version-check"]
-        res = self.r.run(pip + ["install", "-q", "--no-compile", "--no-index", "--find-links",
-                                house, "--force-reinstall", "--no-deps",
-                                f"{house}/{self.house.testbed_wheel().name}"],
+        install = [node.python_bin, "-m", "pip", "--disable-pip-version-check", "install", "-q",
+                   "--no-compile", "--no-index", "--find-links", house]
+        res = self.r.run(install + ["--force-reinstall", "--no-deps",
+                                    f"{house}/{self.house.testbed_wheel().name}"],
                          check=False, timeout_s=1800)
         if res.rc == 0:
-            res = self.r.run(pip + ["install", "-q", "--no-compile", "--no-index",
-                                    "--find-links", house, *reqs],
-                             check=False, timeout_s=1800)
+            res = self.r.run(install + reqs, check=False, timeout_s=1800)
         if res.rc != 0:
             raise NodeFailed(f"pip install in {venv}: {res.stderr.strip()[-400:]}",
                              f"read the error above; the wheels are in {house} on the node")

@@ -30,10 +30,9 @@ from testbed.control.catalog import POLICY_NAMES, short_name
 ORDER = ("multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed")
 
 
-def short(policy: str) -> str:
-    """The table's short name: the registry's (``control.catalog.short_name``: a built-in's own,
-    else the name itself up to 8 characters, else its initials), so that any policy fits."""
-    return short_name(policy)
+# The table's short name: the registry's (a built-in's own, else the name itself up to 8
+# characters, else its initials), so that any policy fits.
+short = short_name
 
 
 def _label(value) -> str:

@@ -72,9 +72,8 @@ class Sweep:
     policies: tuple[str, ...] | None
     grid: dict[str, list]
     figure: dict | None = None          # {"kind", "x", "y", "log_x", "gains", "title"}
-    # name -> resolved spec (FILE.py:ATTR with an absolute file) of each policy of one's own
-    policy_specs: dict = dataclasses.field(default_factory=dict)
-    # name -> that policy as loaded when the sweep was (``plugins.LoadedPolicy``)
+    # name -> each policy of one's own as loaded when the sweep was (``plugins.LoadedPolicy``;
+    # its spec has the file made absolute)
     plugins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def points(self) -> list[dict]:
@@ -102,7 +101,7 @@ def load_sweep(path: str | Path) -> Sweep:
     mode = root.str("mode", "simulated", choices=("simulated", "live"))
     duration = root.number("duration_s", None, min=0, min_exclusive=True, max=86_400)
     repeats = root.integer("repeats", None, min=1, max=1000)
-    policies, specs, loaded = _policies(root, base)
+    policies, loaded = _policies(root, base)
     grid_sec = root.section("grid")
     grid: dict[str, list] = {}
     for key in list(grid_sec.data):
@@ -133,25 +132,23 @@ def load_sweep(path: str | Path) -> Sweep:
     root.done()
     return Sweep(path=Path(path), name=name, experiment_path=experiment, profile_path=profile,
                  mode=mode, duration_s=duration, repeats=repeats, policies=policies, grid=grid,
-                 figure=figure, policy_specs=specs, plugins=loaded)
+                 figure=figure, plugins=loaded)
 
 
-def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict[str, str], dict]:
-    """The optional ``policies:`` list: names, name -> resolved spec of each policy of one's
-    own (a file spec made absolute, so that it loads from any folder), and name -> the policy
-    loaded. Each spec is loaded here: one that does not load is a SweepError at
-    ``policies[i]``."""
+def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict]:
+    """The optional ``policies:`` list: names, and name -> each policy of one's own, loaded
+    here (a file spec made absolute, so that it loads from any folder); one that does not load
+    is a SweepError at ``policies[i]``."""
     from testbed.control.problem import POLICY_NAMES
     from testbed.errors import ExperimentError
     from testbed.inputs.experiment import _plugin
     raw = root.raw("policies", None)
     if raw is None:
-        return None, {}, {}
+        return None, {}
     if not isinstance(raw, list) or not raw:
         raise root.error("policies", f"expected a list of {', '.join(POLICY_NAMES)} or "
                          "policy specs (FILE.py:ATTR, package.module:ATTR)")
     names: list[str] = []
-    specs: dict[str, str] = {}
     loaded_all: dict = {}
     for i, spec in enumerate(raw):
         where = f"policies[{i}]"
@@ -166,13 +163,12 @@ def _policies(root, base: Path) -> tuple[tuple[str, ...] | None, dict[str, str],
                 raise SweepError(exc.message.replace(f"policy {resolved}:", f"policy {spec}:", 1),
                                  source=root.source, line=line, field=where) from None
             name = loaded.name
-            specs[name] = resolved
             loaded_all[name] = loaded
         if name in names:
             raise SweepError(f'duplicate policy "{name}" (also policies[{names.index(name)}])',
                              source=root.source, line=line, field=where)
         names.append(name)
-    return tuple(names), specs, loaded_all
+    return tuple(names), loaded_all
 
 
 def _absolute_spec(spec, base: Path):
@@ -258,7 +254,7 @@ def run_point(experiment, profile: dict, params: dict, *, duration_s: float | No
     95% interval (pure: no files left behind). Runs in a Ray worker or in this process.
     ``experiment``: a loaded experiment (a Ray worker gets it whole, with its prompts and
     traces, so it needs none of the sweep's files) or an experiment file's path; ``plugins``:
-    name -> loaded policy of one's own (``load_plugins``; in a Ray worker they came by value,
+    name -> loaded policy of one's own (``Sweep.plugins``; in a Ray worker they came by value,
     ``ship``)."""
     import tempfile
 
@@ -315,13 +311,6 @@ def ship(policies) -> None:
         module = sys.modules.get(top)
         if module is not None and top not in ("testbed", "builtins", "__main__"):
             cloudpickle.register_pickle_by_value(module)
-
-
-def load_plugins(specs: dict | None) -> dict:
-    """name -> ``plugins.LoadedPolicy`` of a sweep's ``policy_specs``; ``PolicyError`` when
-    one does not load here."""
-    from testbed.control import plugins
-    return {name: plugins.load_policy(spec) for name, spec in (specs or {}).items()}
 
 
 def apply_params(exp, params: dict, *, repeats: int | None = None,
@@ -397,7 +386,7 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None,
     elif todo:
         from testbed.inputs.experiment import load_experiment
         base = load_experiment(sweep.experiment_path)
-        own = dict(sweep.plugins)
+        own = sweep.plugins
         # the workers get the experiment whole and the policies' code by value: a cluster's
         # machines need testbed installed, not the sweep's files or the policies' modules
         ship(list(own.values()) + list(base.plugins.values()))
@@ -449,7 +438,7 @@ def _run_live(sweep: Sweep, profile: dict, todo: list[dict], folder: Path, runs:
     from testbed.lab.lock import lab_lock
     from testbed.live.loop import run as run_loop
     base = load_experiment(sweep.experiment_path)
-    plugins = load_plugins(sweep.policy_specs)
+    plugins = sweep.plugins
     with lab_lock(base.inventory, f"testbed sweep {sweep.path}"), \
             bring_up(base.inventory, log):
         for params in todo:
