@@ -16,8 +16,7 @@ For each node, through its runner (``remote.runner_for``), in this order:
    here (``crossbuild.py``, once per version and CPU level); otherwise its source is copied,
    with its build tools as wheels (scikit-build-core, CMake, Ninja:
    ``Wheelhouse.build_tools``), and the wheel is built on the node, once, and kept in the
-   node's wheelhouse. The node installs with ``pip --no-index --no-compile``: nodes need no
-   Internet.
+   node's wheelhouse. The node installs with ``pip --no-index``: nodes need no Internet.
    A marker in the venv (``.testbed-provision.json``) records what was installed; when it
    matches, nothing is copied or installed.
 4. **models**: a model given by ``name`` and ``path`` is copied from this machine's model store
@@ -426,11 +425,11 @@ class _Node:
             self.build_llama(house, llama_sdist.name)
         self.act(f"install testbed and {len(want['pins']) - 1} pinned packages in {venv}")
         reqs = [f"{k}=={v}" for k, v in sorted(want["pins"].items())]
-        # --no-compile: Python compiles a module when a node first imports it, instead of pip
-        # compiling every file of every package (most of ray's are never imported on a node);
-        # under qemu-user that took ray's install from 38 s to 11 s (docs/real-lab.md)
+        # pip byte-compiles everything here: with --no-compile the first `ray start` on a slow
+        # node compiled what it imported and its raylet missed Ray's start-up timeout
+        # (aarch64 under qemu-user, docs/data/aarch64-lab-20261207.md)
         install = [node.python_bin, "-m", "pip", "--disable-pip-version-check", "install", "-q",
-                   "--no-compile", "--no-index", "--find-links", house]
+                   "--no-index", "--find-links", house]
         res = self.r.run(install + ["--force-reinstall", "--no-deps",
                                     f"{house}/{self.house.testbed_wheel().name}"],
                          check=False, timeout_s=1800)
