@@ -15,13 +15,16 @@ before the profiler measured whole answers: rates from a few hundred drafted pos
 ``prefill`` block) or "run's events" (profiles made before the profiler timed prefills,
 2026-12-07: each device's mean ``prefill_s`` over the live run's own prefill events, a cost
 input like the profile's, not the goodput being checked). Both sides count goodput over the
-wall clock (docs/records.md), prefills included.
+wall clock (docs/records.md), prefills included. The simulated controller plans with the
+round-time model the run did (the manifest's ``model``; ``mean`` for runs before the tail
+model, 2026-12-07).
 The simulator table in docs/results.md is this output (``tests/test_sim_validation.py``
 checks that).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -73,7 +76,11 @@ def validate(run: Path) -> list[dict]:
     if path is None:
         return []
     profile, prefills = with_prefills(manifest["profile"], run)
-    exp, profile, lab = prepare(load_experiment(path), profile)
+    # the controller's round-time model the run planned with: runs before 2026-12-07 recorded
+    # none and planned with the mean model
+    model = (manifest.get("experiment") or {}).get("model", "mean")
+    exp = dataclasses.replace(load_experiment(path), model=model)
+    exp, profile, lab = prepare(exp, profile)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, _ = run_loop(exp, profile, Path(tmp), lab=lab)
         sim = json.loads((run_dir / "summary.json").read_text())

@@ -68,6 +68,30 @@ def test_one_round_by_hand():
     assert lab.devices["a"].snr_db == 10.0
 
 
+def test_drafting_spread_follows_the_profiled_lengths():
+    """The drafting noise at each length is the profile's sd there (linear in between), the
+    numbers the controller's tail model plans with; drawn devices scale it with their speed."""
+    grid = ((1, 0.002), (4, 0.008), (8, 0.02))
+    lab = _lab([_device("a", per_token_s=0.05, draft_sd_grid=grid)])
+    lab.set_shares({"a": 1.0})
+    for L, want in ((1, 0.002), (2, 0.004), (8, 0.02), (12, 0.02)):
+        draft = [lab.round({"a": L}).steps["a"].draft_s for _ in range(3000)]
+        assert np.std(draft, ddof=1) == pytest.approx(want, rel=0.06)
+        assert np.mean(draft) == pytest.approx(0.01 + 0.05 * L, abs=4 * want / np.sqrt(3000))
+    from testbed.control.problem import draft_sd_from_profile
+    profile = json.loads(PROFILE.read_text())
+    dev = devices_from_profile(profile)[0]
+    draft = profile["devices"][0]["draft"]
+    assert dev.draft_sd_grid == tuple((r["draft_len"], r["sd_s"]) for r in draft["grid"])
+    assert draft_sd_from_profile(draft, 3)[1] == pytest.approx(
+        (draft["grid"][1]["sd_s"] if draft["grid"][1]["draft_len"] == 2 else np.nan))
+    [slow] = draw([dev], 1, 5, PopulationSpec(draft_speed_sd=0.5))
+    factor = slow.per_token_s / dev.per_token_s
+    assert factor != pytest.approx(1.0)
+    assert [sd for _, sd in slow.draft_sd_grid] == pytest.approx(
+        [sd * factor for _, sd in dev.draft_sd_grid])
+
+
 def test_acceptance_is_geometric_in_the_mean():
     alpha, L = 0.7, 6
     lab = _lab([_device("a", acceptance=alpha)], seed=11)

@@ -76,6 +76,10 @@ def add_parser(sub) -> None:
                    "those. If no plan meets it, one line on stderr gives the best TPOT any plan "
                    "reaches (max-min's), the other plans are still shown, and the exit code is "
                    "1 if it was the only plan asked")
+    p.add_argument("--model", choices=("tail", "mean"),
+                   help="round-time model: tail (the expected slowest arrival, from the "
+                   "problem's spreads; the default) or mean (the paper's mean times); default: "
+                   "the problem file's model field")
     p.add_argument("--json", action="store_true", help="print the plans in the contract's JSON "
                    "(one object when one plan is asked, else a list)")
     src = p.add_mutually_exclusive_group()
@@ -100,6 +104,9 @@ def run(args) -> int:
         from testbed.inputs.experiment import load_experiment
         channel = load_experiment(args.experiment).channel
     problem = load_problem(args.file, channel)
+    if args.model:
+        import dataclasses
+        problem = dataclasses.replace(problem, model=args.model)
     tpot_s = args.tpot_s
     if tpot_s is not None and not args.policy:
         policies = []                               # --tpot-s alone: only the SLO plan

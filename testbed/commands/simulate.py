@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
                    "BASE_S,PER_TOKEN_S (e.g. 0.0152,0.0000612) or a name: profile-real (the "
                    "lab server's real compute), h100-8b, h100-1b, h100-135m, h100-host-cpu "
                    "(fits of docs/data/gpu-h100)")
+    p.add_argument("--model", choices=("tail", "mean"),
+                   help="the controller's round-time model instead of the experiment's: tail "
+                   "(expected slowest arrival) or mean (the paper's mean times)")
     p.add_argument("--out", default="runs", metavar="DIR", help="where run folders go "
                    "(default: runs)")
     p.add_argument("--json", action="store_true", help="print the report's JSON at the end")
@@ -102,6 +105,9 @@ def run(args) -> int:
     console = Console(log_path=False, stderr=args.json)
     writable_folder(args.out, "--out")
     exp = load_experiment(args.experiment)
+    if args.model:
+        import dataclasses
+        exp = dataclasses.replace(exp, model=args.model)
     profile = _profile(args, exp)
     cost = _cost(args.server_cost, profile)
     from testbed.sim.population import PopulationSpec

@@ -15,7 +15,9 @@ the newest round (the experiment's ``replan.ewma``):
   the shaper meters: ``live.datapath.metered_bits``; docs/controller.md says why), as an
   EWMA of per-round values started at the prior's rate (with its own weight ``rate_ewma``
   when given: upload times are far less noisy than acceptance), and from it the SNR the model
-  uses (R = B log2(1 + SNR)).
+  uses (R = B log2(1 + SNR)); under the tail model the problem's mean upload factor m
+  multiplies it (the model charges m * bits / rate: counted once);
+- drafting's spread per length stays the problem's (the profile's): not re-estimated.
 
 The problem's values are the prior. For acceptance and the time fits they count as
 ``prior_weight`` observations that never decay (1 % of one round by default, against about
@@ -128,6 +130,12 @@ class Estimator:
         self.kappa = prior_weight * (span / 2.0) ** 2
         self.sums = np.zeros((n, 5))                         # w, wx, wy, wxx, wxy
         self.snr0 = np.array([d.snr_db for d in devs], dtype=float)
+        self._draft_sd = {d.name: d.draft_sd_s for d in devs}   # kept as profiled
+        # The tail model charges an upload m times bits/rate (the profile's measured mean
+        # factor): the rate estimated from upload times is then bits * m / (time * share), so
+        # that the factor is not counted twice. The mean model has no factor: m = 1.
+        self.upload_mean = float(problem.upload_time_factor[0]) if problem.model == "tail" \
+            else 1.0
         self.rate = self.bandwidth_hz * np.log2(1.0 + 10.0 ** (self.snr0 / 10.0))
         self.rate_seen = np.zeros(n, dtype=bool)
         self.rounds = np.zeros(n, dtype=int)
@@ -186,7 +194,8 @@ class Estimator:
                 if o.draft_len > 0 and o.upload_bits and o.upload_s and o.share]
         if sent:
             j = np.array([k for k, _ in sent])
-            rate = np.array([o.upload_bits / (o.upload_s * o.share) for _, o in sent])
+            rate = np.array([o.upload_bits * self.upload_mean / (o.upload_s * o.share)
+                             for _, o in sent])
             self.rate[j] = self.rate_decay * self.rate[j] + (1.0 - self.rate_decay) * rate
             self.rate_seen[j] = True
 
@@ -253,6 +262,7 @@ class Estimator:
         names = self.names if active is None else list(active)
         i = [self._idx(n) for n in names]
         e = self._estimates()
+        sds = [self._draft_sd.get(n, ()) for n in names]   # the profile's spreads (tail model)
         devices = tuple(map(Device, names, e["a"][i].tolist(), e["b"][i].tolist(),
-                            e["acceptance"][i].tolist(), e["snr_db"][i].tolist()))
+                            e["acceptance"][i].tolist(), e["snr_db"][i].tolist(), sds))
         return dataclasses.replace(self.base, devices=devices)

@@ -714,6 +714,8 @@ class SloResult:
     goodput_tps: float | None
     worst_tpot_s: float
     closest_lengths: np.ndarray
+    closest_shares: np.ndarray | None = None   # the tail model's shares of closest_lengths
+                                               # (None: the equal-arrival ones)
 
 
 def solve_slo(arr: Arrays, tpot_s: float) -> SloResult:

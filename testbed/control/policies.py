@@ -26,8 +26,20 @@ agnostic-tuned and agnostic-fixed, and heterogeneous >= server-only (sum goodput
 proportional-fair has the largest sum_k log g_k and max-min the largest min_k g_k of all
 policies. Homogeneous may lose to server-only (it must draft at least one token).
 
+The tail model (``Problem.model == "tail"`` with measured spreads; ``model.py``): the policies
+whose shares are "optimal for their lengths" (homogeneous, heterogeneous, the fair ones, the
+SLO plan) plan on ``model.inflated(arr, z)``, the arrival at ``z`` of its spread, for each z
+of ``z_levels(K)`` (0, the mean arrival, up to one more than Blom's z of the largest of K
+normals), and keep the plan whose value under the tail model is best (``policy_value``: the
+policy's own objective). Plans every such policy could also choose are among the candidates
+(heterogeneous: homogeneous's, server-only's and the agnostic ones'; homogeneous: the
+agnostic ones'; the fair ones: server-only's and the agnostic ones'), so the orderings above
+hold under the tail model too. ``tests/test_tail_policies.py`` compares the result with an
+exhaustive search over lengths whose shares are optimised by scipy for the tail model itself.
+With ``model: mean`` (or no spread) every policy is the mean model's, exactly as before.
+
 Entry points: ``solve(problem, policy) -> Plan``, ``solve_many``, ``POLICIES``,
-``solve_slo_plan``, ``constraints``. Pure.
+``solve_slo_plan``, ``constraints``, ``policy_value``. Pure.
 """
 
 from __future__ import annotations
@@ -36,12 +48,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from scipy import special
 
 from testbed.control import catalog
 from testbed.control.fair import SloResult, solve_max_min, solve_proportional_fair, solve_slo
 from testbed.control.hetero import solve_heterogeneous
 from testbed.control.model import (Arrays, arrays, arrival_time, evaluate, expected_tokens,
-                                   make_plan, optimal_shares, spectral_efficiency)
+                                   inflated, make_plan, optimal_shares, quantile_shares,
+                                   spectral_efficiency, tail_shares)
 from testbed.control.problem import POLICY_NAMES, Plan, Problem
 from testbed.errors import InputError
 
@@ -117,13 +131,130 @@ BASELINE = catalog.BASELINES[0]     # what gains are reported against first
 SLO_POLICY = "slo-heterogeneous"   # the plan name of ``solve_slo_plan``
 
 
+# -- the tail model (module docstring) ---------------------------------------------------------
+
+TAIL_STEPS = 7               # z levels a tail policy plans at
+# Plans each policy may also choose (they meet its definition), so the orderings hold.
+_TAIL_ALSO = {
+    "multispin-heterogeneous": ("multispin-homogeneous", "server-only", "agnostic-fixed",
+                                "agnostic-tuned"),
+    "multispin-homogeneous": ("agnostic-fixed", "agnostic-tuned"),
+    "proportional-fair": ("server-only", "agnostic-fixed", "agnostic-tuned"),
+    "max-min": ("server-only", "agnostic-fixed", "agnostic-tuned"),
+}
+
+
+def z_levels(K: int) -> np.ndarray:
+    """The spreads' multiples a tail policy plans at: 0 up to Blom's z for the largest of K
+    normals plus one, in ``TAIL_STEPS`` steps."""
+    zk = float(special.ndtri((K - 0.375) / (K + 0.25))) if K > 1 else 0.0
+    return np.linspace(0.0, zk + 1.0, TAIL_STEPS)
+
+
+def policy_value(policy: str, arr: Arrays, lengths, shares) -> float:
+    """The plan's value under ``policy``'s objective (``catalog.objective``: the sum goodput
+    but for the fair built-ins), in tokens/s, under the model ``arr`` was built with:
+    K times the geometric mean of the g_k for ``proportional-fair``, K times the smallest for
+    ``max-min`` (both equal to the sum goodput when every device gets the same)."""
+    round_s, goodput = evaluate(arr, lengths, shares)
+    kind = catalog.objective(policy)
+    if kind == "sum":
+        return goodput
+    e = arr.tokens[np.arange(arr.K), np.asarray(lengths, dtype=np.intp)]
+    if kind == "minimum":
+        return arr.K * float(e.min()) / round_s
+    return arr.K * float(np.exp(np.mean(np.log(e)))) / round_s
+
+
+def _plan(problem: Problem, policy: str, arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    if not arr.tail or policy not in _TAIL_ALSO:
+        return _SOLVERS[policy](problem, arr)
+    lengths = {tuple(L.tolist()): L for L, _ in
+               (_SOLVERS[policy](problem, inflated(arr, z)) for z in z_levels(arr.K))}
+    if policy == "multispin-homogeneous":       # every common length: cheap, and exhaustive
+        lengths.update({(n,) * arr.K: np.full(arr.K, n, dtype=np.intp)
+                        for n in range(1, arr.lmax + 1)})
+    cands = [best_tail_shares(policy, arr, L) for L in lengths.values()]
+    cands.sort(key=lambda c: -c[2])
+    if arr.K <= LOCAL_SEARCH_K and catalog.objective(policy) != "sum":
+        cands.insert(0, _local_search(policy, arr, _refined(policy, arr, *cands[0])))
+    refine = REFINE_SMALL if arr.K <= REFINE_SMALL_K else REFINE_LARGE
+    if policy == "multispin-homogeneous" and arr.K <= REFINE_SMALL_K:
+        refine = len(cands)                     # every common length
+    cands[:refine] = [_refined(policy, arr, L, b, v) for L, b, v in cands[:refine]]
+    cands += [(L, b, policy_value(policy, arr, L, b)) for L, b in
+              (_plan(problem, other, arr) for other in _TAIL_ALSO[policy])]
+    L, b, _ = max(cands, key=lambda c: c[2])
+    return L, b
+
+
+PRUNE = 0.03                 # a move whose equal-quantile value is this far below is dropped
+PAIR_MOVES_K = 3             # up to this many devices, also two lengths at once
+LOCAL_SEARCH_K = 4           # up to this many devices, the fair policies (whose solvers see
+                             # the tail least) also search one-length moves from the best plan
+REFINE_SMALL_K = 64          # up to this many devices, the best REFINE_SMALL length vectors get
+REFINE_SMALL = 2             # their shares optimised (model.tail_shares); beyond, the best one
+REFINE_LARGE = 1
+
+
+def best_tail_shares(policy: str, arr: Arrays, L: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                      float]:
+    """(L, shares, value): the best equal-quantile shares of ``L`` over ``z_levels``."""
+    best = None
+    for z in z_levels(arr.K)[::2]:
+        b = quantile_shares(arr, L, float(z))
+        v = policy_value(policy, arr, L, b)
+        if best is None or v > best[2]:
+            best = (L, b, v)
+    return best
+
+
+def _local_search(policy: str, arr: Arrays, start):
+    """From ``start`` (L, shares, value): move one device's length by one, or two devices'
+    (up to ``PAIR_MOVES_K`` devices), while that helps (each move valued with its optimal
+    shares, ``_refined``)."""
+    best = start
+    lo = 1 if policy == "multispin-homogeneous" else 0
+    K = arr.K
+    moves = [np.eye(K, dtype=np.intp)[k] * step for k in range(K) for step in (-1, 1)]
+    if K <= PAIR_MOVES_K:
+        for i in range(K):
+            for j in range(i + 1, K):
+                for si in (-1, 1):
+                    for sj in (-1, 1):
+                        m = np.zeros(K, dtype=np.intp)
+                        m[i], m[j] = si, sj
+                        moves.append(m)
+    improved = True
+    while improved:
+        improved = False
+        for m in moves:
+            L = best[0] + m
+            if L.min() < lo or L.max() > arr.lmax:
+                continue
+            cand = best_tail_shares(policy, arr, L)
+            if cand[2] < best[2] * (1 - PRUNE):     # even optimal shares would not help
+                continue
+            cand = _refined(policy, arr, *cand)
+            if cand[2] > best[2] * (1 + 1e-12):
+                best, improved = cand, True
+    return best
+
+
+def _refined(policy: str, arr: Arrays, L: np.ndarray, b: np.ndarray, v: float):
+    """``L`` with its shares optimised for the tail model, if that is better than ``b``."""
+    b2 = tail_shares(arr, L, start=b)
+    v2 = policy_value(policy, arr, L, b2)
+    return (L, b2, v2) if v2 > v else (L, b, v)
+
+
 def solve(problem: Problem, policy: str, arr: Arrays | None = None) -> Plan:
     """The plan of ``policy`` for ``problem`` (``arr``: the problem's tables, if already built)."""
     if policy not in _SOLVERS:
         raise InputError(f'unknown policy "{policy}"; known: {", ".join(POLICIES)}',
                          field="policy")
     arr = arrays(problem) if arr is None else arr
-    lengths, shares = _SOLVERS[policy](problem, arr)
+    lengths, shares = _plan(problem, policy, arr)
     return make_plan(problem, arr, policy, lengths, shares)
 
 
@@ -137,11 +268,57 @@ def solve_slo_plan(problem: Problem, tpot_s: float,
     """The plan of largest sum goodput with every device's T / E_k <= tpot_s (named
     ``SLO_POLICY``), or None when no plan meets it; the ``SloResult`` says by how much."""
     arr = arrays(problem) if arr is None else arr
+    if arr.tail:
+        return _slo_tail(problem, tpot_s, arr)
     result = solve_slo(arr, tpot_s)
     if not result.feasible:
         return None, result
     return make_plan(problem, arr, SLO_POLICY, result.lengths,
                      optimal_shares(arr, result.lengths)[0]), result
+
+
+def _slo_tail(problem: Problem, tpot_s: float, arr: Arrays) -> tuple[Plan | None, SloResult]:
+    """The SLO plan under the tail model: heterogeneous's plan when it meets the target (it has
+    the most goodput of all), else the mean model's SLO plan (or its closest) at each z level,
+    valued by the tail model; the feasible one of largest sum goodput (its shares then
+    optimised, if they still meet the target), else max-min's plan (the smallest worst time
+    per token, as the mean model's SLO answer)."""
+    def worst_of(L, b):
+        round_s, goodput = evaluate(arr, L, b)
+        return goodput, round_s / float(arr.tokens[np.arange(arr.K), L].min())
+
+    L, b = _plan(problem, "multispin-heterogeneous", arr)
+    goodput, worst = worst_of(L, b)
+    if worst <= tpot_s * (1 + TPOT_TOLERANCE):
+        return (make_plan(problem, arr, SLO_POLICY, L, b),
+                SloResult(tpot_s, True, L, goodput, worst, L, b))
+    best = closest = None
+    for z in z_levels(arr.K):
+        az = inflated(arr, z)
+        res = solve_slo(az, tpot_s)
+        L = res.lengths if res.feasible else res.closest_lengths
+        b = optimal_shares(az, L)[0]
+        goodput, worst = worst_of(L, b)
+        if worst <= tpot_s * (1 + TPOT_TOLERANCE) and (best is None or goodput > best[2]):
+            best = (L, b, goodput, worst)
+        if closest is None or worst < closest[3]:
+            closest = (L, b, goodput, worst)
+    if best is not None:                      # optimal shares: a shorter round, if it still
+        L = best[0]                           # meets the target (it shortens every T / E_k)
+        b = tail_shares(arr, L, start=best[1])
+        goodput, worst = worst_of(L, b)
+        if goodput > best[2] and worst <= tpot_s * (1 + TPOT_TOLERANCE):
+            best = (L, b, goodput, worst)
+    if best is None:             # the closest plan: max-min's (the lowest worst T / E_k)
+        L, b = _plan(problem, "max-min", arr)
+        _, worst = worst_of(L, b)
+        if worst < closest[3]:
+            closest = (L, b, None, worst)
+        L, b, _, worst = closest
+        return None, SloResult(tpot_s, False, None, None, worst, L, b)
+    L, b, goodput, worst = best
+    return (make_plan(problem, arr, SLO_POLICY, L, b),
+            SloResult(tpot_s, True, L, goodput, worst, L, b))
 
 
 # -- constraints a plan of a policy must meet (module docstring) -------------------------------

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from testbed.channel import MAX_DRAFT_LEN
 from testbed.control import catalog
 from testbed.errors import ProblemError
@@ -34,6 +36,9 @@ from testbed.files import read_json
 from testbed.yamlio import Section
 
 SCHEMA = "testbed.problem/1"
+MODELS = ("tail", "mean")   # the round-time model (docs/goodput-model.md, "The tail model")
+MAX_FACTOR = 100.0
+LAB_MIN_RATE_BPS = 100.0    # the labs' floor on an uplink (lab/shaping.py: tc cannot hold less)
 # The policy names of the CLI contract (goodput-model.md, "Policies"): catalog.py's rows;
 # solvers: policies.py.
 POLICY_NAMES = catalog.POLICY_NAMES
@@ -56,6 +61,9 @@ class Device:
     draft_per_token_s: float   # tau: drafting time per draft token
     acceptance: float          # alpha: probability that a draft token is accepted
     snr_db: float              # uplink SNR
+    draft_sd_s: tuple[float, ...] = ()   # sd of the drafting time at L = 1, 2, ... (the
+                               # profile's per-length spread; the last entry holds beyond;
+                               # empty: no spread). Used by the tail model only.
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,12 @@ class Problem:
     baseline_draft_len: int
     server: Server
     devices: tuple[Device, ...]
+    model: str = "tail"        # "tail": rounds wait for the expected slowest arrival;
+                               # "mean": the contract's mean-time model (the paper's)
+    upload_time_factor: tuple[float, float] = (1.0, 0.0)   # an upload's time over bits/rate:
+                               # (mean, sd), as the profile measured it. Tail model only.
+    min_rate_bps: float = 0.0  # the lab's floor on any uplink's rate (the shaper cannot hold
+                               # less: a share that gives less still gets this much)
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -123,18 +137,35 @@ def plan_to_dict(plan: Plan) -> dict:
                          "expected_tokens": d.expected_tokens} for d in plan.devices]}
 
 
+def _device_dict(d: Device) -> dict:
+    out = {"name": d.name, "draft_base_s": d.draft_base_s,
+           "draft_per_token_s": d.draft_per_token_s, "acceptance": d.acceptance,
+           "snr_db": d.snr_db}
+    if d.draft_sd_s:
+        out["draft_sd_s"] = list(d.draft_sd_s)
+    return out
+
+
 def problem_to_dict(problem: Problem) -> dict:
-    """The problem file format (``problem_from_dict`` reads it back to an equal problem)."""
+    """The problem file format (``problem_from_dict`` reads it back to an equal problem). The
+    tail model's fields (``model``, ``upload_time_factor``, ``draft_sd_s``) are written only
+    where they differ from their defaults, so a contract problem stays as it was."""
     s = problem.server
-    return {"schema": SCHEMA, "bandwidth_hz": problem.bandwidth_hz,
+    extra = {}
+    if problem.model != "tail":
+        extra["model"] = problem.model
+    if tuple(problem.upload_time_factor) != (1.0, 0.0):
+        mean, sd = problem.upload_time_factor
+        extra["upload_time_factor"] = {"mean": mean, "sd": sd}
+    if problem.min_rate_bps:
+        extra["min_rate_bps"] = problem.min_rate_bps
+    return {"schema": SCHEMA, **extra, "bandwidth_hz": problem.bandwidth_hz,
             "bits_per_draft_token": problem.bits_per_draft_token,
             "header_bits": problem.header_bits, "max_draft_len": problem.max_draft_len,
             "baseline_draft_len": problem.baseline_draft_len,
             "server": {"verify_base_s": s.verify_base_s, "verify_per_token_s": s.verify_per_token_s,
                        "downlink_s": s.downlink_s},
-            "devices": [{"name": d.name, "draft_base_s": d.draft_base_s,
-                         "draft_per_token_s": d.draft_per_token_s, "acceptance": d.acceptance,
-                         "snr_db": d.snr_db} for d in problem.devices]}
+            "devices": [_device_dict(d) for d in problem.devices]}
 
 
 # -- loading and validation -------------------------------------------------------------------
@@ -176,6 +207,16 @@ def problem_from_dict(data: Any, source: str = "<problem>",
     schema = root.str("schema")
     if schema != SCHEMA:
         raise root.error("schema", f'expected "{SCHEMA}", got "{schema}"')
+    model = root.str("model", "tail", choices=MODELS)
+    factor = (1.0, 0.0)
+    if root.has("upload_time_factor"):
+        sec = root.section("upload_time_factor")
+        factor = (sec.number("mean", min=0, min_exclusive=True, max=MAX_FACTOR),
+                  sec.number("sd", 0.0, min=0, max=MAX_FACTOR))
+        sec.done()
+    else:
+        root.raw("upload_time_factor", None)
+    min_rate = root.number("min_rate_bps", 0.0, min=0, max=MAX_BANDWIDTH_HZ)
     bandwidth_hz = root.number("bandwidth_hz", min=0, min_exclusive=True, max=MAX_BANDWIDTH_HZ)
     bits = root.number("bits_per_draft_token", min=0, min_exclusive=True, max=MAX_BITS)
     header = root.number("header_bits", min=0, max=MAX_BITS)
@@ -211,12 +252,73 @@ def problem_from_dict(data: Any, source: str = "<problem>",
                               draft_per_token_s=d.number("draft_per_token_s", min=0,
                                                          max=MAX_TIME_S),
                               acceptance=d.number("acceptance", min=0, max=1),
-                              snr_db=d.number("snr_db", min=-100, max=100)))
+                              snr_db=d.number("snr_db", min=-100, max=100),
+                              draft_sd_s=_draft_sd(d, lmax)))
         d.done()
     root.done()
     return Problem(bandwidth_hz=bandwidth_hz, bits_per_draft_token=bits, header_bits=header,
                    max_draft_len=lmax, baseline_draft_len=lfix, server=server,
-                   devices=tuple(devices))
+                   devices=tuple(devices), model=model, upload_time_factor=factor,
+                   min_rate_bps=min_rate)
+
+
+def _draft_sd(d: Section, lmax: int) -> tuple[float, ...]:
+    """A device's ``draft_sd_s``: one number for every length, or a list of at most
+    ``max_draft_len`` numbers (L = 1, 2, ...; the last holds for longer drafts)."""
+    value = d.raw("draft_sd_s", None)
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        if not 1 <= len(value) <= lmax:
+            return _raise(d, "draft_sd_s", f"expected 1 to max_draft_len ({lmax}) numbers "
+                          f"(L = 1, 2, ...), got {len(value)}")
+        out = []
+        for i, x in enumerate(value):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
+                    or not 0 <= x <= MAX_TIME_S:
+                return _raise(d, f"draft_sd_s[{i}]", f"expected a number in 0..{MAX_TIME_S:g}, "
+                              f"got {x!r}")
+            out.append(float(x))
+        return tuple(out)
+    return (d.number("draft_sd_s", min=0, max=MAX_TIME_S),)
+
+
+def _raise(d: Section, field: str, message: str):
+    raise d.error(field, message)
+
+
+def draft_sd_grid(draft: dict) -> tuple[tuple[int, float], ...]:
+    """Drafting's measured spread as (draft length, sd) pairs from a profile's ``draft``
+    block: its ``grid`` rows' ``sd_s``; without a grid the fit's ``resid_sd_s`` as ((1, sd),)
+    (it holds for every length); empty when the profile has neither."""
+    rows = sorted((int(r["draft_len"]), max(0.0, float(r["sd_s"])))
+                  for r in (draft.get("grid") or []) if isinstance(r, dict)
+                  and isinstance(r.get("draft_len"), int) and r["draft_len"] > 0
+                  and isinstance(r.get("sd_s"), (int, float)) and math.isfinite(r["sd_s"]))
+    if rows:
+        return tuple(rows)
+    resid = draft.get("resid_sd_s")
+    if isinstance(resid, (int, float)) and not isinstance(resid, bool) and math.isfinite(resid):
+        return ((1, max(0.0, float(resid))),)
+    return ()
+
+
+def sd_at(grid, lengths) -> np.ndarray:
+    """The spread at each of ``lengths`` from (length, sd) pairs: linear in L between the
+    measured lengths, flat beyond them (numpy ``interp``); 0 at L = 0 and with no pairs."""
+    L = np.asarray(lengths, dtype=float)
+    if not grid:
+        return np.zeros_like(L)
+    xs, ys = zip(*grid)
+    return np.where(L > 0, np.interp(L, xs, ys), 0.0)
+
+
+def draft_sd_from_profile(draft: dict, lmax: int) -> tuple[float, ...]:
+    """Drafting's spread at L = 1..lmax from a profile's ``draft`` block (``draft_sd_grid``
+    interpolated by ``sd_at``). The simulator draws its drafting noise from the same pairs
+    (``sim.population``, ``sim.lab``)."""
+    grid = draft_sd_grid(draft)
+    return tuple(float(v) for v in sd_at(grid, np.arange(1, lmax + 1))) if grid else ()
 
 
 def check_profile_shape(profile: Any, source: str, error_cls: type = ProblemError) -> None:
@@ -245,7 +347,8 @@ def check_profile_shape(profile: Any, source: str, error_cls: type = ProblemErro
 
 
 def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
-                         snr_db: dict | None = None, source: str = "<profile>") -> Problem:
+                         snr_db: dict | None = None, source: str = "<profile>",
+                         model: str = "tail") -> Problem:
     """A profiler's profile (schema ``testbed.profile/1``) plus channel settings -> a problem.
 
     ``channel``: an ``inventory.Channel`` (or anything with bandwidth_hz, max_draft_len,
@@ -260,6 +363,10 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
     of the channel model, not measured). Shared: bits per draft token and header bits from the
     profile's ``payload`` (an explicit ``channel.bits_per_draft_token`` wins), the server's
     ``verify`` fit (v0, v1) and ``downlink_s``; band and length limits from ``channel``.
+    The tail model's spreads: each device's drafting sd per length (``draft_sd_from_profile``)
+    and the upload's time over the model (``payload.upload_time_over_model``: mean and sd);
+    ``model`` says which round-time model plans with them. The lab's rate floor
+    (``min_rate_bps``: the shaper's 100 bit/s) is the problem's too.
     Raises ``ProblemError`` (``source``: field: what) on a profile that does not fit.
     """
     def err(field: str, message: str) -> ProblemError:
@@ -318,11 +425,32 @@ def problem_from_profile(profile: dict, channel: Any, workloads: Any = None, *,
             draft_per_token_s=max(0.0, num(draft.get("per_token_s"),
                                            f"{where}.draft.per_token_s")),
             acceptance=min(1.0, max(0.0, rate)),
-            snr_db=num(snr, f"{where}.link.snr_db")))
+            snr_db=num(snr, f"{where}.link.snr_db"),
+            draft_sd_s=draft_sd_from_profile(draft, int(channel.max_draft_len))))
     if not devices:
         raise err("devices", "no device profiled successfully (every status is failed)")
     problem = Problem(bandwidth_hz=float(channel.bandwidth_hz), bits_per_draft_token=float(bits),
                       header_bits=header, max_draft_len=int(channel.max_draft_len),
                       baseline_draft_len=int(channel.baseline_draft_len), server=server,
-                      devices=tuple(devices))
+                      devices=tuple(devices), model=model,
+                      upload_time_factor=_upload_factor(payload, err),
+                      min_rate_bps=LAB_MIN_RATE_BPS)
     return problem_from_dict(problem_to_dict(problem), source)
+
+
+def _upload_factor(payload: dict, err) -> tuple[float, float]:
+    """(mean, sd) of an upload's measured time over bits / rate; (1, 0) when not measured."""
+    factor = payload.get("upload_time_over_model")
+    if not isinstance(factor, dict) or factor.get("mean") is None:
+        return (1.0, 0.0)
+    out = []
+    for key in ("mean", "sd"):
+        v = factor.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise err(f"payload.upload_time_over_model.{key}", f"expected a number >= 0, "
+                      f"got {v!r}")
+        out.append(float(v))
+    if out[0] <= 0:
+        return (1.0, 0.0)
+    return (out[0], out[1])

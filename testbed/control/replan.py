@@ -42,27 +42,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from testbed.control import catalog
 from testbed.control.model import Arrays, arrays, evaluate, make_plan, optimal_shares
-from testbed.control.policies import (SLO_POLICY, constraints, solve, solve_slo_plan,
-                                      worst_tpot_s)
+from testbed.control.policies import (SLO_POLICY, constraints, policy_value, solve,
+                                      solve_slo_plan, worst_tpot_s)
 from testbed.control.plugins import LoadedPolicy, is_admissible, plan_with, value_of
 from testbed.control.problem import Plan, Problem
-
-
-def policy_value(policy: str, arr: Arrays, lengths, shares) -> float:
-    """The plan's value under ``policy``'s objective (``catalog.objective``: the sum goodput
-    but for the fair built-ins), in tokens/s (see the module docstring)."""
-    round_s, goodput = evaluate(arr, lengths, shares)
-    kind = catalog.objective(policy)
-    if kind == "sum":
-        return goodput
-    e = arr.tokens[np.arange(arr.K), np.asarray(lengths, dtype=np.intp)]
-    if kind == "minimum":
-        return arr.K * float(e.min()) / round_s
-    return arr.K * float(np.exp(np.mean(np.log(e)))) / round_s
 
 
 @dataclass(frozen=True)
@@ -160,7 +144,9 @@ class Replanner:
                "worst_tpot_s": res.worst_tpot_s}
         if plan is None:             # the solve already found max-min's plan: use it
             L = res.closest_lengths
-            plan = make_plan(problem, arr, SLO_POLICY, L, optimal_shares(arr, L)[0])
+            b = res.closest_shares if res.closest_shares is not None else \
+                optimal_shares(arr, L)[0]
+            plan = make_plan(problem, arr, SLO_POLICY, L, b)
         return plan, slo
 
     def _replace(self, plan: Plan, round_index: int, reason: str,

@@ -47,6 +47,9 @@ ORDERS = ("interleaved", "blocked")
 # rounds while every device waits (the default, and what every run before 2026-12-07 did), or
 # "overlap": the device sits out the next round while it prefills, beside the others' round.
 PREFILL_MODES = ("serial", "overlap")
+# The round-time model the controller plans and forecasts with (``model:``): "tail", the
+# expected slowest arrival (the default since 2026-12-07), or "mean", the paper's mean times.
+MODELS = ("tail", "mean")
 MAX_REPEATS = 1000
 # Event key in the file -> event kind in the records.
 _EVENT_KEYS = {"snr_db": "snr_change", "workload": "workload_switch", "leave": "leave",
@@ -156,6 +159,7 @@ class Experiment:
     order: str = "blocked"         # "interleaved": seeded shuffle per block; "blocked": as listed
     tpot_s: float | None = None    # slo.tpot_s: the target of the slo-heterogeneous policy
     prefill: str = "serial"        # PREFILL_MODES
+    model: str = "tail"            # MODELS
     # device -> the channel trace its uplink SNR follows (devices.NAME.link.trace)
     traces: dict[str, Trace] = field(default_factory=dict, compare=False)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -200,6 +204,7 @@ class Experiment:
             "slo": {"tpot_s": self.tpot_s} if self.tpot_s is not None else None,
             "warmup_rounds": self.warmup_rounds,
             **({"prefill": self.prefill} if self.prefill != "serial" else {}),
+            "model": self.model,
             "channel": dataclasses.asdict(self.channel),
             "workloads": {n: w.to_dict() for n, w in self.workloads.items()},
             "devices": {d: {"workload": w, **({"link": _link_dict(self.traces[d])}
@@ -503,6 +508,7 @@ def load_experiment(path: str | Path) -> Experiment:
     population = _population(root)
     order = root.str("order", "interleaved" if repeats > 1 else "blocked", choices=ORDERS)
     prefill = root.str("prefill", "serial", choices=PREFILL_MODES)
+    model = root.str("model", "tail", choices=MODELS)
 
     channel = _channel(root, inv)
     workloads = _workloads(root, base, channel)
@@ -517,6 +523,6 @@ def load_experiment(path: str | Path) -> Experiment:
                       channel=channel, workloads=workloads, device_workloads=device_workloads,
                       replan=replan, events=events, repeats=repeats, order=order,
                       population=population, traces=traces, tpot_s=tpot_s, prefill=prefill,
-                      plugins=plugins,
+                      model=model, plugins=plugins,
                       digest=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                       lines=dict(root.lines))

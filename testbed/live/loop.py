@@ -139,13 +139,15 @@ def observe_round(est: Estimator, event: dict) -> None:
 def profile_problem(exp: Experiment, profile: dict) -> Problem:
     """The profile as the controller's problem for ``exp``: acceptance of each device's starting
     workload (by its prompt set's task) when the profile measured it, else the pooled
-    acceptance; each device at its inventory SNR."""
+    acceptance; each device at its inventory SNR; the experiment's round-time ``model``."""
     snr = {d.name: d.snr_db for d in exp.inventory.devices}
     tasks = {n: exp.workloads[w].prompt_set.task for n, w in exp.device_workloads.items()}
     try:
-        return problem_from_profile(profile, exp.channel, tasks, snr_db=snr, source="profile")
+        return problem_from_profile(profile, exp.channel, tasks, snr_db=snr, source="profile",
+                                    model=exp.model)
     except ProblemError:
-        return problem_from_profile(profile, exp.channel, None, snr_db=snr, source="profile")
+        return problem_from_profile(profile, exp.channel, None, snr_db=snr, source="profile",
+                                    model=exp.model)
 
 
 def forecast(plan: Plan, problem: Problem) -> tuple[float, float]:

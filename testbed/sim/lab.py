@@ -13,7 +13,9 @@ One round, vectorised over the devices that draft (numpy), from each device's ``
 (``sim.population``: the profile's measurements, or a drawn population):
 
 - drafting: ``round_base_s + per_token_s * L`` plus a normal residual with the profile's
-  ``resid_sd_s`` (clipped so that drafting takes at least ``per_token_s * L / 2``);
+  measured spread at that length (``draft.grid``'s ``sd_s``, linear in L between the measured
+  lengths: the same numbers the controller's tail model plans with; clipped so that drafting
+  takes at least ``per_token_s * L / 2``);
 - acceptance: replayed when the profile has the prompt's teacher-forced answer (a profiled
   device, a greedy workload): a draft of L tokens at answer position p accepts the run of the
   draft model's agreements with the target from p, at most L (exactly what greedy speculative
@@ -57,7 +59,9 @@ from typing import Mapping
 
 import numpy as np
 
+from testbed.channel import MAX_DRAFT_LEN
 from testbed.control.model import uplink_rate_bps
+from testbed.control.problem import sd_at
 from testbed.errors import RunError
 from testbed.inputs.prompts import prompt_key
 from testbed.live.rounds import DeviceStep, Round, ServerStep, Verdict
@@ -110,7 +114,9 @@ class SimLab:
         self._base = np.array([s.round_base_s for s in specs])
         self._draft_base = np.array([s.draft_base_s for s in specs])
         self._tau = np.array([s.per_token_s for s in specs])
-        self._resid = np.array([s.resid_sd_s for s in specs])
+        # drafting's sd at each length 0..MAX_DRAFT_LEN (the profile's per-length spread)
+        self._sd = np.array([sd_at(s.draft_sd_grid, np.arange(MAX_DRAFT_LEN + 1))
+                             for s in specs]).reshape(len(specs), MAX_DRAFT_LEN + 1)
         lmax = max([len(s.position_shape) for s in specs] + [1])
         shape = np.ones((len(specs), lmax))
         for i, s in enumerate(specs):
@@ -291,7 +297,7 @@ class SimLab:
             L = np.array([int(lengths[n]) for n in drafting])
             lmax = int(L.max())
             drafted = self._tau[idx] * L
-            noise = rng.normal(0.0, 1.0, len(idx)) * self._resid[idx]
+            noise = rng.normal(0.0, 1.0, len(idx)) * self._sd[idx, L]
             draft_s = self._draft_base[idx] + np.maximum(drafted + noise, drafted / 2)
             ready_extra = self._base[idx] - self._draft_base[idx]      # verdict + dispatch
             bits = self.header_bits + self.bits_per_draft_token * L

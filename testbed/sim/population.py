@@ -1,7 +1,7 @@
 """Virtual devices and server for the simulator, from a profile, and drawn populations.
 
 ``devices_from_profile(profile, snr_db)`` gives one ``SimDevice`` per profiled device: its
-drafting line and residual spread (``draft``), its acceptance per task and the shape of its
+drafting line and its spread at each profiled draft length (``draft``, ``draft.grid``), its acceptance per task and the shape of its
 per-position acceptance (``acceptance``), its SNR (the inventory's), its model file.
 ``server_from_profile(profile)`` gives the ``SimServer``: the verification cost line (the
 profile's ``server.verify`` fit; a given cost such as the H100 fit is put there first,
@@ -12,8 +12,8 @@ spread of the orchestration overhead (``server.round_overhead``).
 (docs/simulator.md, "Populations"): device i takes template ``i mod K`` (so every profiled kind
 is represented in turn) and varies it, with a generator seeded by ``seed``:
 
-- drafting speed: every drafting time times a log-normal factor, ``exp(N(0, draft_speed_sd))``
-  (default 0.2: about +-20%);
+- drafting speed: every drafting time and spread times a log-normal factor,
+  ``exp(N(0, draft_speed_sd))`` (default 0.2: about +-20%);
 - acceptance: every rate's logit shifted by ``N(0, acceptance_logit_sd)`` (default 0.3);
 - SNR: the template's plus ``N(0, snr_sd_db)`` dB (default 3), or ``N(snr_mean_db, snr_sd_db)``
   when a mean is given.
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from testbed.control.problem import draft_sd_grid, sd_at
 from testbed.errors import ProfileError
 
 
@@ -48,7 +49,8 @@ class SimDevice:
     round_base_s: float            # everything fixed before the upload: drafting's base, the
                                    # verdict and the round's dispatch (draft.round_base_s)
     per_token_s: float
-    resid_sd_s: float
+    resid_sd_s: float              # the fit's residual (recorded; the noise is drawn from
+                                   # draft_sd_grid)
     acceptance: float              # pooled rate
     acceptance_by_task: dict = field(default_factory=dict)   # task -> rate
     position_shape: tuple = ()     # per-position rate / pooled rate: position i is accepted
@@ -61,6 +63,24 @@ class SimDevice:
     prefill_s: float = 0.0         # starting a new prompt (the profile's ``prefill`` mean;
                                    # 0 for a profile made before it was measured)
     prefill_by_task: dict = field(default_factory=dict)      # task -> mean prefill (s)
+    draft_sd_grid: tuple = ()      # drafting's sd as (draft length, sd) pairs: the profile's
+                                   # per-length spread (control.problem.draft_sd_grid), the one
+                                   # the controller's tail model plans with
+
+
+def scale_timing(d: SimDevice, factor: float, spread: float | None = None) -> SimDevice:
+    """``d`` with every drafting time times ``factor`` and its spreads times ``spread``
+    (default: the same factor)."""
+    spread = factor if spread is None else spread
+    return replace(d, draft_base_s=d.draft_base_s * factor, round_base_s=d.round_base_s * factor,
+                   per_token_s=d.per_token_s * factor, resid_sd_s=d.resid_sd_s * spread,
+                   draft_sd_grid=tuple((L, sd * spread) for L, sd in d.draft_sd_grid))
+
+
+def spread_only(d: SimDevice, factor: float) -> SimDevice:
+    """``d`` with its drafting spreads times ``factor`` (``sim.run``'s ``timing_noise``)."""
+    return replace(d, resid_sd_s=d.resid_sd_s * factor,
+                   draft_sd_grid=tuple((L, sd * factor) for L, sd in d.draft_sd_grid))
 
 
 @dataclass(frozen=True)
@@ -163,6 +183,7 @@ def devices_from_profile(profile: dict, snr_db: dict[str, float] | None = None,
             round_base_s=max(0.0, round_base),
             per_token_s=max(0.0, _num(draft.get("per_token_s"), f"{where}.draft.per_token_s")),
             resid_sd_s=max(0.0, float(draft.get("resid_sd_s") or 0.0)),
+            draft_sd_grid=draft_sd_grid(draft),
             acceptance=pooled, acceptance_by_task=by_task, position_shape=tuple(shape),
             snr_db=float(snr), model_path=model.get("path"), model_sha256=model.get("sha256"),
             traces=traces, prefill_s=max(0.0, prefill_s), prefill_by_task=prefill_by_task))
@@ -211,12 +232,15 @@ def mean_template(templates: list[SimDevice]) -> SimDevice:
     width = max(len(t.position_shape) for t in templates)
     shape = tuple(float(np.mean([t.position_shape[i] if i < len(t.position_shape) else 1.0
                                  for t in templates])) for i in range(width))
+    lens = sorted({L for t in templates for L, _ in t.draft_sd_grid})
+    sd_grid = tuple(zip(lens, np.mean([sd_at(t.draft_sd_grid, lens) for t in templates],
+                                      axis=0).tolist())) if lens else ()
     return replace(
         t0, name="mean", template="mean",
         draft_base_s=geo([t.draft_base_s for t in templates]),
         round_base_s=geo([t.round_base_s for t in templates]),
         per_token_s=geo([t.per_token_s for t in templates]),
-        resid_sd_s=float(np.mean([t.resid_sd_s for t in templates])),
+        resid_sd_s=float(np.mean([t.resid_sd_s for t in templates])), draft_sd_grid=sd_grid,
         acceptance=logit_mean([t.acceptance for t in templates]),
         acceptance_by_task={k: logit_mean([t.acceptance_by_task[k] for t in templates
                                            if k in t.acceptance_by_task]) for k in tasks},
@@ -244,9 +268,7 @@ def draw(templates: list[SimDevice], n: int, seed: int,
         snr = (spec.snr_mean_db if spec.snr_mean_db is not None else t.snr_db) + \
             rng.normal(0.0, spec.snr_sd_db)
         out.append(replace(
-            t, name=f"dev-{i + 1:0{width}d}", template=t.template,
-            draft_base_s=t.draft_base_s * speed, round_base_s=t.round_base_s * speed,
-            per_token_s=t.per_token_s * speed, resid_sd_s=t.resid_sd_s * speed,
+            scale_timing(t, speed), name=f"dev-{i + 1:0{width}d}", template=t.template,
             acceptance=_sigmoid(_logit(t.acceptance) + shift),
             acceptance_by_task={k: _sigmoid(_logit(v) + shift)
                                 for k, v in t.acceptance_by_task.items()},
@@ -263,7 +285,8 @@ def as_profile(profile: dict, devices: list[SimDevice]) -> dict:
             "name": d.name, "status": "ok", "template": d.template,
             "model": {"path": d.model_path, "sha256": d.model_sha256},
             "draft": {"base_s": d.draft_base_s, "round_base_s": d.round_base_s,
-                      "per_token_s": d.per_token_s, "resid_sd_s": d.resid_sd_s},
+                      "per_token_s": d.per_token_s, "resid_sd_s": d.resid_sd_s,
+                      "grid": [{"draft_len": L, "sd_s": sd} for L, sd in d.draft_sd_grid]},
             "acceptance": {"rate": d.acceptance,
                            "per_workload": {k: {"rate": v}
                                             for k, v in d.acceptance_by_task.items()}},

@@ -29,6 +29,7 @@ from testbed.sim.population import (
     devices_from_profile,
     draw,
     server_from_profile,
+    spread_only,
 )
 
 
@@ -88,7 +89,7 @@ def prepare(exp: Experiment, profile: dict, *, devices: int | None = None,
     payload = profile.get("payload") or {}
     factor = payload.get("upload_time_over_model") or {}
     if timing_noise != 1.0:
-        sim_devices = [dataclasses.replace(d, resid_sd_s=d.resid_sd_s * timing_noise)
+        sim_devices = [spread_only(d, timing_noise)
                        for d in sim_devices]
     server = server_from_profile(profile)
     server = dataclasses.replace(server, overhead_sd_s=server.overhead_sd_s * timing_noise)
