@@ -38,6 +38,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _recorded_model(recorded_exp: dict) -> str:
+    from testbed.inputs.experiment import MODELS
+    model = recorded_exp.get("model", "mean")
+    if model not in MODELS:
+        raise ValueError(f"model {model!r} is not one of {', '.join(MODELS)}")
+    return model
+
+
 def _replay(args, console):
     """The recorded run's experiment, profile and schedule, after comparing every digest and
     version with the recording (``records.replay``): differences are printed as a table and
@@ -73,7 +81,10 @@ def _replay(args, console):
             rounds=budget.get("rounds") if budget else exp.rounds,
             warmup_rounds=int(recorded_exp.get("warmup_rounds", exp.warmup_rounds)),
             repeats=int(recorded_exp.get("repeats", 1)),
-            order=str(recorded_exp.get("order", "blocked")))
+            order=str(recorded_exp.get("order", "blocked")),
+            # runs before the tail model (2026-12-07) recorded no model: they planned with the
+            # mean one
+            model=_recorded_model(recorded_exp))
     except (TypeError, ValueError) as exc:
         raise InputError(f"the recorded experiment settings are not valid: {exc}",
                          source=where, field="experiment") from None

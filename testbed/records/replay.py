@@ -48,6 +48,7 @@ def settings_of(experiment: dict) -> dict:
             "settings.warmup_rounds": experiment.get("warmup_rounds"),
             "settings.repeats": experiment.get("repeats", 1),
             "settings.order": experiment.get("order", "blocked"),
+            "settings.model": experiment.get("model", "mean"),
             "settings.seed": experiment.get("seed")}
 
 
