@@ -44,6 +44,7 @@ Entry points: ``solve(problem, policy) -> Plan``, ``solve_many``, ``POLICIES``,
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -213,24 +214,19 @@ def _local_search(policy: str, arr: Arrays, start):
     """From ``start`` (L, shares, value): move one device's length by one, or two devices'
     (up to ``PAIR_MOVES_K`` devices), while that helps (each move valued with its optimal
     shares, ``_refined``)."""
-    best = start
-    lo = 1 if policy == "multispin-homogeneous" else 0
+    best = start                  # (the fair policies only: any length in 0..lmax)
     K = arr.K
     moves = [np.eye(K, dtype=np.intp)[k] * step for k in range(K) for step in (-1, 1)]
     if K <= PAIR_MOVES_K:
-        for i in range(K):
-            for j in range(i + 1, K):
-                for si in (-1, 1):
-                    for sj in (-1, 1):
-                        m = np.zeros(K, dtype=np.intp)
-                        m[i], m[j] = si, sj
-                        moves.append(m)
+        unit = np.eye(K, dtype=np.intp)
+        moves += [unit[i] * si + unit[j] * sj for i, j in itertools.combinations(range(K), 2)
+                  for si, sj in itertools.product((-1, 1), repeat=2)]
     improved = True
     while improved:
         improved = False
         for m in moves:
             L = best[0] + m
-            if L.min() < lo or L.max() > arr.lmax:
+            if L.min() < 0 or L.max() > arr.lmax:
                 continue
             cand = best_tail_shares(policy, arr, L)
             if cand[2] < best[2] * (1 - PRUNE):     # even optimal shares would not help

@@ -270,21 +270,17 @@ def _draft_sd(d: Section, lmax: int) -> tuple[float, ...]:
         return ()
     if isinstance(value, list):
         if not 1 <= len(value) <= lmax:
-            return _raise(d, "draft_sd_s", f"expected 1 to max_draft_len ({lmax}) numbers "
+            raise d.error("draft_sd_s", f"expected 1 to max_draft_len ({lmax}) numbers "
                           f"(L = 1, 2, ...), got {len(value)}")
         out = []
         for i, x in enumerate(value):
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
                     or not 0 <= x <= MAX_TIME_S:
-                return _raise(d, f"draft_sd_s[{i}]", f"expected a number in 0..{MAX_TIME_S:g}, "
+                raise d.error(f"draft_sd_s[{i}]", f"expected a number in 0..{MAX_TIME_S:g}, "
                               f"got {x!r}")
             out.append(float(x))
         return tuple(out)
     return (d.number("draft_sd_s", min=0, max=MAX_TIME_S),)
-
-
-def _raise(d: Section, field: str, message: str):
-    raise d.error(field, message)
 
 
 def draft_sd_grid(draft: dict) -> tuple[tuple[int, float], ...]:
