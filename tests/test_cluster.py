@@ -20,6 +20,7 @@ import pytest
 from conftest import require_root, require_tools
 from lab_helper import leftovers, write_inventory
 
+from testbed.errors import ClusterError
 from testbed.lab import cluster, emulated, procs, shaping
 from testbed.lab.linkprobe import Sink
 from testbed.lab.remote import LocalRunner, runner_for
@@ -234,6 +235,80 @@ def _start_other_labs_head(tmp) -> tuple[str, list[int]]:
     pids = procs.with_args_containing(marker)
     assert res.returncode == 0 and pids, res.stdout[-2000:] + res.stderr[-2000:]
     return marker, pids
+
+
+SLOW_FIRST_AGENT = """
+import os, sys, time
+if sys.argv[0].endswith("dashboard/agent.py"):
+    log = os.environ["SLOW_AGENT_LOG"]
+    first = not os.path.exists(log)
+    with open(log, "a") as f:
+        f.write("slow\\n" if first else "fast\\n")
+    if first:
+        time.sleep(20)        # past the raylet's fixed 15 s wait for the agent's ports
+"""
+
+
+def _loopback_lab(tmp, name: str, ray_port: int):
+    """An emulated inventory whose head runs on loopback (no lab, no root), started for real
+    with the lab's token; its device's `ray start` argv, also on loopback."""
+    inv = write_inventory(tmp, name=name, octet=9, prefix="tbs-", bridge="tbs0",
+                          cgroup="tbstest", ray_port=ray_port, data_port=ray_port + 40000,
+                          devices=[("dev-a", 0.5, 20.0)])
+    cluster.ensure_token(inv)
+    loop = ("--node-ip-address=127.0.0.1", f"--address=127.0.0.1:{ray_port}")
+    head = [a if not a.startswith("--node-ip-address=") else loop[0]
+            for a in cluster.head_argv(inv)]
+    res = subprocess.run(head, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, **cluster.ray_env(inv, inv.server)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    dev = [a for a in cluster.device_argv(inv, inv.devices[0])
+           if not a.startswith(("--node-ip-address=", "--address="))] + list(loop)
+    return inv, dev
+
+
+def _stop_loopback_lab(inv) -> None:
+    for node in inv.nodes:
+        procs.terminate(procs.with_args_containing(cluster.temp_dir(inv, node) + "/"))
+
+
+def test_a_slow_start_is_tried_again_and_the_node_joins(tmp_path, monkeypatch):
+    """The raylet gives Ray's agents 15 s to report their ports (a constant of Ray 2.60); a
+    node slower than that (aarch64 under qemu in CI) failed `up`. Here the dashboard agent of
+    the first try really takes 20 s (a sitecustomize that sleeps in that process): the first
+    `ray start` fails, `_start` says why, stops what it left, and the second try joins."""
+    inv, argv = _loopback_lab(tmp_path, "slowlab", 6387)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_FIRST_AGENT)
+    log = tmp_path / "agents.log"
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("SLOW_AGENT_LOG", str(log))
+    said = []
+    try:
+        cluster._start(inv, {"nodes": {}}, inv.devices[0], LocalRunner(), argv, said.append)
+        assert log.read_text().split() == ["slow", "fast"]
+        assert len(said) == 1 and "trying again (2 of 3)" in said[0], said
+        assert "15 s waiting for Ray's agent to report metrics_agent_port" in said[0], said
+        # The second try's raylet runs; the first one's processes are gone.
+        raylets = [p for p in procs.with_args_containing(cluster.temp_dir(inv, inv.devices[0])
+                                                          + "/")
+                   if "raylet" in " ".join(procs.cmdline(p))]
+        assert len(raylets) == 1, raylets
+    finally:
+        _stop_loopback_lab(inv)
+
+
+def test_a_start_that_fails_for_another_reason_is_not_tried_again(tmp_path):
+    inv, argv = _loopback_lab(tmp_path, "badlab", 6386)
+    said = []
+    try:
+        with pytest.raises(ClusterError, match=r"node dev-a: ray start failed: .*num-cpus"):
+            cluster._start(inv, {"nodes": {}}, inv.devices[0], LocalRunner(),
+                           argv + ["--num-cpus=many"], said.append)
+        assert said == []
+    finally:
+        _stop_loopback_lab(inv)
 
 
 def test_down_stops_every_ray_process_of_the_lab_and_only_those(inv, up, ray_driver,

@@ -60,6 +60,7 @@ STATE_FILE = "cluster.json"
 TOKEN_FILE = "ray_token"
 START_QUOTA_CORES = 1.0        # emulated devices' quota while `ray start` runs
 JOIN_DEADLINE_S = 120.0
+START_ATTEMPTS = 3             # `ray start` tries per node when the node was slow (see _start)
 EMULATED_DEVICE_STORE_BYTES = 100_000_000   # drafts are tiny; 30% of RAM per node is not
 EMULATED_HEAD_STORE_BYTES = 500_000_000
 
@@ -328,10 +329,11 @@ def up(inv: Inventory, progress: Progress = _quiet) -> dict:
             _distribute_token(inv, runners, progress)
             server = inv.server
             progress(f"head on {address(inv)}")
-            _start(inv, state, server, runners[server.name], head_argv(inv))
+            _start(inv, state, server, runners[server.name], head_argv(inv), progress)
             for node in inv.devices:
                 progress(f"{node.name}: ray start on {node.host}")
-                _start(inv, state, node, runners[node.name], device_argv(inv, node))
+                _start(inv, state, node, runners[node.name], device_argv(inv, node),
+                       progress)
             progress("waiting until every node is alive")
             nodes = wait_for_nodes(inv, runners[server.name])
         state["joined"] = nodes
@@ -375,22 +377,85 @@ def _distribute_token(inv: Inventory, runners: dict[str, Runner], progress: Prog
             raise ClusterError(f"node {node.name}: cannot copy the Ray token: {exc}") from None
 
 
-def _start(inv: Inventory, state: dict, node: Node, runner: Runner, argv: list[str]) -> None:
+def _start(inv: Inventory, state: dict, node: Node, runner: Runner, argv: list[str],
+           progress: Progress = _quiet) -> None:
+    """``ray start`` on ``node``; again (up to ``START_ATTEMPTS`` in all) when it failed because
+    the node was slow to start Ray's own agents, after stopping what the failed try left.
+
+    Ray 2.60's raylet waits a fixed 15 s for its two Python agents (dashboard, runtime env) to
+    report their ports and aborts when one is late (``raylet.out``: "Timed out waiting for
+    file .../metrics_agent_port_..."); ``ray start`` then says only "The current node timed out
+    during startup" (ray-project/ray#65983). A slow node's first import of Ray (an aarch64
+    device under qemu-user in CI; perhaps a Raspberry Pi from a cold SD card) can miss it now
+    and then; the next try finds Ray's files in the page cache (not measured on a real Pi: a
+    node that is always too slow fails all three). Other failures are not retried. The error
+    names the raylet's own line."""
     state["nodes"][node.name] = {"temp_dir": temp_dir(inv, node), "pids": [], "started": True}
     _save(inv, state)   # recorded before it runs: a crash mid-start still leaves a record
+    for attempt in range(1, START_ATTEMPTS + 1):
+        _make_temp_root(inv, node, runner)
+        try:
+            res = runner.run(argv, env=ray_env(inv, node), timeout_s=180, check=False)
+        except RemoteError as exc:
+            raise ClusterError(f"node {node.name}: ray start failed: {exc}") from None
+        if res.rc == 0:
+            return
+        why, slow = _start_failure(inv, node, runner, res)
+        _stop_failed_start(inv, node)
+        if not slow or attempt == START_ATTEMPTS:
+            tries = f" ({attempt} tries)" if attempt > 1 else ""
+            hint = (": the node is slow to start Ray's agents (docs/real-lab.md, "
+                    "\"ray start gives up\")" if slow else "")
+            raise ClusterError(f"node {node.name}: ray start failed{tries}: {why}{hint}")
+        progress(f"{node.name}: ray start failed ({why}); trying again "
+                 f"({attempt + 1} of {START_ATTEMPTS})")
+
+
+def _make_temp_root(inv: Inventory, node: Node, runner: Runner) -> None:
+    # Made 0700 here, or (from an earlier start) a real folder this user owns: a folder of
+    # that predictable name made by someone else first is refused, not used.
+    root = shlex.quote(temp_root(inv, node))
     try:
-        # Made 0700 here, or (from an earlier start) a real folder this user owns: a folder of
-        # that predictable name made by someone else first is refused, not used.
-        root = shlex.quote(temp_root(inv, node))
         res = runner.run(["sh", "-c", f"mkdir -m 700 {root} 2>/dev/null || {{ [ -d {root} ] && "
                           f"[ ! -L {root} ] && [ -O {root} ] && chmod 700 {root}; }}"],
                          check=False, timeout_s=30)
-        if res.rc != 0:
-            raise ClusterError(f"node {node.name}: {temp_root(inv, node)} exists and is not "
-                               "this user's own folder: remove it (it may be another user's)")
-        runner.run(argv, env=ray_env(inv, node), timeout_s=180)
     except RemoteError as exc:
         raise ClusterError(f"node {node.name}: ray start failed: {exc}") from None
+    if res.rc != 0:
+        raise ClusterError(f"node {node.name}: {temp_root(inv, node)} exists and is not "
+                           "this user's own folder: remove it (it may be another user's)")
+
+
+def _start_failure(inv: Inventory, node: Node, runner: Runner, res) -> tuple[str, bool]:
+    """Why ``ray start`` failed, in one line (the raylet's fatal line when it wrote one), and
+    whether it was a slow start (see ``_start``)."""
+    log = shlex.quote(f"{temp_dir(inv, node)}/session_latest/logs/raylet.out")
+    fatal = ""
+    try:
+        got = runner.run(["sh", "-c", f"grep -h -m1 -o 'Timed out waiting for file [^ ]*' {log}"
+                                      f" || grep -h -m1 'Check failed' {log}"],
+                         check=False, timeout_s=30)
+        fatal = got.stdout.strip().splitlines()[0] if got.stdout.strip() else ""
+    except RemoteError:
+        pass
+    lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+    last = lines[-1] if lines else f"exit code {res.rc}"
+    slow = "Timed out waiting for file" in fatal or "timed out during startup" in last
+    if fatal.startswith("Timed out waiting for file"):
+        name = fatal.rsplit("/", 1)[-1].rsplit("_", 1)[0]       # metrics_agent_port, ...
+        return f"its raylet gave up after 15 s waiting for Ray's agent to report {name}", slow
+    return (f"{last} (raylet: {fatal[-200:]})" if fatal else last), slow
+
+
+def _stop_failed_start(inv: Inventory, node: Node) -> None:
+    """Stop what a failed ``ray start`` left on the node (found by its temp dir)."""
+    try:
+        if inv.kind == "emulated":
+            procs.terminate(procs.with_args_containing(temp_dir(inv, node) + "/"))
+        else:
+            _stop_on_node(inv, node)
+    except (RemoteError, ClusterError):
+        pass        # the next try, or `testbed down`, meets what is left
 
 
 class raised_quotas:
