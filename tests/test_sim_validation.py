@@ -38,6 +38,11 @@ KNOWN_MISSES = {
     ("20261207T043750Z-own-policies", "server-only"): (0.01, False),
     # since the simulator draws drafting's spread per length (2026-12-07, issue #27): +11.3%
     ("20261207T133151Z-quickstart", "multispin-heterogeneous"): (0.12, True),
+    # the first live quickstart planned with the tail model: +11.0% outside its interval (the
+    # tail planner's own time, 3.0% of the wall, is not simulated), and server-only's +0.4%
+    # outside an interval of 9.6-9.7
+    ("20261207T204920Z-quickstart", "multispin-heterogeneous"): (0.12, False),
+    ("20261207T204920Z-quickstart", "server-only"): (0.01, False),
 }
 
 
