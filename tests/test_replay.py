@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testbed.inputs import models as model_store
 from testbed.inputs.experiment import load_experiment
 from testbed.live.loop import seeds_of
 from testbed.records import replay
@@ -21,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _setup(tmp: Path) -> tuple[Path, Path, Path]:
     """An emulated inventory whose dev-a model is a file here, an experiment on it, and the
-    folder of a recorded run of it (manifest as the runner writes it)."""
+    folder of a recorded run of it (manifest as the runner writes it). The built-in models are
+    made first: the manifest records the server's model by its file's sha256, and a fresh
+    machine's model store is empty until something fills it."""
+    model_store.prepare()
     model = tmp / "draft.gguf"
     model.write_bytes(b"GGUF" + os.urandom(4096))
     text = (ROOT / "inventory/local.yaml").read_text()
