@@ -220,6 +220,14 @@ def test_a_device_actor_uploads_through_its_shaped_link(inv, ray_driver):
             shaping.clear(r, node.interface)
 
 
+def _loopback_head(inv, env: dict) -> subprocess.CompletedProcess:
+    """``inv``'s real Ray head on loopback (no lab, no root), started with ``env`` added."""
+    argv = [a if not a.startswith("--node-ip-address=") else "--node-ip-address=127.0.0.1"
+            for a in cluster.head_argv(inv)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **env})
+
+
 def _start_other_labs_head(tmp) -> tuple[str, list[int]]:
     """A real Ray head of another lab on this machine (its own name, so its own temp dir, on
     loopback with its own port, no auth): what ``down`` must leave alone. Returns its temp dir
@@ -227,10 +235,7 @@ def _start_other_labs_head(tmp) -> tuple[str, list[int]]:
     other = write_inventory(tmp, name="otherlab", octet=9, prefix="tbo-", bridge="tbo0",
                             cgroup="tbotest", ray_port=6388, data_port=47188,
                             devices=[("dev-a", 0.5, 20.0)])
-    argv = [a if not a.startswith("--node-ip-address=") else "--node-ip-address=127.0.0.1"
-            for a in cluster.head_argv(other)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    res = _loopback_head(other, {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
     marker = cluster.temp_dir(other, other.server) + "/"
     pids = procs.with_args_containing(marker)
     assert res.returncode == 0 and pids, res.stdout[-2000:] + res.stderr[-2000:]
@@ -244,8 +249,15 @@ if sys.argv[0].endswith("dashboard/agent.py"):
     first = not os.path.exists(log)
     with open(log, "a") as f:
         f.write("slow\\n" if first else "fast\\n")
-    if first:
-        time.sleep(20)        # past the raylet's fixed 15 s wait for the agent's ports
+    # The first one reports no port until its raylet has given up waiting (Ray's fixed 15 s)
+    # and exited; at most 120 s, so that a Ray that waits longer fails the test, not hangs it.
+    raylet, end = int(os.environ.get("RAY_RAYLET_PID", os.getppid())), time.monotonic() + 120
+    while first and time.monotonic() < end:
+        try:
+            os.kill(raylet, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)       # poll interval of the condition above
 """
 
 
@@ -256,14 +268,11 @@ def _loopback_lab(tmp, name: str, ray_port: int):
                           cgroup="tbstest", ray_port=ray_port, data_port=ray_port + 40000,
                           devices=[("dev-a", 0.5, 20.0)])
     cluster.ensure_token(inv)
-    loop = ("--node-ip-address=127.0.0.1", f"--address=127.0.0.1:{ray_port}")
-    head = [a if not a.startswith("--node-ip-address=") else loop[0]
-            for a in cluster.head_argv(inv)]
-    res = subprocess.run(head, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, **cluster.ray_env(inv, inv.server)})
+    res = _loopback_head(inv, cluster.ray_env(inv, inv.server))
     assert res.returncode == 0, res.stderr[-2000:]
     dev = [a for a in cluster.device_argv(inv, inv.devices[0])
-           if not a.startswith(("--node-ip-address=", "--address="))] + list(loop)
+           if not a.startswith(("--node-ip-address=", "--address="))]
+    dev += ["--node-ip-address=127.0.0.1", f"--address=127.0.0.1:{ray_port}"]
     return inv, dev
 
 
@@ -275,7 +284,8 @@ def _stop_loopback_lab(inv) -> None:
 def test_a_slow_start_is_tried_again_and_the_node_joins(tmp_path, monkeypatch):
     """The raylet gives Ray's agents 15 s to report their ports (a constant of Ray 2.60); a
     node slower than that (aarch64 under qemu in CI) failed `up`. Here the dashboard agent of
-    the first try really takes 20 s (a sitecustomize that sleeps in that process): the first
+    the first try really is late (a sitecustomize in that process holds it until its raylet
+    has given up and exited): the first
     `ray start` fails, `_start` says why, stops what it left, and the second try joins."""
     inv, argv = _loopback_lab(tmp_path, "slowlab", 6387)
     site = tmp_path / "site"

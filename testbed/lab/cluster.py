@@ -53,7 +53,7 @@ from testbed.errors import ClusterError, RemoteError, StateError
 from testbed.files import atomic_write_json, read_json
 from testbed.inputs.inventory import Inventory, Node
 from testbed.lab import cgroups, emulated, procs, versions
-from testbed.lab.remote import LocalRunner, Runner, runner_for
+from testbed.lab.remote import LocalRunner, Result, Runner, runner_for
 
 SCHEMA = "testbed.cluster/1"
 STATE_FILE = "cluster.json"
@@ -426,7 +426,8 @@ def _make_temp_root(inv: Inventory, node: Node, runner: Runner) -> None:
                            "this user's own folder: remove it (it may be another user's)")
 
 
-def _start_failure(inv: Inventory, node: Node, runner: Runner, res) -> tuple[str, bool]:
+def _start_failure(inv: Inventory, node: Node, runner: Runner,
+                   res: Result) -> tuple[str, bool]:
     """Why ``ray start`` failed, in one line (the raylet's fatal line when it wrote one), and
     whether it was a slow start (see ``_start``)."""
     log = shlex.quote(f"{temp_dir(inv, node)}/session_latest/logs/raylet.out")
