@@ -158,6 +158,34 @@ def test_the_follower_and_replans_never_leave_a_stale_rate(tmp_path):
     session.close()
 
 
+def test_a_change_reports_the_snr_its_rate_was_computed_from():
+    """The follower thread writes a device's next SNR outside the link lock while a re-plan's
+    change of that link may be running: the change must report the SNR its rate came from (a
+    CI run recorded a re-plan's rate with the follower's newer SNR, 1898 bit/s that no share
+    explained). The interleaving is forced here: the stand-in shell writes the new SNR while
+    ``tc`` runs, as the follower's thread would (a real race cannot be hit on demand)."""
+    session, shells = _session()
+    heard: list[tuple[str, float, float]] = []
+    session.rate_listener = lambda name, snr, rate: heard.append((name, snr, rate))
+    shell = shells["dev-a"]
+    plain = shell.run
+
+    def run(argv, **kw):
+        res = plain(argv, **kw)
+        if list(argv[:3]) == ["tc", "class", "change"]:
+            session.devices["dev-a"].snr_db = 0.0        # the follower's next sample
+        return res
+    shell.run = run
+    session.devices["dev-a"].snr_db = 12.0
+    session.set_shares({"dev-a": 0.47})
+    band = session.channel.bandwidth_hz
+    ((name, snr, rate),) = heard
+    assert (name, snr) == ("dev-a", 12.0)
+    assert rate == pytest.approx(uplink_rate_bps(0.47, band, 12.0))
+    assert shell.rate == pytest.approx(rate, abs=1)                # tc holds whole bit/s
+    session.close()
+
+
 def test_a_closing_session_ends_the_follower_and_a_failing_link_is_said(tmp_path):
     session, shells = _session(fail={"dev-b"})
     traces = {"dev-a": _trace(tmp_path, 0.05, 10), "dev-b": _trace(tmp_path, 0.05, 10, "b.csv")}

@@ -324,13 +324,16 @@ class LiveSession:
 
     # -- control -----------------------------------------------------------------------------
 
-    def rate_bps(self, name: str, share: float | None = None) -> float:
+    def rate_bps(self, name: str, share: float | None = None,
+                 snr_db: float | None = None) -> float:
         """The uplink rate of ``name`` at ``share`` (default: the share it holds) of the band on
-        its true channel: the Shannon rate, at least what ``tc`` can hold."""
+        a channel of ``snr_db`` (default: its true channel now): the Shannon rate, at least what
+        ``tc`` can hold."""
         dev = self.devices[name]
         share = dev.share if share is None else share
+        snr_db = dev.snr_db if snr_db is None else snr_db
         return max(uplink_rate_bps(min(1.0, max(0.0, share)), self.channel.bandwidth_hz,
-                                   dev.snr_db), shaping.MIN_RATE_BPS)
+                                   snr_db), shaping.MIN_RATE_BPS)
 
     def set_shares(self, shares: Mapping[str, float], *,
                    read_back: dict | None = None) -> float:
@@ -365,7 +368,11 @@ class LiveSession:
         def one(name: str) -> str | None:
             dev = self.devices[name]
             with self._link_locks[name]:      # the rate from the state of now, applied as one
-                rate = self.rate_bps(name)
+                # One reading of the SNR for the rate and its report: a trace follower may set
+                # the next SNR while this change runs (set_snrs writes it outside the lock), and
+                # the listener must hear the SNR this rate was computed from.
+                snr_db = dev.snr_db
+                rate = self.rate_bps(name, snr_db=snr_db)
                 changed = dev.rate_bps is None or abs(rate - dev.rate_bps) >= 1.0
                 if not changed and read_back is None:
                     return None
@@ -376,7 +383,7 @@ class LiveSession:
                             dev.rate_bps = rate
                             listener = self.rate_listener
                             if listener is not None:
-                                listener(name, dev.snr_db, rate)
+                                listener(name, snr_db, rate)
                         if read_back is not None:
                             read_back[name] = shaping.read_rate_bps(dev.shell,
                                                                     dev.node.interface)
