@@ -187,6 +187,44 @@ def test_runs_are_deterministic_and_in_the_live_format(tmp_path: Path):
         "multispin-heterogeneous", "multispin-homogeneous", "agnostic-fixed", "server-only"]
 
 
+def test_interval_replans_are_planned_beside_the_next_round(tmp_path: Path):
+    """An interval re-plan is decided from the rounds so far while the next round runs on the
+    plan in force, and applied after that round (live/loop.py, 3): its ``replan`` event says
+    which rounds it was planned from (``from_round``: n rounds measured), comes after round n
+    (0-based: the (n+1)-th), which still drafts the old plan's lengths, and round n + 1 drafts
+    the new plan's. A re-plan made between rounds (a surprising round) applies at once."""
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "simulate",
+                           str(ROOT / "experiments/adaptation.yaml"), "--profile", str(PROFILE),
+                           "--out", str(tmp_path), "--duration", "60"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = list(tmp_path.iterdir())
+    events = [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines()]
+
+    def lengths(plan):
+        return {d["name"]: d["draft_len"] for d in plan["devices"]}
+
+    beside = at_once = 0
+    for i, e in enumerate(events):
+        if e["type"] != "replan" or lengths(e["old_plan"]) == lengths(e["new_plan"]):
+            continue
+        before = next(x for x in reversed(events[:i]) if x["type"] == "round")
+        after = next(x for x in events[i:] if x["type"] in ("round", "policy_end"))
+        assert before["policy"] == e["policy"]
+        drafted = {d["name"]: d["draft_len"] for d in before["devices"]}
+        if e["reason"].startswith("interval"):
+            beside += 1
+            n = e["from_round"]
+            assert before["round"] == n and drafted == lengths(e["old_plan"])
+        else:
+            at_once += 1
+            assert "from_round" not in e
+        if after["type"] == "round":
+            assert after["round"] == before["round"] + 1
+            assert {d["name"]: d["draft_len"] for d in after["devices"]} == lengths(e["new_plan"])
+    assert beside >= 2 and at_once >= 1, (beside, at_once)
+
+
 def test_population_run(tmp_path: Path):
     proc = _simulate(tmp_path, "--devices", "40", "--duration", "15", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]

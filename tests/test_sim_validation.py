@@ -30,18 +30,17 @@ def test_readme_simulator_table_is_reproduced():
 # change for the worse still fails: (run, policy) -> (largest error, inside the interval or not);
 # docs/results.md ("Simulator", "Prefills") publishes them with the why.
 KNOWN_MISSES = {
-    ("20261201T113043Z-trace", "multispin-heterogeneous"): (0.11, None),
-    ("20261207T033611Z-quickstart-overlap", "multispin-heterogeneous"): (0.15, False),
-    ("20261207T033611Z-quickstart-overlap", "agnostic-fixed"): (0.10, False),
+    ("20261207T033611Z-quickstart-overlap", "multispin-heterogeneous"): (0.13, False),
     # within 6.0%, but its three live repeats agree to 0.1%: an interval too narrow to hold it
     ("20261207T043750Z-own-policies", "agnostic-fixed"): (0.06, False),
     ("20261207T043750Z-own-policies", "server-only"): (0.01, False),
     # since the simulator draws drafting's spread per length (2026-12-07, issue #27): +11.3%
     ("20261207T133151Z-quickstart", "multispin-heterogeneous"): (0.12, True),
-    # the first live quickstart planned with the tail model: +11.0% outside its interval (the
-    # tail planner's own time, 3.0% of the wall, is not simulated), and server-only's +0.4%
-    # outside an interval of 9.6-9.7
-    ("20261207T204920Z-quickstart", "multispin-heterogeneous"): (0.12, False),
+    # the first live quickstart planned with the tail model: +13.3% outside its interval (live,
+    # the tail planner's own time held the rounds up, 3.0% of the wall: re-plans were made
+    # between rounds then; the simulator, like the loop since, plans beside the round), and
+    # server-only's +0.4% outside an interval of 9.6-9.7
+    ("20261207T204920Z-quickstart", "multispin-heterogeneous"): (0.14, False),
     ("20261207T204920Z-quickstart", "server-only"): (0.01, False),
 }
 

@@ -101,6 +101,11 @@ def _followers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "trace-follower"]
 
 
+def _planners() -> list[threading.Thread]:
+    """The live loop's planner threads (re-plans beside the round: live/loop.py)."""
+    return [t for t in threading.enumerate() if t.name.startswith("planner")]
+
+
 def test_the_follower_applies_ten_or_more_changes_a_second_and_stops_cleanly(tmp_path):
     session, shells = _session()
     traces = {"dev-a": _trace(tmp_path, 0.1, 10), "dev-b": _trace(tmp_path, 0.05, 10, "b.csv")}
@@ -257,6 +262,7 @@ workloads:
   default: {{prompts: {ROOT / 'experiments/prompts/chat.yaml'}, max_tokens: 40}}
 devices:
   dev-a: {{link: {{trace: a.csv}}}}
+replan: {{interval_rounds: 1}}     # a re-plan beside every round: the planner thread works
 """)
     return path
 
@@ -280,7 +286,7 @@ def _events(run: Path) -> list[dict]:
 def test_the_loop_runs_the_follower_per_policy_and_stops_it(tmp_path):
     exp, profile, lab = _threaded(tmp_path)
     run, code = loop.run(exp, profile, tmp_path / "runs", lab=lab)
-    assert code == loop.EXIT_OK and _followers() == []
+    assert code == loop.EXIT_OK and _followers() == [] and _planners() == []
     events = _events(run)
     ends = {e["policy"]: e["t"] for e in events if e["type"] == "policy_end"}
     starts = [e for e in events if e["type"] == "trace" and e.get("start")]
@@ -305,6 +311,7 @@ def test_ctrl_c_and_errors_stop_the_follower(tmp_path, error, code):
         run, got = loop.run(exp, profile, tmp_path / "runs", lab=lab)
         assert got == code
     assert _followers() == [] and lab.rate_listener is None
+    assert _planners() == []                  # nor a planner thread, with a re-plan in flight
     events = _events(run)
     assert any(e["type"] == "trace" for e in events)
     end = [i for i, e in enumerate(events) if e["type"] == "run_end"]

@@ -274,7 +274,7 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
               "overhead_s": _NUM, "control_s": _NUM, "repeat": _INT},
     "prefill": {"policy": _STR, "device": _STR, "prefill_s": _NUM, "waited_s": _NUM,
                 "start_t": _NUM, "repeat": _INT},
-    "replan": {"policy": _STR, "applied_s": _NUM, "repeat": _INT},
+    "replan": {"policy": _STR, "applied_s": _NUM, "repeat": _INT, "from_round": _INT},
     "event": {"policy": _STR, "kind": _STR, "applied_s": _NUM, "repeat": _INT},
     "policy_end": {"policy": _STR, "repeat": _INT, "error": _STR},
     "run_end": {"status": _STR},
