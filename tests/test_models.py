@@ -44,6 +44,8 @@ def test_prepare_is_idempotent_and_remakes_only_a_damaged_draft(paths, tmp_path)
     steps = []
     models.prepare(root, progress=steps.append)
     assert [s.action for s in steps] == ["present"] * 4
+    # the line `testbed demo` logs for a step (its repr once reached the demo's output)
+    assert str(steps[0]) == f"model 1/4 {steps[0].name}: present"
     before = {p.name: p.stat().st_mtime_ns for p in root.glob("*.gguf")}
     q2 = root / "smollm2-135m-q2_k.gguf"
     with open(q2, "r+b") as fh:      # flip one byte in the tensor data

@@ -100,6 +100,11 @@ class Step:
     index: int
     total: int
 
+    def __str__(self) -> str:
+        """One progress line, as ``testbed demo`` logs it: ``model 1/4 smollm2-135m-q4_1:
+        present``."""
+        return f"model {self.index}/{self.total} {self.name}: {self.action}"
+
 
 Progress = Callable[[Step], None]
 
