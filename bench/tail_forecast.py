@@ -14,7 +14,7 @@ K = 4 uses the profiled devices themselves (no drawn population); larger K draws
 from them (``sim.population.draw``, seeded). Deterministic for a seed. Writes
 ``tail_forecast.json`` (command, date, machine, load, versions, commit, parameters, rows) and
 ``tail_forecast.md`` (the table as the docs publish it) under ``--out`` (``bench/_records.py``),
-and prints the table. About 20 minutes on the 2-core machine with the defaults (K = 1,000
+and prints the table. About 3-5 minutes on the 2-core machine with the defaults (K = 1,000
 dominates).
 """
 
