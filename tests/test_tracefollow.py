@@ -214,6 +214,7 @@ class ThreadedLab(SimLab):
     the live follower thread on it (as on a LiveSession)."""
 
     follow_traces = None
+    plan_inline = False            # on the real clock: re-plans beside the round on a thread
 
     def __init__(self, *args, stop_at: int | None = None, error: BaseException | None = None,
                  **kw):

@@ -90,6 +90,9 @@ class SimLab:
     """See the module docstring."""
 
     simulated = True
+    # The loop's re-plans beside the round are decided at once, not on a thread: on this
+    # virtual clock a decision is ready when the round ends either way (live/loop.py).
+    plan_inline = True
 
     def __init__(self, devices: list[SimDevice], server: SimServer, *, bandwidth_hz: float,
                  header_bits: float, bits_per_draft_token: float, prompt_tasks: Mapping[str, str],
