@@ -243,21 +243,23 @@ def _start_other_labs_head(tmp) -> tuple[str, list[int]]:
 
 
 SLOW_FIRST_AGENT = """
-import os, sys, time
+import os, select, sys
 if sys.argv[0].endswith("dashboard/agent.py"):
     log = os.environ["SLOW_AGENT_LOG"]
     first = not os.path.exists(log)
     with open(log, "a") as f:
         f.write("slow\\n" if first else "fast\\n")
     # The first one reports no port until its raylet has given up waiting (Ray's fixed 15 s)
-    # and exited; at most 120 s, so that a Ray that waits longer fails the test, not hangs it.
-    raylet, end = int(os.environ.get("RAY_RAYLET_PID", os.getppid())), time.monotonic() + 120
-    while first and time.monotonic() < end:
+    # and exited: it blocks on the raylet's pidfd, which becomes readable when that process
+    # exits. The 120 s is a guard (a Ray that waited longer would fail the test, not hang it).
+    if first:
         try:
-            os.kill(raylet, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)       # poll interval of the condition above
+            raylet = os.pidfd_open(int(os.environ.get("RAY_RAYLET_PID", os.getppid())))
+        except ProcessLookupError:          # already gone
+            raylet = None
+        if raylet is not None:
+            select.select([raylet], [], [], 120)
+            os.close(raylet)
 """
 
 

@@ -122,9 +122,29 @@ class PolicyState:
     control_s: float = 0.0         # planning since the last round (recorded on the next one)
     # prefill: overlap: devices starting a prompt beside the round: name -> (handle, start t)
     prefilling: dict = field(default_factory=dict)
-    # an interval re-plan planned beside the round: (decision future, the plan in force when
-    # it was asked, pol.rounds then); collected after the round (``_collect_plan``)
-    planning: tuple[Future, Plan, int] | None = None
+    # an interval re-plan's decision, asked for at round ``last_plan_round`` and planned beside
+    # the next round; collected after it (``_collect_plan``). A re-plan between rounds drops it
+    # first (``_maybe_replan``), so the plan in force is still the one it was asked about.
+    planning: Future | None = None
+
+
+class _InlinePlanner:
+    """``ThreadPoolExecutor``'s ``submit`` and ``shutdown`` for a lab on a virtual clock
+    (``plan_inline``, sim.lab.SimLab): a decision would be ready when the round ends anyway, so
+    the call is made at once on the loop's thread and its result (or error) kept in the future:
+    the same decision without a thread fighting the simulation for the GIL (a simulated point
+    ran 14% slower with one)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:                # raised where a threaded one is: when collected
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
 
 
 def observation(row: dict) -> RoundObservation:
@@ -223,7 +243,8 @@ class ExperimentLoop:
         self._pending_replan = False
         self._repeat: int | None = None        # the repeat in progress (stamped on its events)
         self._follower = None                  # the channel traces' follower of this policy
-        self._planner: ThreadPoolExecutor | None = None   # re-plans beside the round (lazy)
+        # re-plans beside the round (made when first needed; ``close`` stops it)
+        self._planner: ThreadPoolExecutor | _InlinePlanner | None = None
         self.base_problem = profile_problem(exp, profile)
         # The target's chat template, for prompt sets with ``template: model`` (else None).
         self.chat = target_chat_template((w.prompt_set for w in exp.workloads.values()),
@@ -531,10 +552,7 @@ class ExperimentLoop:
                       reason: str, ignore_dwell: bool = False) -> None:
         """Decide now, between rounds, and apply at once (see the module docstring, 3)."""
         self._drop_plan(pol)                # planned on estimates that no longer hold
-        problem = self._problem_for(pol, est)
-        if not problem.devices:
-            raise RunError("no device left in the run")
-        pol.last_plan_round = pol.rounds
+        problem = self._replan_problem(pol, est)
         t0 = self.clock()
         decision = rule.decide(pol.plan, problem, pol.rounds, ignore_dwell=ignore_dwell)
         pol.control_s += self.clock() - t0
@@ -557,48 +575,39 @@ class ExperimentLoop:
             event["slo"] = decision.slo
         self.emit(event)
 
-    def _plan_beside(self, pol: PolicyState, est: Estimator, rule: Replanner) -> None:
-        """Ask for an interval re-plan on the planner thread, from the estimates of now; the
-        next round runs meanwhile on the plan in force (``_collect_plan`` applies it after)."""
+    def _replan_problem(self, pol: PolicyState, est: Estimator) -> Problem:
+        """The problem a re-plan decides on (the present devices); the interval counts anew."""
         problem = self._problem_for(pol, est)
         if not problem.devices:
             raise RunError("no device left in the run")
         pol.last_plan_round = pol.rounds
-        if getattr(self.session, "plan_inline", False):
-            # A lab on a virtual clock (sim.lab.SimLab): the decision would be ready when the
-            # round ends anyway; made now on this thread, it is the same decision without a
-            # thread fighting the simulation for the GIL (a simulated point ran 14% slower).
-            future: Future = Future()
-            try:
-                future.set_result(rule.decide(pol.plan, problem, pol.rounds))
-            except Exception as exc:            # raised where a threaded one would be: later
-                future.set_exception(exc)
-        else:
-            if self._planner is None:
-                self._planner = ThreadPoolExecutor(max_workers=1,
-                                                   thread_name_prefix="planner")
-            future = self._planner.submit(rule.decide, pol.plan, problem, pol.rounds)
-        pol.planning = (future, pol.plan, pol.rounds)
+        return problem
+
+    def _plan_beside(self, pol: PolicyState, est: Estimator, rule: Replanner) -> None:
+        """Ask for an interval re-plan on the planner, from the estimates of now; the next
+        round runs meanwhile on the plan in force (``_collect_plan`` applies it after)."""
+        problem = self._replan_problem(pol, est)
+        if self._planner is None:
+            self._planner = (_InlinePlanner() if getattr(self.session, "plan_inline", False)
+                             else ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner"))
+        pol.planning = self._planner.submit(rule.decide, pol.plan, problem, pol.rounds)
 
     def _collect_plan(self, pol: PolicyState) -> None:
         """After the round it was planned beside: wait for the decision (the wait is charged to
         the next round's ``control_s``) and apply it when it replaces the plan in force."""
         if pol.planning is None:
             return
-        future, asked_with, from_round = pol.planning
-        pol.planning = None
+        future, pol.planning = pol.planning, None
         t0 = self.clock()
         decision = future.result()
         pol.control_s += self.clock() - t0
-        if pol.plan is asked_with:          # no re-plan between rounds replaced it meanwhile
-            self._replace(pol, decision, "interval", from_round=from_round)
+        self._replace(pol, decision, "interval", from_round=pol.last_plan_round)
 
     def _drop_plan(self, pol: PolicyState) -> None:
         """Forget a re-plan being planned beside the round (after it ends: the re-planner is
         not shared between threads)."""
         if pol.planning is not None:
-            future, _, _ = pol.planning
-            pol.planning = None
+            future, pol.planning = pol.planning, None
             future.result()
 
     def close(self) -> None:
